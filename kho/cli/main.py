@@ -1,0 +1,58 @@
+"""Entry point of the ``kho`` console script.
+
+Subcommands live in modules ``kho/cli/cmd_*.py``, each defining ``register(subparsers)``
+that adds its parser and sets ``func`` to a callable ``func(args) -> int``.
+
+Exit status: 0 success, 2 usage error (argparse), 3 invalid input data or a refused
+operation (one line ``kho: ...`` on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from .. import __version__
+from ..errors import KHOError
+
+EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kho",
+        description="Model Linux Kexec HandOver: preservation maps, their encodings, an arm64 kexec reboot and the next kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"kho {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import __path__ as cli_path
+
+    for info in sorted(pkgutil.iter_modules(cli_path), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"{__package__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or EXIT_OK
+    except KHOError as err:
+        print(f"kho: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as err:
+        print(f"kho: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("kho: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

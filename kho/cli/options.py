@@ -1,0 +1,34 @@
+"""Argument types shared by subcommands: sizes, page sizes, seeds."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import KHOError
+from ..sizes import parse_size
+
+
+def size_arg(text: str) -> int:
+    """argparse type: a size with K/M/G/T (or KiB/MiB/...) suffix, in bytes."""
+    try:
+        return parse_size(text)
+    except KHOError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
+def page_size_arg(text: str) -> int:
+    """argparse type: 4096, 16384 or 65536 (suffixes allowed: 4K, 16K, 64K)."""
+    value = size_arg(text)
+    if value not in (4096, 16384, 65536):
+        raise argparse.ArgumentTypeError(f"page size must be 4K, 16K or 64K, not {text}")
+    return value
+
+
+def add_machine_options(parser: argparse.ArgumentParser, ram_default: str | None = None) -> None:
+    """--ram, --page-size, --kho-scratch, --seed: the modelled machine."""
+    parser.add_argument("--ram", type=size_arg, required=ram_default is None, default=None if ram_default is None else parse_size(ram_default),
+                        help="RAM size, one bank at 0 (e.g. 64G)" + (f"; default {ram_default}" if ram_default else ""))
+    parser.add_argument("--page-size", type=page_size_arg, default=4096, help="page size: 4K (default), 16K or 64K")
+    parser.add_argument("--kho-scratch", default="200%", metavar="SPEC",
+                        help="kho_scratch= value: N%% of kernel-reserved memory or lowmem,global,pernode (default 200%%)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

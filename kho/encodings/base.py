@@ -1,0 +1,150 @@
+"""The interface every preservation-map encoding implements, and the registry by name.
+
+An encoding turns the current kernel's :class:`~kho.tracker.Tracker` into bytes the
+next kernel can read: pages written into :class:`~kho.memory.PhysicalMemory` (chunks,
+radix nodes, packed ranges, maple nodes, an instruction stream) and/or properties of
+the KHO FDT's root node, and reads them back.
+
+Contract:
+
+* ``encode(tracker, allocator)`` writes into ``tracker.memory``, taking every metadata
+  page from ``allocator`` (so metadata never lands in scratch or on preserved memory),
+  and returns an :class:`EncodedMap`: the root FDT properties to set (``compatible`` is
+  set by the caller from :attr:`Encoding.compatible`) and the metadata pages written.
+* ``decode(memory, props)`` reads them back from the root FDT properties and memory
+  and returns a :class:`DecodedMap`.  Malformed data raises
+  :class:`~kho.errors.KHOFormatError`, never another exception.
+* Encodings that keep folio orders decode to exactly the units preserved.  Those that
+  do not (``ranges``) decode to the greedy split of their merged ranges, with
+  ``exact_orders = False``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from ..errors import KHOError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import Tracker
+
+
+@dataclass
+class EncodedMap:
+    """What :meth:`Encoding.encode` wrote.
+
+    ``props``: root FDT properties (name -> raw bytes) other than ``compatible``.
+    ``metadata_pages``: phys (bytes, uint64, ascending) of every page written.
+    ``options``: the encoding's options, to be recorded in a handover image.
+    """
+
+    encoding: str
+    compatible: str
+    props: dict[str, bytes]
+    metadata_pages: np.ndarray
+    page_size: int
+    options: dict = field(default_factory=dict)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of metadata pages (whole pages)."""
+        return int(self.metadata_pages.size) * self.page_size
+
+    @property
+    def fdt_bytes(self) -> int:
+        """Bytes of property values the encoding put in the FDT."""
+        return sum(len(v) for v in self.props.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.metadata_bytes + self.fdt_bytes
+
+
+@dataclass
+class DecodedMap:
+    """What :meth:`Encoding.decode` read back.
+
+    ``phys`` (uint64, ascending) and ``order`` (uint8) are the preserved units;
+    ``exact_orders`` is False when the encoding lost folio orders and the units are the
+    greedy split of merged ranges.  ``metadata_pages`` lists the pages the decoder read.
+    """
+
+    phys: np.ndarray
+    order: np.ndarray
+    exact_orders: bool
+    metadata_pages: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.phys.size)
+
+    def nr_pages(self) -> int:
+        return int(np.sum(np.left_shift(1, self.order.astype(np.int64))))
+
+    def units(self) -> list[tuple[int, int]]:
+        return list(zip(self.phys.tolist(), self.order.tolist()))
+
+
+class Encoding(ABC):
+    """One way of writing a preservation map.  Subclasses register with :func:`register`."""
+
+    #: Registry name (``kho-v1``, ``kho-v2``, ``ranges``, ...).
+    name: ClassVar[str]
+    #: The KHO FDT root ``compatible`` this encoding writes and accepts.
+    compatible: ClassVar[str]
+    #: Whether decoding yields the exact units (folio orders) that were preserved.
+    keeps_orders: ClassVar[bool]
+
+    def __init__(self, page_size: int = 4096, **options):
+        self.page_size = page_size
+        if options:
+            raise KHOError("EINVAL", f"encoding {self.name} takes no options {sorted(options)}")
+
+    def options(self) -> dict:
+        """The options to record with an image (JSON/msgpack-friendly)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+        """Write the tracker's units into memory and/or FDT properties."""
+
+    @abstractmethod
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """Read the map back (strict validation; KHOFormatError on malformed data)."""
+
+
+#: name -> Encoding subclass
+ENCODINGS: dict[str, type[Encoding]] = {}
+
+
+def register(cls: type[Encoding]) -> type[Encoding]:
+    """Class decorator adding an encoding to :data:`ENCODINGS`."""
+    ENCODINGS[cls.name] = cls
+    return cls
+
+
+def get_encoding(name: str, page_size: int = 4096, **options) -> Encoding:
+    """An encoding instance by registry name; KHOError(EINVAL) for an unknown name."""
+    from . import load_all
+
+    load_all()
+    try:
+        cls = ENCODINGS[name]
+    except KeyError:
+        raise KHOError("EINVAL", f"unknown encoding {name!r} (one of {', '.join(sorted(ENCODINGS))})") from None
+    return cls(page_size, **options)
+
+
+def encoding_for_compatible(compatible: str) -> type[Encoding]:
+    """The encoding class whose root ``compatible`` is ``compatible``; KHOFormatError if none."""
+    from ..errors import KHOFormatError
+    from . import load_all
+
+    load_all()
+    for cls in ENCODINGS.values():
+        if cls.compatible == compatible:
+            return cls
+    raise KHOFormatError("fdt.compatible", f"no encoding writes compatible {compatible!r}")

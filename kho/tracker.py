@@ -1,0 +1,484 @@
+"""The running kernel's preservation tracker (``struct kho_mem_track``).
+
+Structure, as in Linux 6.16 and later kho-v1 kernels: an :class:`~kho.xarray.XArray`
+keyed by order, whose entries are XArrays keyed by ``(pfn >> order) // PRESERVE_BITS``,
+whose entries are bitmaps of ``PRESERVE_BITS`` bits (numpy ``uint8`` arrays, bit ``b``
+in byte ``b // 8`` at position ``b % 8``: the kernel's little-endian ``unsigned long``
+bitmap byte for byte).  Bit ``(pfn >> order) % PRESERVE_BITS`` set means the unit of
+``2**order`` pages at ``pfn`` is preserved.
+
+``PRESERVE_BITS`` is 4096 (512-byte bitmaps, Linux 6.16) or ``page_size * 8``
+(page-sized bitmaps, later kernels), chosen at construction.
+
+Differences from the kernel, on purpose:
+
+* kho refuses to preserve a page that a preserved unit of any order already covers
+  (``EEXIST``); the kernel sets the bit again silently.  ``strict=False`` accepts it the
+  kernel's way (re-preserving a unit is a no-op; overlapping units of different orders
+  are kept).
+* :meth:`Tracker.preserve_pages` caps the greedy split at MAX_PAGE_ORDER.  The kernel
+  does not cap it, and then cannot restore the units above MAX_PAGE_ORDER it wrote.
+* A failing call, batch or range changes nothing: everything is checked before anything
+  is set (the kernel sets as it goes and rolls back).
+* kho keeps a host-side index, one byte per RAM page counting the preserved units that
+  cover it, for O(1) overlap checks; it is not part of the modelled kernel memory.
+
+Units: ``phys`` in bytes, ``pfn`` page frame numbers, ``order`` in pages (log2).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import KHOError
+from .memory import PhysicalMemory
+from .pages import greedy_split_array
+from .xarray import XArray
+
+#: PRESERVE_BITS of Linux 6.16 (512-byte bitmaps).
+PRESERVE_BITS_6_16 = 4096
+
+
+@dataclass(frozen=True)
+class TrackerMemory:
+    """Modelled kernel memory of a tracker, in bytes."""
+
+    bitmaps: int
+    nr_bitmaps: int
+    xarray_nodes: int
+    nr_xarray_nodes: int
+
+    @property
+    def total(self) -> int:
+        return self.bitmaps + self.xarray_nodes
+
+
+class Tracker:
+    """Per-order preservation bitmaps indexed by XArrays.  See the module docstring.
+
+    ``preserve_bits``: 4096, or ``"page"`` / ``page_size * 8`` for page-sized bitmaps.
+    """
+
+    def __init__(self, memory: PhysicalMemory, preserve_bits: int | str = "page", *, strict: bool = True):
+        page_bits = memory.page_size * 8
+        if preserve_bits == "page":
+            preserve_bits = page_bits
+        if preserve_bits not in (PRESERVE_BITS_6_16, page_bits):
+            raise KHOError("EINVAL", f"PRESERVE_BITS must be {PRESERVE_BITS_6_16} or {page_bits}, not {preserve_bits}")
+        self.memory = memory
+        self.preserve_bits = int(preserve_bits)
+        self._bits_shift = self.preserve_bits.bit_length() - 1
+        self.strict = strict
+        self.finalized = False
+        self.orders = XArray()  # order -> XArray(index -> bitmap)
+        self._phys_bits: dict[int, XArray] = {}  # the same per-order XArrays, for O(1) lookup
+        self._page_shift = memory.page_shift
+        self._page_size = memory.page_size
+        self._max_order = memory.geometry.max_order
+        self._nr_units = 0
+        self._nr_pages = 0
+        shift = memory.page_shift
+        self._bank_first_pfn = [b.start >> shift for b in memory.banks]
+        self._bank_end_pfn = [b.end >> shift for b in memory.banks]
+        self._cover = [np.zeros(e - s, dtype=np.uint8) for s, e in zip(self._bank_first_pfn, self._bank_end_pfn)]
+
+    # -- sizes --------------------------------------------------------------------------
+    @property
+    def bitmap_bytes(self) -> int:
+        """Bytes in one bitmap (PRESERVE_BITS / 8)."""
+        return self.preserve_bits // 8
+
+    def __len__(self) -> int:
+        """Number of preserved units."""
+        return self._nr_units
+
+    @property
+    def nr_pages(self) -> int:
+        """Number of preserved pages (sum of ``2**order`` over units)."""
+        return self._nr_pages
+
+    def kernel_memory(self) -> TrackerMemory:
+        """The modelled kernel memory: bitmaps plus XArray nodes (orders and per-order arrays)."""
+        nr_bitmaps = 0
+        nodes = self.orders.nr_nodes
+        for _, phys_bits in self.orders.items():
+            nr_bitmaps += len(phys_bits)
+            nodes += phys_bits.nr_nodes
+        return TrackerMemory(nr_bitmaps * self.bitmap_bytes, nr_bitmaps, nodes * 576, nodes)
+
+    # -- validation ---------------------------------------------------------------------
+    def _check_mutable(self) -> None:
+        if self.finalized:
+            raise KHOError("EBUSY", "the tracker is finalized; preserved memory can no longer change")
+
+    def _check_order(self, order: int) -> None:
+        max_order = self.memory.geometry.max_order
+        if not 0 <= order <= max_order:
+            raise KHOError("EINVAL", f"order {order} is outside 0..{max_order} (MAX_PAGE_ORDER)")
+
+    def _locate_unit(self, phys: int, order: int) -> tuple[int, int]:
+        """Checks one unit and returns (bank index, pfn offset in bank)."""
+        if not 0 <= order <= self._max_order:
+            self._check_order(order)
+        size = self._page_size << order
+        if phys < 0 or phys & (size - 1):
+            raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
+        pfn = phys >> self._page_shift
+        i = bisect_right(self._bank_first_pfn, pfn) - 1
+        if i < 0 or pfn + (1 << order) > self._bank_end_pfn[i]:
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
+        if self.memory.overlaps_scratch(phys, size):
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
+        return i, pfn - self._bank_first_pfn[i]
+
+    def _bitmap(self, order: int, index: int, create: bool) -> np.ndarray | None:
+        """The bitmap of ``order`` at xarray ``index`` (created zeroed when ``create``)."""
+        phys_bits = self._phys_bits.get(order)
+        if phys_bits is None:
+            if not create:
+                return None
+            phys_bits = self._phys_bits[order] = XArray()
+            self.orders.store(order, phys_bits)
+        bitmap = phys_bits.load(index)
+        if bitmap is None and create:
+            bitmap = np.zeros(self.bitmap_bytes, dtype=np.uint8)
+            phys_bits.store(index, bitmap)
+        return bitmap
+
+    def _bit_of(self, phys: int, order: int) -> tuple[int, int]:
+        key = phys >> (self.memory.page_shift + order)
+        return key >> self._bits_shift, key & (self.preserve_bits - 1)
+
+    def _test_bit(self, phys: int, order: int) -> bool:
+        index, bit = self._bit_of(phys, order)
+        bitmap = self._bitmap(order, index, create=False)
+        return bitmap is not None and bool(bitmap[bit >> 3] & (1 << (bit & 7)))
+
+    # -- one unit -----------------------------------------------------------------------
+    def preserve_folio(self, phys: int, order: int = 0) -> None:
+        """Preserve the folio of ``2**order`` pages at ``phys`` (kho_preserve_folio).  O(height)."""
+        if self.finalized:
+            self._check_mutable()
+        bank, off = self._locate_unit(phys, order)
+        cover = self._cover[bank]
+        if order == 0:
+            if cover[off]:
+                if self.strict:
+                    raise KHOError("EEXIST", f"{phys:#x} order 0 is already preserved")
+                if self._test_bit(phys, 0):
+                    return
+            cover[off] += 1
+        else:
+            nr = 1 << order
+            if cover[off:off + nr].any():
+                if self.strict:
+                    raise KHOError("EEXIST", f"{phys:#x} order {order} overlaps memory that is already preserved")
+                if self._test_bit(phys, order):
+                    return
+            cover[off:off + nr] += 1
+        key = phys >> (self._page_shift + order)
+        bit = key & (self.preserve_bits - 1)
+        bitmap = self._bitmap(order, key >> self._bits_shift, create=True)
+        bitmap[bit >> 3] |= 1 << (bit & 7)
+        self._nr_units += 1
+        self._nr_pages += 1 << order
+
+    def unpreserve_folio(self, phys: int, order: int = 0) -> None:
+        """Undo :meth:`preserve_folio`; ENOENT when that exact unit is not preserved.
+
+        The bitmap stays allocated even when it becomes empty, as in the kernel.
+        """
+        self._check_mutable()
+        bank, off = self._locate_unit(phys, order)
+        if not self._test_bit(phys, order):
+            raise KHOError("ENOENT", f"{phys:#x} order {order} is not preserved")
+        index, bit = self._bit_of(phys, order)
+        bitmap = self._bitmap(order, index, create=False)
+        bitmap[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+        nr = 1 << order
+        self._cover[bank][off:off + nr] -= 1
+        self._nr_units -= 1
+        self._nr_pages -= nr
+
+    # -- ranges -------------------------------------------------------------------------
+    def split(self, phys: int, nr_pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """The units ``(phys, order)`` that :meth:`preserve_pages` would use for a range."""
+        ps = self.memory.page_size
+        if phys < 0 or phys & (ps - 1):
+            raise KHOError("EINVAL", f"{phys:#x} is not page-aligned")
+        if nr_pages <= 0:
+            raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
+        first = phys >> self.memory.page_shift
+        pfn, order = greedy_split_array(np.array([first]), np.array([first + nr_pages]), self.memory.geometry.max_order)
+        return pfn << np.uint64(self.memory.page_shift), order
+
+    def preserve_pages(self, phys: int, nr_pages: int) -> None:
+        """Preserve ``nr_pages`` pages from ``phys`` with the greedy split (kho_preserve_pages)."""
+        self._check_mutable()
+        self.preserve_many(*self.split(phys, nr_pages))
+
+    def unpreserve_pages(self, phys: int, nr_pages: int) -> None:
+        """Undo :meth:`preserve_pages` of the same range."""
+        self._check_mutable()
+        self.unpreserve_many(*self.split(phys, nr_pages))
+
+    def preserve_phys(self, phys: int, size: int) -> None:
+        """Preserve ``size`` bytes from ``phys``; both must be page-aligned (kho_preserve_phys)."""
+        self._check_mutable()
+        if size & (self.memory.page_size - 1):
+            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
+        self.preserve_pages(phys, size >> self.memory.page_shift)
+
+    def unpreserve_phys(self, phys: int, size: int) -> None:
+        """Undo :meth:`preserve_phys` of the same range."""
+        self._check_mutable()
+        if size & (self.memory.page_size - 1):
+            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
+        self.unpreserve_pages(phys, size >> self.memory.page_shift)
+
+    # -- batches ------------------------------------------------------------------------
+    def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate a batch; return (phys uint64, order uint8, bank index int64) arrays."""
+        phys = np.asarray(phys).reshape(-1)
+        if phys.size and (phys.dtype.kind not in "iu" or (phys.dtype.kind == "i" and phys.min() < 0)):
+            raise KHOError("EINVAL", "physical addresses must be non-negative integers")
+        phys = phys.astype(np.uint64, copy=False)
+        orders = np.asarray(orders)
+        if orders.dtype.kind not in "iu":
+            raise KHOError("EINVAL", "orders must be integers")
+        if orders.ndim and orders.shape != phys.shape:
+            raise KHOError("EINVAL", f"{orders.size} orders for {phys.size} addresses")
+        max_order = self.memory.geometry.max_order
+        if orders.size and (orders.min() < 0 or orders.max() > max_order):
+            bad = int(orders.reshape(-1)[((orders < 0) | (orders > max_order)).reshape(-1)][0])
+            raise KHOError("EINVAL", f"order {bad} is outside 0..{max_order} (MAX_PAGE_ORDER)")
+        shift = self.memory.page_shift
+        if orders.ndim == 0:  # one order for the whole batch: scalar sizes
+            order = int(orders)
+            orders = np.full(phys.size, order, dtype=np.uint8)
+            sizes = np.uint64(1 << (order + shift))
+        else:
+            orders = orders.astype(np.uint8)
+            sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(shift))
+        misaligned = (phys & (sizes - np.uint64(1))) != 0
+        if misaligned.any():
+            i = int(np.argmax(misaligned))
+            raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
+        outside = ~self.memory.in_ram_array(phys, sizes)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} is outside RAM")
+        if self.memory.scratch:
+            in_scratch = self.memory.overlaps_scratch_array(phys, sizes)
+            if in_scratch.any():
+                i = int(np.argmax(in_scratch))
+                raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
+        if len(self._cover) == 1:
+            bank = np.zeros(phys.size, dtype=np.int64)
+        else:
+            firsts = np.array(self._bank_first_pfn, dtype=np.uint64)
+            bank = np.searchsorted(firsts, phys >> np.uint64(shift), side="right").astype(np.int64) - 1
+        return phys, orders, bank
+
+    def _pages_of(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray, b: int) -> np.ndarray:
+        """Offsets in bank ``b`` of every page of the batch's units in that bank."""
+        if len(self._cover) == 1:
+            sel = slice(None)
+        else:
+            sel = bank == b
+        pfn = (phys[sel].view(np.int64) >> self.memory.page_shift) - self._bank_first_pfn[b]
+        ords = orders[sel]
+        if not ords.size or ords.max() == 0:
+            return pfn
+        parts = []
+        for order in np.unique(ords):
+            p = pfn[ords == order]
+            parts.append((p[:, None] + np.arange(1 << int(order), dtype=np.int64)).ravel())
+        return np.concatenate(parts)
+
+    def preserve_many(self, phys, orders=0) -> None:
+        """Preserve a batch of units: ``phys`` an array of addresses, ``orders`` an int or an array.
+
+        All or nothing.  Vectorized: O(units + pages) numpy work plus O(bitmaps) Python.
+        """
+        self._check_mutable()
+        phys, orders, bank = self._check_batch(phys, orders)
+        if not phys.size:
+            return
+        if not self.strict:
+            phys, orders, bank = self._drop_already_set(phys, orders, bank)
+        pages = {b: self._pages_of(phys, orders, bank, b) for b in np.flatnonzero(np.bincount(bank)).tolist()}
+        if self.strict:
+            for b, offs in pages.items():
+                if self._cover[b][offs].any():
+                    hit = offs[np.argmax(self._cover[b][offs] != 0)] + self._bank_first_pfn[b]
+                    raise KHOError("EEXIST", f"page {hit << self.memory.page_shift:#x} is already preserved")
+            # No page is covered yet: marking them all and counting detects overlaps within the batch.
+            done = []
+            for b, offs in pages.items():
+                cover = self._cover[b]
+                before = np.count_nonzero(cover)
+                cover[offs] = 1
+                done.append((b, offs))
+                if np.count_nonzero(cover) - before != offs.size:
+                    for bb, oo in done:
+                        self._cover[bb][oo] = 0
+                    raise KHOError("EEXIST", "the batch preserves some page twice")
+        else:
+            for b, offs in pages.items():
+                np.add.at(self._cover[b], offs, 1)
+        self._set_bits(phys, orders)
+        self._nr_units += int(phys.size)
+        self._nr_pages += int(np.sum(np.left_shift(1, orders.astype(np.int64))))
+
+    def _drop_already_set(self, phys, orders, bank):
+        """Lenient mode: drop units whose exact bit is already set and duplicates in the batch."""
+        keep = np.ones(phys.size, dtype=bool)
+        _, first = np.unique(np.stack([phys, orders.astype(np.uint64)]), axis=1, return_index=True)
+        keep[:] = False
+        keep[first] = True
+        for i in np.flatnonzero(keep):
+            if self._test_bit(int(phys[i]), int(orders[i])):
+                keep[i] = False
+        return phys[keep], orders[keep], bank[keep]
+
+    #: Rows (bitmaps) scattered per numpy pass when setting or clearing bits in bulk.
+    _DENSE_BITS = 1 << 28
+
+    def _packed_bitmaps(self, keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Group unit keys (``pfn >> order``) of one order into packed bitmaps.
+
+        Yields ``(xarray index, bitmap bytes)`` for every index the keys touch.  Scatter into
+        a dense bool array, then ``packbits``: O(units + touched bitmap bits) numpy work, each
+        pass bounded by ``_DENSE_BITS`` bits.
+        """
+        nbits = self.preserve_bits
+        keys = keys.view(np.int64)  # keys < 2**52: the same values, cheaper arithmetic
+        index = keys >> self._bits_shift
+        bit = keys & (nbits - 1)
+        lo, hi = int(index.min()), int(index.max())
+        rows_per_pass = max(1, self._DENSE_BITS // nbits)
+        if hi - lo < rows_per_pass:
+            row_index = np.arange(lo, hi + 1, dtype=np.int64)
+            row = index - lo
+        else:
+            row_index, row = np.unique(index, return_inverse=True)
+        for first in range(0, row_index.size, rows_per_pass):
+            rows = min(rows_per_pass, row_index.size - first)
+            sel = slice(None) if rows == row_index.size else (row >= first) & (row < first + rows)
+            dense = np.zeros(rows * nbits, dtype=bool)
+            dense[(row[sel] - first) * nbits + bit[sel]] = True
+            packed = np.packbits(dense, bitorder="little").reshape(rows, nbits // 8)
+            for r in np.flatnonzero(packed.any(axis=1)).tolist():
+                yield int(row_index[first + r]), packed[r]
+
+    def _batch_bitmaps(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(order, xarray index, packed bits)`` for the units of a validated batch."""
+        shift = self.memory.page_shift
+        present = np.flatnonzero(np.bincount(orders, minlength=1))
+        for order in present.tolist():
+            keys = phys if present.size == 1 else phys[orders == order]
+            for index, packed in self._packed_bitmaps(keys >> np.uint64(shift + order)):
+                yield order, index, packed
+
+    def _set_bits(self, phys: np.ndarray, orders: np.ndarray) -> None:
+        for order, index, packed in self._batch_bitmaps(phys, orders):
+            self._bitmap(order, index, create=True)[:] |= packed
+
+    def unpreserve_many(self, phys, orders=0) -> None:
+        """Unpreserve a batch of exact units; ENOENT (and no change) if any is not preserved
+        or the batch names a unit twice."""
+        self._check_mutable()
+        phys, orders, bank = self._check_batch(phys, orders)
+        if not phys.size:
+            return
+        plan, cleared = [], 0
+        for order, index, packed in self._batch_bitmaps(phys, orders):
+            bitmap = self._bitmap(order, index, create=False)
+            if bitmap is None or np.any(bitmap & packed != packed):
+                missing = packed if bitmap is None else packed & ~bitmap
+                bit = int(np.flatnonzero(np.unpackbits(missing, bitorder="little"))[0])
+                where = ((index << self._bits_shift) + bit) << (self.memory.page_shift + order)
+                raise KHOError("ENOENT", f"{where:#x} order {order} is not preserved")
+            plan.append((bitmap, packed))
+            cleared += int(np.unpackbits(packed).sum())
+        if cleared != phys.size:
+            raise KHOError("ENOENT", "the batch unpreserves some unit twice")
+        for bitmap, packed in plan:
+            bitmap &= ~packed
+        for b in np.flatnonzero(np.bincount(bank)).tolist():
+            np.subtract.at(self._cover[b], self._pages_of(phys, orders, bank, b), 1)
+        self._nr_units -= int(phys.size)
+        self._nr_pages -= int(np.sum(np.left_shift(1, orders.astype(np.int64))))
+
+    # -- queries ------------------------------------------------------------------------
+    def is_preserved(self, phys: int) -> bool:
+        """True when the page holding byte ``phys`` is covered by a preserved unit.  O(log banks)."""
+        pfn = phys >> self.memory.page_shift
+        i = bisect_right(self._bank_first_pfn, pfn) - 1
+        if i < 0 or pfn >= self._bank_end_pfn[i]:
+            return False
+        return bool(self._cover[i][pfn - self._bank_first_pfn[i]])
+
+    def is_preserved_array(self, phys: np.ndarray) -> np.ndarray:
+        """Vectorized :meth:`is_preserved` (bool array)."""
+        pfn = np.asarray(phys, dtype=np.uint64) >> np.uint64(self.memory.page_shift)
+        out = np.zeros(pfn.shape, dtype=bool)
+        firsts = np.array(self._bank_first_pfn, dtype=np.uint64)
+        bank = np.searchsorted(firsts, pfn, side="right").astype(np.int64) - 1
+        for b in np.unique(bank[bank >= 0]):
+            sel = np.flatnonzero(bank == b)
+            off = (pfn[sel] - firsts[b]).astype(np.int64)
+            inside = off < self._cover[b].size
+            out[sel[inside]] = self._cover[b][off[inside]] != 0
+        return out
+
+    def unit_at(self, phys: int) -> tuple[int, int] | None:
+        """The preserved unit ``(phys, order)`` covering byte ``phys`` (lowest order first), or None."""
+        if not self.is_preserved(phys):
+            return None
+        for order, _ in self.orders.items():
+            head = phys & ~((self.memory.page_size << order) - 1)
+            if self._test_bit(head, order):
+                return head, order
+        return None
+
+    def bitmaps(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(order, xarray index, bitmap)`` in order, then index, order (as the kernel walks them)."""
+        for order, phys_bits in self.orders.items():
+            for index, bitmap in phys_bits.items():
+                yield order, index, bitmap
+
+    def units_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """All preserved units as ``(phys uint64, order uint8)`` arrays sorted by address.  O(units + bitmap bytes)."""
+        phys_parts, order_parts = [], []
+        for order, phys_bits in self.orders.items():
+            items = list(phys_bits.items())
+            if not items:
+                continue
+            indices = np.array([i for i, _ in items], dtype=np.uint64)
+            bits = np.unpackbits(np.stack([b for _, b in items]), axis=1, bitorder="little")
+            rows, cols = np.nonzero(bits)
+            key = indices[rows] * np.uint64(self.preserve_bits) + cols.astype(np.uint64)
+            phys_parts.append(key << np.uint64(self.memory.page_shift + order))
+            order_parts.append(np.full(key.size, order, dtype=np.uint8))
+        if not phys_parts:
+            return np.empty(0, np.uint64), np.empty(0, np.uint8)
+        phys = np.concatenate(phys_parts)
+        orders = np.concatenate(order_parts)
+        sort = np.argsort(phys, kind="stable")
+        return phys[sort], orders[sort]
+
+    def units(self) -> list[tuple[int, int]]:
+        """All preserved units as sorted ``(phys, order)`` pairs."""
+        phys, orders = self.units_array()
+        return list(zip(phys.tolist(), orders.tolist()))
+
+    # -- finalize -----------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Freeze the tracker: every later change raises EBUSY (the serialized map is now fixed)."""
+        self.finalized = True
