@@ -124,37 +124,41 @@ class PageAllocator:
             base += count
         return np.concatenate(parts), layout
 
+    #: Blocks examined per step of :meth:`alloc_many` (bounds its temporary memory).
+    _DRAW_CHUNK = 1 << 20
+
     def alloc_many(self, count: int, order: int = 0) -> np.ndarray:
         """Allocate ``count`` blocks of ``order`` chosen uniformly at random among free blocks.
 
-        Returns their phys (uint64, ascending).  All or nothing: ENOMEM leaves the allocator
-        unchanged.  Rejection sampling, then a uniform draw among all free blocks when
-        memory is nearly full: O(RAM pages + count log count) numpy work.
+        Exactly uniform: the number taken from each chunk of ``_DRAW_CHUNK`` blocks is drawn
+        from the hypergeometric distribution given what is left, then that many are chosen
+        uniformly inside the chunk.  Returns their phys (uint64, ascending).  All or nothing:
+        ENOMEM leaves the allocator unchanged.  O(RAM pages) numpy work, O(chunk) temporary
+        memory besides the result.
         """
         self._check_order(order)
         if count < 0:
             raise KHOError("EINVAL", f"negative count {count}")
-        if count == 0:
-            return np.empty(0, np.uint64)
         free, layout = self._free_blocks(order)
-        total = free.size
         available = int(np.count_nonzero(free))
         if available < count:
             raise KHOError("ENOMEM", f"only {available} free blocks of order {order}, {count} wanted")
-        if available > 4 * count:
-            chosen = np.empty(0, np.int64)
-            while chosen.size < count:
-                cand = self.rng.integers(0, total, size=2 * (count - chosen.size) + 64)
-                cand = np.unique(cand[free[cand]])
-                free[cand] = False
-                chosen = np.concatenate([chosen, cand])
-            if chosen.size > count:
-                chosen = self.rng.choice(chosen, size=count, replace=False)
-        else:
-            chosen = self.rng.choice(np.flatnonzero(free), size=count, replace=False)
-        chosen = np.sort(chosen)
-        out = np.empty(count, dtype=np.uint64)
+        chosen = np.empty(count, dtype=np.int64)
+        taken = 0
+        left_free = available
+        for lo in range(0, free.size, self._DRAW_CHUNK):
+            if taken == count:
+                break
+            ids = np.flatnonzero(free[lo:lo + self._DRAW_CHUNK])
+            left_free -= ids.size
+            need = count - taken
+            take = need if left_free == 0 else int(self.rng.hypergeometric(ids.size, left_free, need)) if ids.size else 0
+            if take:
+                pick = np.sort(self.rng.choice(ids.size, size=take, replace=False))
+                chosen[taken:taken + take] = ids[pick] + lo
+                taken += take
         nr = 1 << order
+        out = np.empty(count, dtype=np.uint64)
         for bank, (base, off, nblocks) in enumerate(layout):
             lo, hi = np.searchsorted(chosen, [base, base + nblocks])
             if lo == hi:
