@@ -171,6 +171,20 @@ class PageAllocator:
             out[lo:hi] = (offs + self._bank_pfn[bank][0]).astype(np.uint64) << np.uint64(self.memory.page_shift)
         return out
 
+    def claim_pages(self, phys: np.ndarray) -> np.ndarray:
+        """Allocate those of the given order-0 pages that are free; return their phys
+        (uint64, in the given order).  Pages outside RAM or in use are skipped.  O(n)."""
+        phys = np.asarray(phys, dtype=np.uint64)
+        pfn = phys >> np.uint64(self.memory.page_shift)
+        keep = np.zeros(phys.size, dtype=bool)
+        for bank, (first, end) in enumerate(self._bank_pfn):
+            inside = np.flatnonzero((pfn >= first) & (pfn < end))
+            off = (pfn[inside] - np.uint64(first)).astype(np.int64)
+            free = ~self._used[bank][off]
+            self._used[bank][off[free]] = True
+            keep[inside[free]] = True
+        return phys[keep]
+
     def alloc_random(self, order: int = 0) -> int:
         """Allocate one block of ``order`` chosen uniformly among free blocks; its phys."""
         return int(self.alloc_many(1, order)[0])
