@@ -25,7 +25,7 @@ def test_pattern_shapes():
     m = Machine.boot(1 << 30, seed=1)
     _, orders = generate("huge", m.allocator, 128 << 20)
     big = np.left_shift(1, orders.astype(np.int64))[orders >= 9].sum()
-    assert big >= 0.85 * (128 << 20) >> 12
+    assert big >= 0.85 * ((128 << 20) >> 12)
     _, orders = generate("mixed", Machine.boot(1 << 30).allocator, 128 << 20)
     assert len(set(orders.tolist())) >= 8
     phys, _ = generate("strided", Machine.boot(1 << 30).allocator, 64 << 20)
