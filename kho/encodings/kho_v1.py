@@ -1,0 +1,376 @@
+"""kho-v1: the kernel's linked list of chunks of per-order bitmaps (Linux 6.16 .. 6.19).
+
+Layout (little-endian, every chunk one page; defined once below as numpy dtypes):
+
+* chunk header (16 bytes): ``u64 next`` (phys of the next chunk, 0 ends the list),
+  ``u32 order``, ``u32 num_elms``;
+* then ``(page_size - 16) / 16`` entries (255 with 4 KiB pages) of
+  ``{u64 phys_start; u64 bitmap}``: ``bitmap`` is the phys of a bitmap of
+  ``PRESERVE_BITS`` bits; bit ``b`` set means the unit of ``order`` at
+  ``phys_start + (b << (order + PAGE_SHIFT))`` is preserved.
+
+One chunk holds entries of one order; a new chunk starts for every order (ascending)
+and whenever a chunk is full; entries ascend by tracker XArray index ``i`` with
+``phys_start = (i * PRESERVE_BITS) << (order + PAGE_SHIFT)``.  The KHO FDT's root
+property ``preserved-memory-map`` holds the phys of the first chunk (8 bytes, LE).
+
+``PRESERVE_BITS`` is 4096 (512-byte bitmaps, Linux 6.16) or ``page_size * 8`` (page
+bitmaps, later kernels): the ``bitmap_bytes`` option, recorded in images.
+
+Where kho places what it writes (documented in spec/kho-abi.md, relied on by the golden
+tests): all chunk pages are allocated first, in list order, then the bitmap pages; 512-byte
+bitmaps are packed ``page_size / 512`` to a page in entry order.  An empty tracker is
+written as one empty order-0 chunk, so the map pointer is never 0.
+
+This module also holds the helpers the kho-v2 encoding shares with it: regrouping the
+tracker's bitmaps to another bitmap size, reading pages, and validating decoded units.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64, unpack_u64_prop
+from ..errors import KHOError, KHOFormatError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import PRESERVE_BITS_6_16, Tracker
+from .base import DecodedMap, EncodedMap, Encoding, register
+
+#: ``struct khoser_mem_chunk_hdr``.
+CHUNK_HEADER_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])
+#: ``struct khoser_mem_bitmap_ptr``.
+CHUNK_ENTRY_DTYPE = np.dtype([("phys_start", "<u8"), ("bitmap", "<u8")])
+#: Bytes in one of the 6.16 bitmaps.
+BITMAP_BYTES_6_16 = PRESERVE_BITS_6_16 // 8
+#: The highest physical address bit + 1 a unit may use (52-bit physical addresses).
+PHYS_ADDR_BITS = 52
+
+
+def chunk_capacity(page_size: int) -> int:
+    """Entries in one chunk: ``(page_size - 16) / 16`` (255 for 4 KiB pages)."""
+    return (page_size - CHUNK_HEADER_DTYPE.itemsize) // CHUNK_ENTRY_DTYPE.itemsize
+
+
+def chunk_dtype(page_size: int) -> np.dtype:
+    """A whole chunk page: header then :func:`chunk_capacity` entries (exactly one page)."""
+    return np.dtype([("hdr", CHUNK_HEADER_DTYPE), ("entries", CHUNK_ENTRY_DTYPE, (chunk_capacity(page_size),))])
+
+
+# -- helpers shared with kho-v2 ------------------------------------------------------------
+
+
+def tracker_bitmaps(tracker: Tracker, bits: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """The tracker's bitmaps regrouped to ``bits`` bits a bitmap, per order ascending.
+
+    Returns ``[(order, index int64[n], bitmaps uint8[n, bits // 8])]`` with indices
+    ascending, where bitmap ``k`` covers units ``index[k] * bits .. + bits - 1`` (unit
+    number = ``pfn >> order``).  With the tracker's own size the bitmaps are returned as the
+    tracker holds them (empty ones included, as the kernel writes them); when merging,
+    ``bits / preserve_bits`` tracker bitmaps make one; when splitting, all-zero parts are
+    dropped.  O(bitmaps) Python plus O(bitmap bytes) numpy work.
+    """
+    src = tracker.preserve_bits
+    out = []
+    for order, phys_bits in tracker.orders.items():
+        items = list(phys_bits.items())
+        if not items:
+            continue
+        index = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
+        maps = np.stack([b for _, b in items])
+        if bits > src:
+            ratio = bits // src
+            merged, inverse = np.unique(index // ratio, return_inverse=True)
+            grouped = np.zeros((merged.size, ratio, src // 8), dtype=np.uint8)
+            grouped[inverse, index % ratio] = maps
+            index, maps = merged, grouped.reshape(merged.size, bits // 8)
+        elif bits < src:
+            ratio = src // bits
+            maps = maps.reshape(-1, bits // 8)
+            index = (index[:, None] * ratio + np.arange(ratio, dtype=np.int64)).reshape(-1)
+            keep = maps.any(axis=1)
+            index, maps = index[keep], maps[keep]
+        out.append((int(order), index, maps))
+    return out
+
+
+def read_pages(memory: PhysicalMemory, phys: np.ndarray) -> np.ndarray:
+    """The pages at ``phys`` (bytes, validated page-aligned and in RAM) as ``uint8[n, page_size]``.  O(n pages)."""
+    ps = memory.page_size
+    if not len(phys):
+        return np.zeros((0, ps), dtype=np.uint8)
+    data = b"".join(memory.read(int(p), ps) for p in phys)
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
+
+
+def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: int, field: str) -> None:
+    """KHOFormatError unless every ``phys`` is ``align``-aligned with ``[phys, phys+size)`` inside RAM.  O(n)."""
+    phys = np.asarray(phys, dtype=np.uint64)
+    bad = (phys & np.uint64(align - 1)) != 0
+    if bad.any():
+        at = int(phys[np.argmax(bad)])
+        raise KHOFormatError(field, f"pointer is not aligned to {align} bytes", at)
+    outside = ~memory.in_ram_array(phys, np.uint64(size))
+    if outside.any():
+        at = int(phys[np.argmax(outside)])
+        raise KHOFormatError(field, f"pointer to {size} bytes outside RAM", at)
+
+
+def check_distinct(phys: np.ndarray, field: str, what: str) -> None:
+    """KHOFormatError when a pointer occurs twice (a loop or shared metadata).  O(n log n)."""
+    if phys.size < 2:
+        return
+    ordered = np.sort(phys)
+    dup = ordered[1:] == ordered[:-1]
+    if dup.any():
+        raise KHOFormatError(field, f"{what} reached twice", int(ordered[1:][dup][0]))
+
+
+def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarray, page_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """The units marked in bitmaps: bit ``b`` of bitmap ``k`` is unit number
+    ``first_unit[k] + b`` of ``order[k]`` (its phys is that number << (order + page_shift)).
+
+    ``maps`` is ``uint8[n, bytes]`` (bit ``b`` in byte ``b // 8``, LSB first), ``first_unit``
+    a multiple of the bitmap's bits below 2**52.  Returns ``(phys uint64, order uint8)``, one
+    ascending run per order group.  O(bitmap bits) numpy, one pass per distinct order.
+    """
+    nbits = maps.shape[1] * 8
+    bits_log2 = nbits.bit_length() - 1
+    phys_parts, order_parts = [], []
+    for o in np.unique(order).tolist():
+        sel = np.flatnonzero(order == o)
+        flat = np.flatnonzero(np.unpackbits(maps[sel].reshape(-1), bitorder="little"))
+        # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2
+        offset = first_unit[sel].astype(np.int64) - (np.arange(sel.size, dtype=np.int64) << bits_log2)
+        flat += offset[flat >> bits_log2]
+        phys_parts.append(flat.view(np.uint64) << np.uint64(o + page_shift))
+        order_parts.append(np.full(flat.size, o, dtype=np.uint8))
+    if not phys_parts:
+        return np.empty(0, np.uint64), np.empty(0, np.uint8)
+    if len(phys_parts) == 1:
+        return phys_parts[0], order_parts[0]
+    return np.concatenate(phys_parts), np.concatenate(order_parts)
+
+
+def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, metadata: np.ndarray) -> DecodedMap:
+    """Sort decoded units by address and validate them: order within MAX_PAGE_ORDER, no two
+    overlapping, each inside one RAM bank and outside every scratch area.  Returns the
+    DecodedMap.
+
+    ``phys`` may arrive as a few ascending runs (per order): the stable sort merges them.
+    Validation: O(n) numpy for overlaps, then O((banks + areas) log n) binary searches
+    (sorted, disjoint units have ascending ends).
+    """
+    phys = np.asarray(phys, dtype=np.uint64)
+    order = np.asarray(order, dtype=np.uint8)
+    if phys.size > 1 and not bool(np.all(phys[1:] > phys[:-1])):
+        sort = np.argsort(phys, kind="stable")
+        phys, order = phys[sort], order[sort]
+    max_order = memory.geometry.max_order
+    if phys.size:
+        top = int(order.max())
+        if top > max_order:
+            i = int(np.argmax(order > max_order))
+            raise KHOFormatError("unit.order", f"order {int(order[i])} is above MAX_PAGE_ORDER {max_order}", int(phys[i]))
+        if top == int(order.min()):
+            sizes = np.uint64(memory.page_size << top)
+            overlap = phys[1:] - phys[:-1] < sizes
+        else:
+            sizes = np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64))
+            overlap = phys[1:] - phys[:-1] < sizes[:-1]
+        if overlap.any():
+            i = int(np.argmax(overlap))
+            raise KHOFormatError("unit", f"unit of order {int(order[i])} overlaps the unit at {int(phys[i + 1]):#x}", int(phys[i]))
+
+        def end_of(i: int) -> int:
+            return int(phys[i]) + (memory.page_size << int(order[i]))
+
+        covered = 0
+        for bank in memory.banks:
+            lo, hi = np.searchsorted(phys, [bank.start, bank.end]).tolist()
+            if lo < hi and end_of(hi - 1) > bank.end:
+                raise KHOFormatError("unit", f"unit of order {int(order[hi - 1])} is outside RAM", int(phys[hi - 1]))
+            if lo > covered:
+                raise KHOFormatError("unit", f"unit of order {int(order[covered])} is outside RAM", int(phys[covered]))
+            covered = max(covered, hi)
+        if covered < phys.size:
+            raise KHOFormatError("unit", f"unit of order {int(order[covered])} is outside RAM", int(phys[covered]))
+        for area in memory.scratch:
+            i = int(np.searchsorted(phys, area.end)) - 1
+            if i >= 0 and end_of(i) > area.addr:
+                raise KHOFormatError("unit", f"unit of order {int(order[i])} overlaps the {area.kind} scratch area", int(phys[i]))
+    return DecodedMap(phys, order, True, np.unique(np.asarray(metadata, dtype=np.uint64)))
+
+
+def alloc_pages_all_or_nothing(allocator: PageAllocator, count: int) -> np.ndarray:
+    """``count`` order-0 pages from ``allocator.alloc_pages`` (phys uint64, in allocation
+    order); on failure every page taken is freed again and the error re-raised.
+
+    The page at physical address 0 is never used: a pointer 0 means "none" in every KHO
+    layout.  If the allocator hands it out, it is held until the others are allocated and
+    then given back.  O(count).
+    """
+    pages: list[int] = []
+    held: list[int] = []
+    try:
+        while len(pages) < count:
+            phys = allocator.alloc_pages(0)
+            (held if phys == 0 else pages).append(phys)
+    except KHOError:
+        for phys in pages + held:
+            allocator.free_pages(phys, 0)
+        raise
+    for phys in held:
+        allocator.free_pages(phys, 0)
+    return np.array(pages, dtype=np.uint64)
+
+
+def map_pointer(props: Mapping[str, bytes]) -> int:
+    """The root ``preserved-memory-map`` pointer: present, 8 bytes, non-zero (KHOFormatError otherwise)."""
+    value = unpack_u64_prop(props.get(MEMORY_MAP_PROP), f"fdt.{MEMORY_MAP_PROP}")
+    if value == 0:
+        raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
+    return value
+
+
+# -- the encoding --------------------------------------------------------------------------
+
+
+@register
+class KhoV1(Encoding):
+    """The kho-v1 chunk list.  ``bitmap_bytes``: 512 (Linux 6.16) or ``"page"`` (later kernels)."""
+
+    name = "kho-v1"
+    compatible = "kho-v1"
+    keeps_orders = True
+
+    def __init__(self, page_size: int = 4096, bitmap_bytes: int | str = "page"):
+        super().__init__(page_size)
+        if bitmap_bytes == "page" or bitmap_bytes == page_size:
+            bitmap_bytes = page_size
+        elif bitmap_bytes in (BITMAP_BYTES_6_16, str(BITMAP_BYTES_6_16)):
+            bitmap_bytes = BITMAP_BYTES_6_16
+        else:
+            raise KHOError("EINVAL", f"kho-v1 bitmap_bytes must be 512 or 'page', not {bitmap_bytes!r}")
+        self.bitmap_bytes = int(bitmap_bytes)
+        self.preserve_bits = self.bitmap_bytes * 8
+        self.shift = page_size.bit_length() - 1
+        self.capacity = chunk_capacity(page_size)
+        self.chunk = chunk_dtype(page_size)
+
+    def options(self) -> dict:
+        return {"bitmap_bytes": "page" if self.bitmap_bytes == self.page_size else self.bitmap_bytes}
+
+    # -- encode ------------------------------------------------------------------------------
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+        """Write the chunk list and bitmaps for ``tracker`` into ``tracker.memory``.
+
+        Pages: one chunk per order started plus one per 255 further entries, and
+        ``ceil(bitmaps * bitmap_bytes / page_size)`` bitmap pages.  All allocated before
+        anything is written (ENOMEM frees them again).  O(bitmaps) Python + O(bytes) numpy.
+        """
+        memory = tracker.memory
+        if memory.page_size != self.page_size:
+            raise KHOError("EINVAL", f"kho-v1 for {self.page_size}-byte pages cannot encode a {memory.page_size}-byte machine")
+        groups = tracker_bitmaps(tracker, self.preserve_bits)
+        if not groups:  # one empty chunk keeps the map pointer non-zero
+            groups = [(0, np.empty(0, np.int64), np.empty((0, self.bitmap_bytes), np.uint8))]
+        chunks_per_order = [max(1, -(-idx.size // self.capacity)) for _, idx, _ in groups]
+        nr_chunks = sum(chunks_per_order)
+        nr_bitmaps = sum(idx.size for _, idx, _ in groups)
+        per_page = self.page_size // self.bitmap_bytes
+        nr_bitmap_pages = -(-nr_bitmaps // per_page)
+        pages = alloc_pages_all_or_nothing(allocator, nr_chunks + nr_bitmap_pages)
+        chunk_phys, bitmap_pages = pages[:nr_chunks], pages[nr_chunks:]
+
+        chunks = np.zeros(nr_chunks, dtype=self.chunk)
+        chunks["hdr"]["next"][:-1] = chunk_phys[1:]
+        serial = np.arange(nr_bitmaps, dtype=np.uint64)
+        bitmap_phys = bitmap_pages[serial // np.uint64(per_page)] + (serial % np.uint64(per_page)) * np.uint64(self.bitmap_bytes)
+        first_chunk, first_entry = 0, 0
+        for (order, index, _), n_chunks in zip(groups, chunks_per_order):
+            chunks["hdr"]["order"][first_chunk:first_chunk + n_chunks] = order
+            k = np.arange(index.size)
+            chunk_of, slot = first_chunk + k // self.capacity, k % self.capacity
+            entries = chunks["entries"]
+            entries["phys_start"][chunk_of, slot] = (index.astype(np.uint64) * np.uint64(self.preserve_bits)) << np.uint64(order + self.shift)
+            entries["bitmap"][chunk_of, slot] = bitmap_phys[first_entry:first_entry + index.size]
+            chunks["hdr"]["num_elms"][first_chunk:first_chunk + n_chunks] = np.bincount(k // self.capacity, minlength=n_chunks)
+            first_chunk += n_chunks
+            first_entry += index.size
+
+        raw = chunks.view(np.uint8).reshape(nr_chunks, self.page_size)
+        for c in range(nr_chunks):
+            memory.write(int(chunk_phys[c]), raw[c])
+        if nr_bitmaps:
+            data = np.zeros(nr_bitmap_pages * self.page_size, dtype=np.uint8)
+            data[:nr_bitmaps * self.bitmap_bytes] = np.concatenate([maps for _, _, maps in groups]).reshape(-1)
+            data = data.reshape(nr_bitmap_pages, self.page_size)
+            for p in range(nr_bitmap_pages):
+                memory.write(int(bitmap_pages[p]), data[p])
+        return EncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(int(chunk_phys[0]))},
+                          np.sort(pages), self.page_size, self.options())
+
+    # -- decode ------------------------------------------------------------------------------
+    def walk_chunks(self, memory: PhysicalMemory, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """Follow the chunk list from ``first``; returns (chunk phys uint64[c], chunk records).
+
+        Every pointer must be page-aligned and in RAM, no chunk may be reached twice, each
+        ``order`` at most MAX_PAGE_ORDER and ``num_elms`` at most the capacity.  O(chunks).
+        """
+        ps = self.page_size
+        seen: set[int] = set()
+        phys_list, records = [], []
+        phys = first
+        while phys:
+            field = "chunk.next" if phys_list else f"fdt.{MEMORY_MAP_PROP}"
+            check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field)
+            if phys in seen:
+                raise KHOFormatError("chunk.next", "the chunk list loops back to a chunk already read", phys)
+            seen.add(phys)
+            record = np.frombuffer(memory.read(phys, ps), dtype=self.chunk)[0]
+            hdr = record["hdr"]
+            if int(hdr["order"]) > memory.geometry.max_order:
+                raise KHOFormatError("chunk.order", f"order {int(hdr['order'])} is above MAX_PAGE_ORDER {memory.geometry.max_order}", phys)
+            if int(hdr["num_elms"]) > self.capacity:
+                raise KHOFormatError("chunk.num_elms", f"{int(hdr['num_elms'])} entries in a chunk of {self.capacity}", phys)
+            phys_list.append(phys)
+            records.append(record)
+            phys = int(hdr["next"])
+        return np.array(phys_list, dtype=np.uint64), np.array(records, dtype=self.chunk)
+
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """Read the chunk list and bitmaps back: O(chunks + bitmaps) Python + O(bitmap bits) numpy."""
+        if memory.page_size != self.page_size:
+            raise KHOError("EINVAL", f"kho-v1 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
+        chunk_phys, chunks = self.walk_chunks(memory, map_pointer(props))
+        counts = chunks["hdr"]["num_elms"].astype(np.int64)
+        used = np.arange(self.capacity)[None, :] < counts[:, None]
+        entries = chunks["entries"][used]
+        entry_order = np.repeat(chunks["hdr"]["order"].astype(np.int64), counts)
+        entry_chunk = np.repeat(chunk_phys, counts)
+        start = entries["phys_start"]
+        bitmap = entries["bitmap"]
+        span = np.left_shift(np.uint64(self.preserve_bits), (entry_order + self.shift).astype(np.uint64))
+        high = start >= np.uint64(1 << PHYS_ADDR_BITS)
+        if high.any():
+            raise KHOFormatError("chunk.phys_start", f"{int(start[np.argmax(high)]):#x} is beyond the 52-bit physical address space", int(entry_chunk[np.argmax(high)]))
+        misaligned = (start & (span - np.uint64(1))) != 0
+        if misaligned.any():
+            i = int(np.argmax(misaligned))
+            raise KHOFormatError("chunk.phys_start", f"{int(start[i]):#x} is not a multiple of the {int(span[i]):#x} bytes a bitmap covers", int(entry_chunk[i]))
+        key = (start << np.uint64(8)) | entry_order.astype(np.uint64)  # unique per (phys_start, order)
+        check_distinct(key, "chunk.phys_start", "a bitmap of the same order and start address")
+        check_pointers(memory, bitmap, self.bitmap_bytes, self.bitmap_bytes, "chunk.bitmap")
+        check_distinct(bitmap, "chunk.bitmap", "a bitmap")
+        check_distinct(np.concatenate([chunk_phys, np.unique(bitmap & ~np.uint64(self.page_size - 1))]), "chunk.bitmap", "a chunk page used as a bitmap page")
+
+        pages, where = np.unique(bitmap & ~np.uint64(self.page_size - 1), return_inverse=True)
+        raw = read_pages(memory, pages).reshape(-1, self.bitmap_bytes)
+        per_page = self.page_size // self.bitmap_bytes
+        slot = ((bitmap & np.uint64(self.page_size - 1)) // np.uint64(self.bitmap_bytes)).astype(np.int64)
+        maps = raw[where.reshape(-1) * per_page + slot]
+        phys, order = units_from_bitmaps(maps, start >> (entry_order + self.shift).astype(np.uint64), entry_order, self.shift)
+        return finish_units(memory, phys, order, np.concatenate([chunk_phys, pages]))

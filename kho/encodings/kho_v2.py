@@ -1,0 +1,228 @@
+"""kho-v2: the kernel's KHO radix tree (include/linux/kho/abi/kexec_handover.h).
+
+Every node is one page.  A unit of ``order`` at ``phys`` has the key
+``(1 << (ORDER0 - order)) | (phys >> (PAGE_SHIFT + order))`` with ``ORDER0 = 64 -
+PAGE_SHIFT`` (52 for 4 KiB pages): the position of the highest set bit encodes the order,
+the bits below it the unit number.  Decoding: ``order = ORDER0 - fls64(key) + 1`` and
+``phys = key << (PAGE_SHIFT + order)`` (the order bit is shifted out of 64 bits).
+
+Geometry from PAGE_SHIFT, as the kernel header derives it:
+
+* leaves (level 0) are bitmaps of ``PAGE_SIZE * 8`` bits: ``BITMAP_LOG2 = PAGE_SHIFT + 3``;
+  a key's bit is ``key % 2**BITMAP_LOG2``;
+* inner nodes are ``u64 table[PAGE_SIZE / 8]`` of child phys (0 = empty):
+  ``TABLE_LOG2 = PAGE_SHIFT - 3``; the slot at level ``i >= 1`` is
+  ``(key >> ((i - 1) * TABLE_LOG2 + BITMAP_LOG2)) % 2**TABLE_LOG2``;
+* depth ``ceil((ORDER0 - BITMAP_LOG2) / TABLE_LOG2) + 1`` levels (6 for 4 KiB pages, 4 for
+  16 KiB and 64 KiB); the root is at level ``depth - 1`` and ``preserved-memory-map`` holds
+  its phys.
+
+The kernel's depth formula does not count the order bit itself: the tables and the leaf
+cover key bits ``0 .. BITMAP_LOG2 + (depth - 1) * TABLE_LOG2 - 1``.  With 4 KiB and 64 KiB
+pages that is enough (bits 0..59 and 0..57 for keys of at most 53 and 49 bits), but with
+16 KiB pages the tables cover bits 0..49 while an order-0 key has its order bit at bit 50:
+the kernel's walk would rebuild a different key.  kho follows the kernel's geometry and
+refuses (EINVAL) to encode units whose key does not fit; the decoder, walking the same
+geometry, can never produce them.
+
+The kernel's walk visits slots in ascending order, depth first, so units come out in
+ascending key order: highest orders first, addresses ascending within an order.
+
+Where kho places what it writes (documented in spec/kho-abi.md, relied on by the golden
+tests): pages are allocated root first, then each level's nodes from the top level down in
+ascending key order, then the leaves in ascending key order.  The tracker's bitmaps become
+the leaves directly when they are page-sized (a page bitmap covers exactly one leaf);
+512-byte bitmaps are gathered eight (``page_size / 512``) to a leaf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from ..errors import KHOError, KHOFormatError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import Tracker
+from .base import DecodedMap, EncodedMap, Encoding, register
+from .kho_v1 import (
+    alloc_pages_all_or_nothing, check_distinct, check_pointers, finish_units, map_pointer, read_pages, tracker_bitmaps,
+    units_from_bitmaps,
+)
+
+#: Bits in a physical address (phys_addr_t / unsigned long).
+KEY_BITS = 64
+
+
+@dataclass(frozen=True)
+class RadixGeometry:
+    """The kho-v2 constants for one page size (``enum kho_radix_consts``)."""
+
+    page_shift: int
+
+    @property
+    def order0_log2(self) -> int:
+        """Bit position of the order bit of an order-0 key (``64 - PAGE_SHIFT``)."""
+        return KEY_BITS - self.page_shift
+
+    @property
+    def table_log2(self) -> int:
+        """log2 of the slots in an inner node (``PAGE_SIZE / 8`` u64s)."""
+        return self.page_shift - 3
+
+    @property
+    def bitmap_log2(self) -> int:
+        """log2 of the bits in a leaf (``PAGE_SIZE * 8``)."""
+        return self.page_shift + 3
+
+    @property
+    def depth(self) -> int:
+        """Levels including the leaves (``KHO_TREE_MAX_DEPTH``)."""
+        return -(-(self.order0_log2 - self.bitmap_log2) // self.table_log2) + 1
+
+    @property
+    def root_level(self) -> int:
+        return self.depth - 1
+
+    def encode_key(self, phys: int, order: int) -> int:
+        """The radix key of a unit (Python int)."""
+        return (1 << (self.order0_log2 - order)) | (phys >> (self.page_shift + order))
+
+    def decode_key(self, key: int) -> tuple[int, int]:
+        """``(phys, order)`` of a key (Python int)."""
+        order = self.order0_log2 - key.bit_length() + 1
+        return (key << (self.page_shift + order)) & ((1 << KEY_BITS) - 1), order
+
+    def table_index(self, key: int, level: int) -> int:
+        """Slot of ``key`` in its node at ``level`` (1 .. depth - 1)."""
+        return (key >> ((level - 1) * self.table_log2 + self.bitmap_log2)) % (1 << self.table_log2)
+
+    def bitmap_index(self, key: int) -> int:
+        """Bit of ``key`` in its leaf."""
+        return key % (1 << self.bitmap_log2)
+
+
+def _bit_length(values: np.ndarray) -> np.ndarray:
+    """fls64 of each value (0 for 0), for values below 2**53 (exact in float64)."""
+    return np.frexp(values.astype(np.float64))[1].astype(np.int64)
+
+
+@register
+class KhoV2(Encoding):
+    """The kho-v2 radix tree."""
+
+    name = "kho-v2"
+    compatible = "kho-v2"
+    keeps_orders = True
+
+    def __init__(self, page_size: int = 4096):
+        super().__init__(page_size)
+        self.geometry = RadixGeometry(page_size.bit_length() - 1)
+        self.slots = page_size // 8
+
+    # -- encode ------------------------------------------------------------------------------
+    def leaf_keys(self, tracker: Tracker) -> tuple[np.ndarray, np.ndarray]:
+        """Leaves for the tracker: ``(leaf key uint64[n] ascending, bitmaps uint8[n, page_size])``.
+
+        A leaf key is ``key >> BITMAP_LOG2`` for the keys of its bits.  O(bitmaps).
+        """
+        g = self.geometry
+        keys, maps = [], []
+        for order, index, bitmaps in tracker_bitmaps(tracker, 1 << g.bitmap_log2):
+            keys.append(np.uint64(1 << (g.order0_log2 - order - g.bitmap_log2)) | index.astype(np.uint64))
+            maps.append(bitmaps)
+        if not keys:
+            return np.empty(0, np.uint64), np.empty((0, self.page_size), np.uint8)
+        keys_arr, maps_arr = np.concatenate(keys), np.concatenate(maps)
+        sort = np.argsort(keys_arr, kind="stable")
+        return keys_arr[sort], maps_arr[sort]
+
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+        """Write the radix tree for ``tracker`` into ``tracker.memory``.
+
+        Pages: the leaves plus, per level, one node per distinct key prefix (5 inner nodes
+        and 512 leaves for 16 GiB of random order-0 pages in 64 GiB).  All pages are
+        allocated before anything is written.  O(nodes) Python + O(bytes) numpy.
+        """
+        memory = tracker.memory
+        if memory.page_size != self.page_size:
+            raise KHOError("EINVAL", f"kho-v2 for {self.page_size}-byte pages cannot encode a {memory.page_size}-byte machine")
+        g = self.geometry
+        leaf_key, leaves = self.leaf_keys(tracker)
+        lost = (leaf_key >> np.uint64(g.root_level * g.table_log2)) != 0
+        if lost.any():
+            order = g.order0_log2 - g.bitmap_log2 - (int(leaf_key[np.argmax(lost)]).bit_length() - 1)
+            raise KHOError("EINVAL", f"kho-v2 with {self.page_size}-byte pages cannot hold units of order {order}: "
+                                     f"the kernel's {g.depth}-level tree leaves key bit {g.order0_log2 - order} outside its tables")
+        # prefixes[l] = the keys (shifted) of the nodes at level l, ascending; level 0 = leaves.
+        prefixes = [leaf_key]
+        for level in range(1, g.depth):
+            prefixes.append(np.unique(leaf_key >> np.uint64(level * g.table_log2)))
+        prefixes[g.root_level] = np.zeros(1, np.uint64)  # the root always exists
+        counts = [p.size for p in prefixes]
+        order_of_alloc = list(range(g.root_level, -1, -1))
+        pages = alloc_pages_all_or_nothing(allocator, sum(counts))
+        phys_of: dict[int, np.ndarray] = {}
+        first = 0
+        for level in order_of_alloc:
+            phys_of[level] = pages[first:first + counts[level]]
+            first += counts[level]
+        mask = np.uint64(self.slots - 1)
+        for level in range(g.root_level, 0, -1):
+            tables = np.zeros((counts[level], self.slots), dtype="<u8")
+            child = prefixes[level - 1]
+            parent = np.searchsorted(prefixes[level], child >> np.uint64(g.table_log2))
+            tables[parent, (child & mask).astype(np.int64)] = phys_of[level - 1]
+            for k in range(counts[level]):
+                memory.write(int(phys_of[level][k]), tables[k])
+        for k in range(counts[0]):
+            memory.write(int(phys_of[0][k]), leaves[k])
+        return EncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(int(phys_of[g.root_level][0]))},
+                          np.sort(pages), self.page_size, self.options())
+
+    # -- decode ------------------------------------------------------------------------------
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """Walk the tree level by level.  Every pointer must be page-aligned and in RAM, no
+        page may be reached twice, no key may encode an order above MAX_PAGE_ORDER.
+        O(nodes) page reads + O(leaf bits) numpy."""
+        if memory.page_size != self.page_size:
+            raise KHOError("EINVAL", f"kho-v2 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
+        g = self.geometry
+        ps = self.page_size
+        root = map_pointer(props)
+        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{MEMORY_MAP_PROP}")
+        node_phys = np.array([root], np.uint64)
+        node_prefix = np.zeros(1, np.uint64)
+        visited = [node_phys]
+        # A valid key is below 2**(ORDER0 + 1) and at least 2**(ORDER0 - MAX_PAGE_ORDER).
+        key_limit_log2 = g.order0_log2 + 1
+        for level in range(g.root_level, 0, -1):
+            tables = read_pages(memory, node_phys).view("<u8")
+            rows, slots = np.nonzero(tables)
+            child_phys = tables[rows, slots].astype(np.uint64)
+            child_prefix = (node_prefix[rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
+            limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
+            if limit_log2 < KEY_BITS:
+                high = child_prefix >= np.uint64(1 << max(limit_log2, 0))
+                if high.any():
+                    i = int(np.argmax(high))
+                    raise KHOFormatError("radix.table", f"slot {int(slots[i])} at level {level} holds keys of no valid order",
+                                         int(node_phys[rows[i]]) + 8 * int(slots[i]))
+            field = "radix.leaf" if level == 1 else "radix.node"
+            check_pointers(memory, child_phys, ps, ps, field)
+            visited.append(child_phys)
+            check_distinct(np.concatenate(visited), field, "a radix tree page")
+            node_phys, node_prefix = child_phys, child_prefix
+        leaf_phys, leaf_key = node_phys, node_prefix
+        top = _bit_length(leaf_key) + g.bitmap_log2
+        order = g.order0_log2 - top + 1
+        bad = (leaf_key == 0) | (order < 0) | (order > memory.geometry.max_order)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise KHOFormatError("radix.key", f"leaf key {int(leaf_key[i]):#x} encodes no order in 0..{memory.geometry.max_order}", int(leaf_phys[i]))
+        first_unit = (leaf_key ^ (np.uint64(1) << (top - 1).astype(np.uint64))) << np.uint64(g.bitmap_log2)
+        phys, unit_order = units_from_bitmaps(read_pages(memory, leaf_phys), first_unit, order, g.page_shift)
+        return finish_units(memory, phys, unit_order, np.concatenate(visited))
