@@ -1,0 +1,148 @@
+"""The boot DTB's ``/chosen`` KHO properties and the scratch-area array they point at.
+
+``/chosen/linux,kho-fdt`` and ``/chosen/linux,kho-scratch`` each hold one ``<address
+size>`` pair in big-endian cells sized by the root's ``#address-cells`` / ``#size-cells``
+(2 + 2 on arm64, so 16 bytes).  The FDT size written is its allocation (one page); the
+scratch size is ``count * 16`` bytes of ``struct kho_scratch`` entries, little-endian.
+The next kernel rejects a property whose length is not exactly one pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import fdt
+import numpy as np
+
+from ..errors import KHOError, KHOFormatError
+from ..memory import PhysicalMemory, ScratchArea
+from .flat import new_tree, parse_fdt, prop_bytes, to_dtb
+from .layout import (
+    BOOT_ADDRESS_CELLS, BOOT_SIZE_CELLS, CHOSEN_KHO_FDT, CHOSEN_KHO_SCRATCH, DEFAULT_ADDRESS_CELLS, DEFAULT_SIZE_CELLS,
+    KHO_SCRATCH_DTYPE,
+)
+
+#: Root ``compatible`` and ``model`` of the minimal boot DTB kho writes (QEMU's generic arm64 board).
+BOOT_COMPATIBLE = "linux,dummy-virt"
+BOOT_MODEL = "kho modelled machine"
+#: Largest cell count accepted for an address or a size (two cells = 64 bits).
+MAX_CELLS = 2
+
+
+@dataclass(frozen=True)
+class ChosenKHO:
+    """What ``/chosen`` says: the KHO FDT and the scratch array, ``phys`` and ``size`` in bytes."""
+
+    fdt_phys: int
+    fdt_size: int
+    scratch_phys: int
+    scratch_size: int
+
+
+def _cells(value: int, count: int) -> list[int]:
+    return [(value >> (32 * (count - 1 - i))) & 0xFFFFFFFF for i in range(count)]
+
+
+def build_boot_dtb(fdt_phys: int, fdt_size: int, scratch_phys: int, scratch_size: int) -> bytes:
+    """A minimal boot DTB: root ``#address-cells = <2>``, ``#size-cells = <2>``, compatible,
+    model, and ``/chosen`` with ``linux,kho-fdt`` and ``linux,kho-scratch``."""
+    for value, what in ((fdt_phys, "fdt address"), (fdt_size, "fdt size"), (scratch_phys, "scratch address"), (scratch_size, "scratch size")):
+        if not (isinstance(value, int) and 0 <= value < 1 << 64):
+            raise KHOError("EINVAL", f"{what} {value!r} does not fit in two cells")
+    tree = new_tree()
+    root = tree.root
+    root.append(fdt.PropStrings("compatible", BOOT_COMPATIBLE))
+    root.append(fdt.PropStrings("model", BOOT_MODEL))
+    root.append(fdt.PropWords("#address-cells", BOOT_ADDRESS_CELLS))
+    root.append(fdt.PropWords("#size-cells", BOOT_SIZE_CELLS))
+    chosen = fdt.Node("chosen")
+    chosen.append(fdt.PropWords(CHOSEN_KHO_FDT, *_cells(fdt_phys, BOOT_ADDRESS_CELLS), *_cells(fdt_size, BOOT_SIZE_CELLS)))
+    chosen.append(fdt.PropWords(CHOSEN_KHO_SCRATCH, *_cells(scratch_phys, BOOT_ADDRESS_CELLS), *_cells(scratch_size, BOOT_SIZE_CELLS)))
+    root.append(chosen)
+    return to_dtb(tree)
+
+
+def _root_cells(root: fdt.Node, name: str, default: int) -> int:
+    value = prop_bytes(root.get_property(name))
+    if value is None:
+        return default
+    if len(value) != 4:
+        raise KHOFormatError(f"dtb.{name}", f"property is {len(value)} bytes, not 4")
+    cells = int.from_bytes(value, "big")
+    if not 1 <= cells <= MAX_CELLS:
+        raise KHOFormatError(f"dtb.{name}", f"{cells} cells (kho reads 1 or {MAX_CELLS})")
+    return cells
+
+
+def _pair(chosen: fdt.Node, name: str, address_cells: int, size_cells: int) -> tuple[int, int]:
+    value = prop_bytes(chosen.get_property(name))
+    if value is None:
+        raise KHOFormatError(f"chosen.{name}", "property missing")
+    want = 4 * (address_cells + size_cells)
+    if len(value) != want:
+        raise KHOFormatError(f"chosen.{name}", f"property is {len(value)} bytes, not one <address size> pair of {want}")
+    split = 4 * address_cells
+    return int.from_bytes(value[:split], "big"), int.from_bytes(value[split:], "big")
+
+
+def parse_chosen(dtb: bytes) -> ChosenKHO:
+    """Read ``/chosen``'s KHO properties from a boot DTB (KHOFormatError when missing or malformed)."""
+    tree = parse_fdt(dtb, "dtb")
+    root = tree.root
+    address_cells = _root_cells(root, "#address-cells", DEFAULT_ADDRESS_CELLS)
+    size_cells = _root_cells(root, "#size-cells", DEFAULT_SIZE_CELLS)
+    chosen = root.get_subnode("chosen")
+    if chosen is None:
+        raise KHOFormatError("dtb.chosen", "the boot DTB has no /chosen node")
+    fdt_phys, fdt_size = _pair(chosen, CHOSEN_KHO_FDT, address_cells, size_cells)
+    scratch_phys, scratch_size = _pair(chosen, CHOSEN_KHO_SCRATCH, address_cells, size_cells)
+    return ChosenKHO(fdt_phys, fdt_size, scratch_phys, scratch_size)
+
+
+# -- the scratch-area array ------------------------------------------------------------------
+
+
+def scratch_kind(position: int) -> str:
+    """The kind of the area at ``position`` in the kernel's array: lowmem, global, then node<N>."""
+    return ("lowmem", "global")[position] if position < 2 else f"node{position - 2}"
+
+
+def pack_scratch_array(areas: Sequence[ScratchArea]) -> bytes:
+    """``struct kho_scratch`` entries for ``areas`` (in the given order), 16 bytes each."""
+    table = np.zeros(len(areas), dtype=KHO_SCRATCH_DTYPE)
+    table["addr"] = [a.addr for a in areas]
+    table["size"] = [a.size for a in areas]
+    return table.tobytes()
+
+
+def write_scratch_array(memory: PhysicalMemory, phys: int, areas: Sequence[ScratchArea]) -> int:
+    """Write the array at ``phys``; returns its size in bytes (``len(areas) * 16``)."""
+    data = pack_scratch_array(areas)
+    memory.write(phys, data)
+    return len(data)
+
+
+def read_scratch_array(memory: PhysicalMemory, phys: int, size: int) -> list[ScratchArea]:
+    """Read and check the array: a whole, non-zero number of entries inside RAM, each area
+    non-empty, page-aligned, inside one RAM bank and disjoint from the others.  Kinds are
+    named by position (the kernel writes lowmem, global, then one per node)."""
+    item = KHO_SCRATCH_DTYPE.itemsize
+    if size <= 0 or size % item:
+        raise KHOFormatError("scratch.size", f"{size} bytes is not a whole, non-zero number of {item}-byte entries", phys)
+    if not memory.in_ram(phys, size):
+        raise KHOFormatError("scratch.phys", f"{size} bytes outside RAM", phys)
+    table = np.frombuffer(memory.read(phys, size), dtype=KHO_SCRATCH_DTYPE)
+    areas = []
+    for i, (addr, length) in enumerate(zip(table["addr"].tolist(), table["size"].tolist())):
+        at = phys + i * item
+        if length == 0 or not memory.geometry.is_aligned(addr) or not memory.geometry.is_aligned(length):
+            raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is empty or not page-aligned", at)
+        if not memory.in_ram(addr, length):
+            raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not inside one RAM bank", at)
+        areas.append(ScratchArea(addr, length, scratch_kind(i)))
+    ordered = sorted(areas, key=lambda a: a.addr)
+    for left, right in zip(ordered, ordered[1:]):
+        if left.end > right.addr:
+            raise KHOFormatError("scratch.area", f"areas at {left.addr:#x} and {right.addr:#x} overlap", phys)
+    return areas

@@ -1,0 +1,206 @@
+"""A strict reader and a writer of flattened devicetree blobs, on the ``fdt`` package's objects.
+
+The ``fdt`` package builds and serializes trees (kho uses it to write every blob) but its
+parser trusts its input (no bounds checks, no ``FDT_NOP``).  :func:`parse_fdt` replaces
+it: it checks the header as libfdt's ``fdt_check_header`` does and walks the whole
+structure block as ``fdt_check_full`` does (nesting, names, string offsets, lengths),
+skipping ``FDT_NOP`` tokens, and raises :class:`~kho.errors.KHOFormatError` naming the
+field and the byte offset of the first problem.  Property values are kept raw
+(:class:`fdt.PropBytes`), so a blob read and written again keeps every byte of every value.
+
+Cost: O(blob bytes); at most :data:`MAX_DEPTH` levels of nesting.
+"""
+
+from __future__ import annotations
+
+import re
+
+import fdt
+
+from ..errors import KHOFormatError
+from .layout import (
+    FDT_BEGIN_NODE, FDT_END, FDT_END_NODE, FDT_HEADER, FDT_HEADER_FIELDS, FDT_MAGIC, FDT_MIN_VERSION, FDT_NOP,
+    FDT_PROP, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_RSVMAP_ALIGN, FDT_TAG_ALIGN, FDT_TOKEN, FDT_VERSION,
+    NODE_NAME_MAX,
+)
+
+#: Deepest nesting accepted (a KHO FDT has 2 levels, a boot DTB a few).
+MAX_DEPTH = 32
+#: Node names: ``name[@unit-address]`` with the Devicetree Specification's characters.
+NODE_NAME = re.compile(r"[0-9A-Za-z,._+-]{1,%d}(@[0-9A-Za-z,._+-]+)?" % NODE_NAME_MAX)
+#: Property names: the specification's characters, 1 to 31 of them.
+PROP_NAME = re.compile(r"[0-9A-Za-z,._+?#-]{1,31}")
+#: Header bytes for version 16 (no size_dt_struct) and 17.
+_V16_HEADER_BYTES = FDT_HEADER.size - 4
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) & ~(to - 1)
+
+
+def new_tree() -> fdt.FDT:
+    """An empty tree with a version-17 header (never the package's shared default list)."""
+    tree = fdt.FDT(entries=[])
+    tree.header.version = FDT_VERSION
+    return tree
+
+
+def to_dtb(tree: fdt.FDT) -> bytes:
+    """Serialize ``tree`` as a version-17 blob (header, empty reservation map, structure, strings)."""
+    return tree.to_dtb(version=FDT_VERSION)
+
+
+def _header(data: bytes, what: str) -> dict[str, int]:
+    if len(data) < _V16_HEADER_BYTES:
+        raise KHOFormatError(f"{what}.header", f"{len(data)} bytes is shorter than an FDT header", 0, where="offset")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != FDT_MAGIC:
+        raise KHOFormatError(f"{what}.header.magic", f"{magic:#010x} is not {FDT_MAGIC:#010x}", 0, where="offset")
+    raw = data[:FDT_HEADER.size] if len(data) >= FDT_HEADER.size else data[:_V16_HEADER_BYTES] + bytes(4)
+    head = dict(zip(FDT_HEADER_FIELDS, FDT_HEADER.unpack(raw)))
+    if head["version"] < FDT_MIN_VERSION or head["last_comp_version"] > FDT_VERSION:
+        raise KHOFormatError(f"{what}.header.version", f"version {head['version']} (compatible with {head['last_comp_version']}) "
+                             f"is not readable as version {FDT_MIN_VERSION}..{FDT_VERSION}", 20, where="offset")
+    header_bytes = FDT_HEADER.size if head["version"] >= 17 else _V16_HEADER_BYTES
+    total = head["totalsize"]
+    if total < header_bytes or total > len(data):
+        raise KHOFormatError(f"{what}.header.totalsize", f"{total} bytes, but the blob has {len(data)} and the header {header_bytes}", 4, where="offset")
+    rsv = head["off_mem_rsvmap"]
+    if rsv < header_bytes or rsv % FDT_RSVMAP_ALIGN or rsv > total:
+        raise KHOFormatError(f"{what}.header.off_mem_rsvmap", f"{rsv} is misaligned or outside the blob", 16, where="offset")
+    struct_off = head["off_dt_struct"]
+    if head["version"] < 17:
+        head["size_dt_struct"] = total - struct_off if struct_off <= total else 0
+    if struct_off < header_bytes or struct_off % FDT_TAG_ALIGN or struct_off + head["size_dt_struct"] > total:
+        raise KHOFormatError(f"{what}.header.off_dt_struct", "the structure block is misaligned or outside the blob", 8, where="offset")
+    strings = head["off_dt_strings"]
+    if strings < header_bytes or strings + head["size_dt_strings"] > total:
+        raise KHOFormatError(f"{what}.header.off_dt_strings", "the strings block is outside the blob", 12, where="offset")
+    return head
+
+
+def _cstring(data: bytes, start: int, end: int, field: str) -> str:
+    stop = data.find(b"\0", start, end)
+    if stop < 0:
+        raise KHOFormatError(field, "string is not NUL-terminated inside its block", start, where="offset")
+    try:
+        return data[start:stop].decode("ascii")
+    except UnicodeDecodeError:
+        raise KHOFormatError(field, "string is not ASCII", start, where="offset") from None
+
+
+def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
+    """Parse and fully check a flattened devicetree blob; field names start with ``what``.
+
+    Trailing bytes after ``totalsize`` are ignored (a blob is often read from a whole page).
+    """
+    data = bytes(data)
+    head = _header(data, what)
+    tree = new_tree()
+    pos = head["off_mem_rsvmap"]
+    while True:
+        if pos + FDT_RESERVE_ENTRY.size > head["totalsize"]:
+            raise KHOFormatError(f"{what}.mem_rsvmap", "the reservation block has no terminating entry", pos, where="offset")
+        address, size = FDT_RESERVE_ENTRY.unpack_from(data, pos)
+        pos += FDT_RESERVE_ENTRY.size
+        if address == 0 and size == 0:
+            break
+        tree.entries.append({"address": address, "size": size})
+
+    str_start = head["off_dt_strings"]
+    str_end = str_start + head["size_dt_strings"]
+    pos = head["off_dt_struct"]
+    end = pos + head["size_dt_struct"]
+    stack: list[fdt.Node] = []
+    has_subnodes: list[bool] = []
+    root = None
+    while True:
+        if pos + FDT_TOKEN.size > end:
+            raise KHOFormatError(f"{what}.struct", "the structure block ends without FDT_END", pos, where="offset")
+        token = FDT_TOKEN.unpack_from(data, pos)[0]
+        at = pos
+        pos += FDT_TOKEN.size
+        if root is not None and not stack and token != FDT_END:
+            raise KHOFormatError(f"{what}.struct", f"token {token:#x} after the root node (only FDT_END may follow)", at, where="offset")
+        if token == FDT_NOP:
+            continue
+        if token == FDT_BEGIN_NODE:
+            name = _cstring(data, pos, end, f"{what}.node.name")
+            pos = _align(pos + len(name) + 1, FDT_TAG_ALIGN)
+            if root is None:
+                if name:
+                    raise KHOFormatError(f"{what}.node.name", f"the root node is named {name!r}", at, where="offset")
+                root = tree.root
+                node = root
+            else:
+                if not stack:
+                    raise KHOFormatError(f"{what}.struct", "a second root node", at, where="offset")
+                if not NODE_NAME.fullmatch(name):
+                    raise KHOFormatError(f"{what}.node.name", f"{name!r} is not a valid node name", at, where="offset")
+                parent = stack[-1]
+                if parent.get_subnode(name) is not None:
+                    raise KHOFormatError(f"{what}.node.name", f"duplicate node {name!r}", at, where="offset")
+                if len(stack) >= MAX_DEPTH:
+                    raise KHOFormatError(f"{what}.struct", f"nodes nested deeper than {MAX_DEPTH}", at, where="offset")
+                node = fdt.Node(name)
+                parent.append(node)
+                has_subnodes[-1] = True
+            stack.append(node)
+            has_subnodes.append(False)
+        elif token == FDT_END_NODE:
+            if not stack:
+                raise KHOFormatError(f"{what}.struct", "FDT_END_NODE outside any node", at, where="offset")
+            stack.pop()
+            has_subnodes.pop()
+        elif token == FDT_PROP:
+            if not stack:
+                raise KHOFormatError(f"{what}.struct", "a property outside any node", at, where="offset")
+            if pos + FDT_PROP_HEADER.size > end:
+                raise KHOFormatError(f"{what}.struct", "truncated property header", at, where="offset")
+            length, nameoff = FDT_PROP_HEADER.unpack_from(data, pos)
+            pos += FDT_PROP_HEADER.size
+            if pos + length > end:
+                raise KHOFormatError(f"{what}.prop.len", f"a {length}-byte value runs past the structure block", at, where="offset")
+            value = data[pos:pos + length]
+            pos = _align(pos + length, FDT_TAG_ALIGN)
+            if nameoff >= head["size_dt_strings"]:
+                raise KHOFormatError(f"{what}.prop.nameoff", f"name offset {nameoff} is outside the strings block", at, where="offset")
+            name = _cstring(data, str_start + nameoff, str_end, f"{what}.prop.name")
+            if not PROP_NAME.fullmatch(name):
+                raise KHOFormatError(f"{what}.prop.name", f"{name!r} is not a valid property name", at, where="offset")
+            node = stack[-1]
+            if has_subnodes[-1]:
+                raise KHOFormatError(f"{what}.prop", f"property {name!r} follows a sub-node", at, where="offset")
+            if node.get_property(name) is not None:
+                raise KHOFormatError(f"{what}.prop.name", f"duplicate property {name!r}", at, where="offset")
+            node.append(fdt.PropBytes(name, data=value) if length else fdt.Property(name))
+        elif token == FDT_END:
+            if root is None or stack:
+                raise KHOFormatError(f"{what}.struct", "FDT_END inside a node or before the root", at, where="offset")
+            break
+        else:
+            raise KHOFormatError(f"{what}.struct", f"unknown token {token:#x}", at, where="offset")
+    return tree
+
+
+def prop_bytes(prop: fdt.Property | None) -> bytes | None:
+    """The raw value of a property read by :func:`parse_fdt` or built by kho (None if absent)."""
+    if prop is None:
+        return None
+    if isinstance(prop, fdt.PropBytes):
+        return bytes(prop.data)
+    if isinstance(prop, fdt.PropStrings):
+        return b"".join(s.encode("ascii") + b"\0" for s in prop.data)
+    if isinstance(prop, fdt.PropWords):
+        return b"".join(w.to_bytes(4, "big") for w in prop.data)
+    return b""
+
+
+def string_list(value: bytes) -> list[str] | None:
+    """A property value as a devicetree string list, or None when it is not one."""
+    if not value or value[-1] != 0:
+        return None
+    parts = value[:-1].split(b"\0")
+    if any(not p or any(c < 0x20 or c > 0x7E for c in p) for p in parts):
+        return None
+    return [p.decode("ascii") for p in parts]

@@ -1,0 +1,225 @@
+"""The KHO root FDT: the ABI's ``compatible``, the encoding's root properties, and one
+sub-node per subsystem pointing at that subsystem's preserved data.
+
+Built with the ``fdt`` package and serialized by it; read back with the strict reader of
+:mod:`kho.devicetree.flat`.  Kernel behaviour modelled:
+
+* the blob must fit in one page (the kernel creates it with ``fdt_create(PAGE_SIZE)``):
+  :meth:`KHOFdt.add_subtree` and :meth:`KHOFdt.to_dtb` refuse with E2BIG beyond
+  ``max_size`` (one page unless the caller allows more: see :mod:`kho.handover`);
+* ``add_subtree`` of an existing name fails with EEXIST (``kho_add_subtree``); libfdt's
+  ``fdt_add_subnode`` puts a new sub-node before the existing ones, so sub-nodes appear
+  newest first;
+* ``retrieve_subtree``: a missing node is ENOENT, a property missing or not 8 bytes EINVAL
+  (``kho_retrieve_subtree``);
+* reading checks, in the next kernel's order, the header, the root ``compatible`` and the
+  ``preserved-memory-map`` property (8 bytes, non-zero).
+
+Sub-node pointer property: ``fdt`` under kho-v1 (the sub-node points at a subsystem FDT),
+``preserved-data`` under every other ABI; ``blob-size`` (u64) is added when a size is
+given (the later "kho-v3" revision).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import fdt
+
+from ..errors import KHOError, KHOFormatError
+from .flat import NODE_NAME, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
+from .layout import (
+    BLOB_SIZE_PROP, COMPATIBLE_PROP, MEMORY_MAP_PROP, SUBTREE_PROP_V1, SUBTREE_PROP_V2, U64_PROP, pack_u64,
+    unpack_u64_prop,
+)
+
+#: The ABIs the kernel defines; their root must carry a valid ``preserved-memory-map``.
+KERNEL_COMPATIBLES = ("kho-v1", "kho-v2")
+DEFAULT_PAGE_SIZE = 4096
+
+
+def subtree_prop(compatible: str) -> str:
+    """The sub-node pointer property name for an ABI: ``fdt`` (kho-v1) or ``preserved-data``."""
+    return SUBTREE_PROP_V1 if compatible == "kho-v1" else SUBTREE_PROP_V2
+
+
+class KHOFdt:
+    """A KHO root FDT.  ``props``: root properties other than ``compatible`` (name -> raw bytes).
+
+    ``max_size``: the largest blob allowed, in bytes (default one page of ``page_size``).
+    """
+
+    def __init__(self, compatible: str, props: Mapping[str, bytes] | None = None, *,
+                 page_size: int = DEFAULT_PAGE_SIZE, max_size: int | None = None):
+        if not compatible or string_list(compatible.encode("ascii", "replace") + b"\0") is None:
+            raise KHOError("EINVAL", f"invalid compatible {compatible!r}")
+        self.compatible = compatible
+        self.page_size = page_size
+        self.max_size = page_size if max_size is None else max_size
+        self.tree = new_tree()
+        self.tree.root.append(fdt.PropStrings(COMPATIBLE_PROP, compatible))
+        for name, value in (props or {}).items():
+            if name == COMPATIBLE_PROP:
+                raise KHOError("EINVAL", "compatible is set from the ABI, not from props")
+            self.tree.root.append(fdt.PropBytes(name, data=bytes(value)) if len(value) else fdt.Property(name))
+        self._check_size()
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def props(self) -> dict[str, bytes]:
+        """Root properties other than ``compatible``, raw."""
+        return {p.name: prop_bytes(p) for p in self.tree.root.props if p.name != COMPATIBLE_PROP}
+
+    @property
+    def subtree_prop(self) -> str:
+        return subtree_prop(self.compatible)
+
+    def memory_map(self) -> int:
+        """The ``preserved-memory-map`` pointer (KHOFormatError when missing or not 8 bytes)."""
+        return unpack_u64_prop(self.props.get(MEMORY_MAP_PROP), f"fdt.{MEMORY_MAP_PROP}")
+
+    # -- sub-trees -------------------------------------------------------------------------
+    def add_subtree(self, name: str, phys: int, size: int | None = None) -> None:
+        """Add sub-node ``name`` pointing at ``phys`` (and ``blob-size`` = ``size`` if given).
+
+        EINVAL for an invalid node name or value, EEXIST if the name exists, E2BIG if the
+        blob would outgrow ``max_size`` (nothing changes then).
+        """
+        if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+            raise KHOError("EINVAL", f"{name!r} is not a valid node name")
+        for value, what in ((phys, "phys"), (size, "size")):
+            if value is not None and not (isinstance(value, int) and 0 <= value < 1 << 64):
+                raise KHOError("EINVAL", f"sub-tree {what} {value!r} is not a u64")
+        root = self.tree.root
+        if root.get_subnode(name) is not None:
+            raise KHOError("EEXIST", f"sub-tree {name!r} already exists")
+        node = fdt.Node(name)
+        node.append(fdt.PropBytes(self.subtree_prop, data=pack_u64(phys)))
+        if size is not None:
+            node.append(fdt.PropBytes(BLOB_SIZE_PROP, data=pack_u64(size)))
+        node.set_parent(root)
+        root.nodes.insert(0, node)
+        try:
+            self._check_size()
+        except KHOError:
+            root.nodes.remove(node)
+            raise
+
+    def remove_subtree(self, name: str) -> None:
+        """Remove sub-node ``name``; ENOENT when there is none."""
+        if self.tree.root.get_subnode(name) is None:
+            raise KHOError("ENOENT", f"no sub-tree {name!r}")
+        self.tree.root.remove_subnode(name)
+
+    def retrieve_subtree(self, name: str) -> int:
+        """The pointer of sub-node ``name``: ENOENT if absent, EINVAL if the property is missing or not 8 bytes."""
+        node = self.tree.root.get_subnode(name)
+        if node is None:
+            raise KHOError("ENOENT", f"no sub-tree {name!r}")
+        value = prop_bytes(node.get_property(self.subtree_prop))
+        if value is None or len(value) != U64_PROP.size:
+            raise KHOError("EINVAL", f"sub-tree {name!r} has no 8-byte {self.subtree_prop} property")
+        return U64_PROP.unpack(value)[0]
+
+    def subtree_size(self, name: str) -> int | None:
+        """The ``blob-size`` of sub-node ``name`` or None; ENOENT if absent, EINVAL if not 8 bytes."""
+        node = self.tree.root.get_subnode(name)
+        if node is None:
+            raise KHOError("ENOENT", f"no sub-tree {name!r}")
+        value = prop_bytes(node.get_property(BLOB_SIZE_PROP))
+        if value is None:
+            return None
+        if len(value) != U64_PROP.size:
+            raise KHOError("EINVAL", f"sub-tree {name!r} has a {len(value)}-byte {BLOB_SIZE_PROP}")
+        return U64_PROP.unpack(value)[0]
+
+    def subtrees(self) -> dict[str, int]:
+        """``name -> phys`` of every sub-node whose pointer property is valid, in blob order."""
+        out = {}
+        for node in self.tree.root.nodes:
+            value = prop_bytes(node.get_property(self.subtree_prop))
+            if value is not None and len(value) == U64_PROP.size:
+                out[node.name] = U64_PROP.unpack(value)[0]
+        return out
+
+    def subnode_props(self) -> dict[str, dict[str, bytes]]:
+        """Every sub-node's raw properties (for dumps), in blob order."""
+        return {node.name: {p.name: prop_bytes(p) for p in node.props} for node in self.tree.root.nodes}
+
+    # -- blobs -----------------------------------------------------------------------------
+    def to_dtb(self) -> bytes:
+        """The blob (E2BIG beyond ``max_size``)."""
+        return self._check_size()
+
+    def _check_size(self) -> bytes:
+        blob = to_dtb(self.tree)
+        if len(blob) > self.max_size:
+            raise KHOError("E2BIG", f"the KHO FDT needs {len(blob)} bytes, more than {self.max_size}")
+        return blob
+
+    @classmethod
+    def from_dtb(cls, data: bytes, compatible: str | None = None, *, page_size: int = DEFAULT_PAGE_SIZE) -> "KHOFdt":
+        """Parse and check a KHO FDT as the next kernel does: header, then ``compatible``
+        (``compatible`` if given, else kho-v1/kho-v2 or any registered encoding's), then the
+        ``preserved-memory-map`` property: 8 bytes and non-zero (required for kho-v1/v2,
+        checked whenever present).  KHOFormatError names the failing field."""
+        tree = parse_fdt(data, "fdt")
+        root = tree.root
+        names = string_list(prop_bytes(root.get_property(COMPATIBLE_PROP)) or b"")
+        if not names:
+            raise KHOFormatError("fdt.compatible", "the root has no valid compatible string list")
+        if compatible is not None:
+            if compatible not in names:
+                raise KHOFormatError("fdt.compatible", f"{names} does not include {compatible!r}")
+            chosen = compatible
+        elif any(name in KERNEL_COMPATIBLES for name in names):
+            chosen = next(name for name in names if name in KERNEL_COMPATIBLES)
+        else:
+            from ..encodings import encoding_for_compatible
+
+            found = None
+            for name in names:
+                try:
+                    encoding_for_compatible(name)
+                except KHOFormatError:
+                    continue
+                found = name
+                break
+            if found is None:
+                raise KHOFormatError("fdt.compatible", f"no encoding reads compatible {names}")
+            chosen = found
+        raw_map = prop_bytes(root.get_property(MEMORY_MAP_PROP))
+        if raw_map is not None or chosen in KERNEL_COMPATIBLES:
+            if unpack_u64_prop(raw_map, f"fdt.{MEMORY_MAP_PROP}") == 0:
+                raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
+        out = cls.__new__(cls)
+        out.compatible = chosen
+        out.page_size = page_size
+        out.max_size = max(len(data), page_size)
+        out.tree = tree
+        return out
+
+    def to_dts(self) -> str:
+        """The tree as DTS text: strings quoted, other values as bytes with their LE u64 in a comment."""
+        lines = ["/dts-v1/;", "", "/ {"]
+
+        def prop_lines(props: Mapping[str, bytes], indent: str) -> None:
+            for name, value in props.items():
+                strings = string_list(value)
+                if not value:
+                    lines.append(f"{indent}{name};")
+                elif strings is not None:
+                    lines.append(f"{indent}{name} = " + ", ".join(f'"{s}"' for s in strings) + ";")
+                else:
+                    text = " ".join(f"{b:02x}" for b in value)
+                    note = f" /* u64 LE {U64_PROP.unpack(value)[0]:#x} */" if len(value) == U64_PROP.size else ""
+                    lines.append(f"{indent}{name} = [{text}];{note}")
+
+        prop_lines({p.name: prop_bytes(p) for p in self.tree.root.props}, "\t")
+        for name, props in self.subnode_props().items():
+            lines.append("")
+            lines.append(f"\t{name} {{")
+            prop_lines(props, "\t\t")
+            lines.append("\t};")
+        lines.append("};")
+        return "\n".join(lines) + "\n"
