@@ -1,0 +1,270 @@
+"""Page-level helpers shared by the ranges-packed, maple and instructions encodings.
+
+* A **chunk list**: a singly linked list of page-sized chunks, each a 16-byte
+  :data:`CHUNK_HEADER` (``u64 next`` phys of the next chunk or 0, ``u32 count`` entries
+  used in this chunk, ``u32 magic`` naming the encoding) followed by fixed-size entries.
+  The decoders read it with cycle detection and every count bounded by the page.
+* Bulk allocation of metadata pages from a page allocator, in blocks as large as the
+  allocator has, all or nothing.
+* Reading many pages, the root pointer property, and the checks every decoder applies to
+  the units it decodes (inside RAM, outside scratch, sorted and disjoint) and to its own
+  metadata pages (never on preserved memory).
+
+Units: ``phys`` in bytes, ``pfn`` page frame numbers, ``order`` log2 of pages.  All
+little-endian (the native order of arm64 and x86 kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import KHOError, KHOFormatError
+from ..memory import PhysicalMemory
+
+#: ``struct { u64 next; u32 count; u32 magic; }`` at the start of every chunk page.
+CHUNK_HEADER = np.dtype([("next", "<u8"), ("count", "<u4"), ("magic", "<u4")])
+#: Root FDT property holding the phys of the first chunk / root node (8 bytes, LE).
+ROOT_PROPERTY = "preserved-memory-map"
+
+
+def magic_of(tag: bytes) -> int:
+    """The u32 magic whose little-endian bytes spell ``tag`` (4 ASCII bytes)."""
+    return int.from_bytes(tag, "little")
+
+
+def chunk_capacity(page_size: int, entry_size: int) -> int:
+    """Entries of ``entry_size`` bytes one chunk page holds after its header."""
+    return (page_size - CHUNK_HEADER.itemsize) // entry_size
+
+
+def check_page_size(encoding_page_size: int, memory: PhysicalMemory) -> None:
+    """KHOError(EINVAL) when an encoding instance and the memory disagree on the page size."""
+    if encoding_page_size != memory.page_size:
+        raise KHOError("EINVAL", f"encoding for {encoding_page_size}-byte pages used on a machine with {memory.page_size}-byte pages")
+
+
+# -- allocation ---------------------------------------------------------------------------
+def alloc_pages_bulk(allocator, count: int) -> np.ndarray:
+    """Allocate ``count`` pages; their phys (uint64, in allocation order).
+
+    Asks for blocks as large as the remaining count and the allocator allow (starting at
+    MAX_PAGE_ORDER, stepping down on ENOMEM and never up again), so that ``count`` pages
+    cost about ``count / 2**order`` calls.  Only ``alloc_pages``/``free_pages`` are used.
+    All or nothing: on ENOMEM every block taken is freed again.
+    """
+    memory = allocator.memory
+    ps = memory.page_size
+    blocks: list[tuple[int, int]] = []
+    order = memory.geometry.max_order
+    remaining = count
+    try:
+        while remaining:
+            order = min(order, remaining.bit_length() - 1)
+            try:
+                phys = allocator.alloc_pages(order)
+            except KHOError as err:
+                if err.errno_name != "ENOMEM" or order == 0:
+                    raise
+                order -= 1
+                continue
+            blocks.append((phys, order))
+            remaining -= 1 << order
+    except KHOError:
+        for phys, order in blocks:
+            allocator.free_pages(phys, order)
+        raise
+    if not blocks:
+        return np.empty(0, np.uint64)
+    return np.concatenate([np.uint64(phys) + np.arange(1 << order, dtype=np.uint64) * np.uint64(ps) for phys, order in blocks])
+
+
+# -- reading ------------------------------------------------------------------------------
+def read_root_pointer(props: Mapping[str, bytes], name: str = ROOT_PROPERTY) -> int:
+    """The u64 in root property ``name``: present, exactly 8 bytes, non-zero (else KHOFormatError)."""
+    raw = props.get(name)
+    if raw is None:
+        raise KHOFormatError(f"fdt.{name}", "property missing")
+    if len(raw) != 8:
+        raise KHOFormatError(f"fdt.{name}", f"property is {len(raw)} bytes, not 8")
+    value = int.from_bytes(bytes(raw), "little")
+    if value == 0:
+        raise KHOFormatError(f"fdt.{name}", "property is zero")
+    return value
+
+
+def check_pointer(memory: PhysicalMemory, phys: int, size: int, align: int, field: str, location: int | None) -> None:
+    """KHOFormatError unless ``[phys, phys+size)`` is ``align``-aligned and inside one RAM bank."""
+    if phys % align:
+        raise KHOFormatError(field, f"pointer {phys:#x} is not {align}-byte aligned", location)
+    if not memory.in_ram(phys, size):
+        raise KHOFormatError(field, f"pointer {phys:#x} is outside RAM", location)
+
+
+def read_pages(memory: PhysicalMemory, pages: np.ndarray) -> np.ndarray:
+    """The contents of pages ``pages`` (phys, ascending, validated by the caller) as a
+    ``(n, page_size)`` uint8 array; contiguous pages are read in one call.  O(n pages)."""
+    ps = memory.page_size
+    out = np.empty((pages.size, ps), dtype=np.uint8)
+    if not pages.size:
+        return out
+    breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != ps) + 1
+    firsts = np.concatenate([[0], breaks]).tolist()
+    lasts = np.concatenate([breaks, [pages.size]]).tolist()
+    for first, last in zip(firsts, lasts):
+        data = memory.read(int(pages[first]), (last - first) * ps)
+        out[first:last] = np.frombuffer(data, dtype=np.uint8).reshape(last - first, ps)
+    return out
+
+
+# -- chunk lists --------------------------------------------------------------------------
+def write_chunk_list(memory: PhysicalMemory, allocator, payload: np.ndarray, entry_size: int, magic: int) -> np.ndarray:
+    """Write ``payload`` (uint8, a whole number of entries) as a chunk list.
+
+    Allocates ``max(1, ceil(entries / capacity))`` pages with :func:`alloc_pages_bulk`
+    (nothing is written on ENOMEM) and returns their phys in list order (the first is the
+    head).  O(payload bytes).
+    """
+    ps = memory.page_size
+    cap = chunk_capacity(ps, entry_size)
+    entries = payload.size // entry_size
+    nchunks = max(1, -(-entries // cap))
+    pages = alloc_pages_bulk(allocator, nchunks)
+    buf = np.zeros((nchunks, ps), dtype=np.uint8)
+    header = np.zeros(nchunks, dtype=CHUNK_HEADER)
+    header["next"][:-1] = pages[1:]
+    header["count"] = np.minimum(cap, entries - np.arange(nchunks) * cap)
+    header["magic"] = magic
+    buf[:, :CHUNK_HEADER.itemsize] = header.view(np.uint8).reshape(nchunks, CHUNK_HEADER.itemsize)
+    body = np.zeros(nchunks * cap * entry_size, dtype=np.uint8)
+    body[:payload.size] = payload
+    buf[:, CHUNK_HEADER.itemsize:CHUNK_HEADER.itemsize + cap * entry_size] = body.reshape(nchunks, cap * entry_size)
+    for i, phys in enumerate(pages.tolist()):
+        memory.write(phys, buf[i])
+    return pages
+
+
+@dataclass
+class ChunkList:
+    """A chunk list read back: its pages in list order, entries per chunk, and the
+    concatenated entries (uint8)."""
+
+    pages: np.ndarray
+    counts: np.ndarray
+    payload: np.ndarray
+    entry_size: int
+
+    def location(self, entry: int) -> int:
+        """Phys of entry number ``entry`` (0-based over the whole list)."""
+        ends = np.cumsum(self.counts)
+        chunk = int(np.searchsorted(ends, entry, side="right"))
+        first = int(ends[chunk] - self.counts[chunk])
+        return int(self.pages[chunk]) + CHUNK_HEADER.itemsize + (entry - first) * self.entry_size
+
+
+def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: int, field: str) -> ChunkList:
+    """Follow a chunk list from ``head``, strictly: every pointer page-aligned and in RAM,
+    the magic right, ``count`` at most the page's capacity, no chunk visited twice (so the
+    walk ends after at most one visit per RAM page).  KHOFormatError names ``field``.
+    O(chunks) reads."""
+    ps = memory.page_size
+    cap = chunk_capacity(ps, entry_size)
+    seen: set[int] = set()
+    pages, counts, parts = [], [], []
+    phys, where = head, None
+    while phys:
+        check_pointer(memory, phys, ps, ps, f"{field}.next" if pages else f"fdt.{ROOT_PROPERTY}", where)
+        if phys in seen:
+            raise KHOFormatError(f"{field}.next", f"chunk {phys:#x} is reached twice (the list loops)", where)
+        seen.add(phys)
+        page = memory.read(phys, ps)
+        header = np.frombuffer(page, dtype=CHUNK_HEADER, count=1)[0]
+        if int(header["magic"]) != magic:
+            raise KHOFormatError(f"{field}.magic", f"{int(header['magic']):#010x}, expected {magic:#010x}", phys)
+        count = int(header["count"])
+        if count > cap:
+            raise KHOFormatError(f"{field}.count", f"{count} entries, a chunk holds at most {cap}", phys)
+        pages.append(phys)
+        counts.append(count)
+        parts.append(np.frombuffer(page, dtype=np.uint8, count=count * entry_size, offset=CHUNK_HEADER.itemsize))
+        where, phys = phys, int(header["next"])
+    return ChunkList(np.array(pages, dtype=np.uint64), np.array(counts, dtype=np.int64),
+                     np.concatenate(parts) if parts else np.empty(0, np.uint8), entry_size)
+
+
+# -- checks on decoded units --------------------------------------------------------------
+def usable_segments(memory: PhysicalMemory) -> tuple[np.ndarray, np.ndarray]:
+    """RAM minus the scratch areas: sorted, disjoint ``[start, end)`` pfn intervals (int64),
+    one or more per bank (two intervals never merge across a bank boundary).  O(banks + areas)."""
+    shift = memory.page_shift
+    starts, ends = [], []
+    areas = [(a.addr >> shift, a.end >> shift) for a in memory.scratch]
+    for bank in memory.banks:
+        pos, end = bank.start >> shift, bank.end >> shift
+        for a_start, a_end in areas:
+            if a_start < end and a_end > pos:
+                if a_start > pos:
+                    starts.append(pos)
+                    ends.append(a_start)
+                pos = max(pos, a_end)
+        if pos < end:
+            starts.append(pos)
+            ends.append(end)
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+
+
+def in_usable(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray) -> np.ndarray:
+    """Bool per ``[start, end)`` pfn span (int64, non-empty): inside one usable segment
+    (one RAM bank, no scratch page).  One searchsorted: O(n log segments)."""
+    seg_start, seg_end = usable_segments(memory)
+    seg = np.searchsorted(seg_start, start_pfn, side="right") - 1
+    return (seg >= 0) & (end_pfn <= seg_end[np.maximum(seg, 0)])
+
+
+def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, field: str,
+                locations: np.ndarray | None = None) -> None:
+    """KHOFormatError unless every unit ``(phys, order)`` (sorted by phys) has an order up
+    to MAX_PAGE_ORDER, is aligned to its size, lies inside one RAM bank, meets no scratch
+    area and does not overlap the next unit.  ``locations`` (phys where each unit was
+    read) sharpens the error.  O(n log banks) numpy work."""
+    if not phys.size:
+        return
+    ps, max_order = memory.page_size, memory.geometry.max_order
+
+    def fail(mask: np.ndarray, message: str) -> None:
+        i = int(np.argmax(mask))
+        where = None if locations is None else int(locations[i])
+        raise KHOFormatError(field, f"unit {int(phys[i]):#x} order {int(order[i])}: {message}", where)
+
+    big = order > max_order
+    if big.any():
+        fail(big, f"order above MAX_PAGE_ORDER {max_order}")
+    size = np.left_shift(np.uint64(ps), order.astype(np.uint64))
+    misaligned = (phys & (size - np.uint64(1))) != 0
+    if misaligned.any():
+        fail(misaligned, "not aligned to its size")
+    outside = ~memory.in_ram_array(phys, size)
+    if outside.any():
+        fail(outside, "outside RAM")
+    scratch = memory.overlaps_scratch_array(phys, size)
+    if scratch.any():
+        fail(scratch, "inside a scratch area")
+    overlap = np.zeros(phys.size, dtype=bool)
+    overlap[1:] = phys[1:] < phys[:-1] + size[:-1]
+    if overlap.any():
+        fail(overlap, "overlaps or precedes the unit before it")
+
+
+def check_metadata_disjoint(memory: PhysicalMemory, pages: np.ndarray, phys: np.ndarray, order: np.ndarray, field: str) -> None:
+    """KHOFormatError when a metadata page (phys) lies inside a decoded unit (units sorted by phys)."""
+    if not pages.size or not phys.size:
+        return
+    i = np.searchsorted(phys, pages, side="right").astype(np.int64) - 1
+    j = np.maximum(i, 0)
+    end = phys[j] + np.left_shift(np.uint64(memory.page_size), order[j].astype(np.uint64))
+    inside = (i >= 0) & (pages < end)
+    if inside.any():
+        k = int(np.argmax(inside))
+        raise KHOFormatError(field, f"metadata page {int(pages[k]):#x} lies inside preserved unit {int(phys[j[k]]):#x}", int(pages[k]))

@@ -1,0 +1,406 @@
+"""``instructions``: a linear, address-sorted stream the next kernel's free-list builder walks once.
+
+The stream (proposed on the list, never built in the kernel) tells the next kernel, from
+the first RAM bank's start to the last bank's end, what to do with every page: give it
+to the buddy allocator, keep it (preserved), or leave it alone (a scratch area, which the
+next kernel handles itself, or a hole between banks).  No memblock range is needed.
+
+Layout (one logical byte stream, little-endian; see spec/encodings.md):
+
+* :data:`STREAM_HEADER` (24 bytes): magic ``KHOI``, version, page shift, number of
+  records, number of bitmap words;
+* the records, :data:`RECORD` (16 bytes each), sorted by address and tiling the span
+  exactly: ``head = op << 60 | kind << 56 | order << 52 | start pfn`` and ``arg``:
+
+  ========  ==========================================================================
+  FREE      pages ``[start, start + arg)`` are free
+  SKIP      pages ``[start, start + arg)`` are not touched; kind 0 = hole, 1 = scratch
+  UNIT      the unit ``(start, order)`` is preserved, then ``arg`` pages are free
+  BITMAP    ``arg`` units of ``order`` from ``start``: bit set = preserved, clear = free;
+            the bits are the next ``ceil(arg / 64)`` words of the bitmap section
+  ========  ==========================================================================
+
+* the bitmap section: u64 words, consumed in record order (bit ``b`` of a slice is bit
+  ``b % 64`` of its word ``b // 64``); bits past ``arg`` in the last word are 0.
+
+The walker keeps two cursors, one in the records and one in the bitmap words, and moves
+each forward only.  The stream is stored in a chunk list (magic ``KHIS``, 8-byte entries,
+so records and words may straddle chunks); ``preserved-memory-map`` holds the first
+chunk's phys.  The stream's own pages and the KHO FDT page are not preserved: they lie in
+FREE ranges, to be freed once read.
+
+The encoder groups address-consecutive units of one order in one usable segment (RAM
+between scratch areas) into a cluster while the gap to the next unit is at most
+:data:`GAP_BITS` units, and writes each cluster as one BITMAP (+ FREE) or as UNIT
+records, whichever is fewer bytes.  Random order-0 pages therefore become a few large
+bitmaps (~1 bit a page, like kho-v1), isolated folios 16 bytes each (like ``ranges``,
+but orders survive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import KHOFormatError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import Tracker
+from .base import DecodedMap, EncodedMap, Encoding, register
+from .chunklist import (ROOT_PROPERTY, ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of,
+                        read_chunk_list, read_root_pointer, usable_segments, write_chunk_list)
+from .ranges import merge_runs
+
+#: The stream header (24 bytes).
+STREAM_HEADER = np.dtype([("magic", "<u4"), ("version", "<u2"), ("page_shift", "<u2"),
+                          ("nr_records", "<u8"), ("nr_words", "<u8")])
+#: One record (16 bytes): packed ``head`` and ``arg``.
+RECORD = np.dtype([("head", "<u8"), ("arg", "<u8")])
+#: Bitmap words.
+WORD = np.dtype("<u8")
+STREAM_MAGIC = magic_of(b"KHOI")
+STREAM_VERSION = 1
+CHUNK_MAGIC = magic_of(b"KHIS")
+
+#: Fields of ``head``: start pfn in bits 0..51, order 52..55, kind 56..59, op 60..63.
+PFN_BITS = 52
+ORDER_SHIFT, KIND_SHIFT, OP_SHIFT = 52, 56, 60
+FIELD_MASK = 0xF
+PFN_MASK = (1 << PFN_BITS) - 1
+OP_FREE, OP_SKIP, OP_UNIT, OP_BITMAP = 1, 2, 3, 4
+OP_NAMES = {OP_FREE: "FREE", OP_SKIP: "SKIP", OP_UNIT: "UNIT", OP_BITMAP: "BITMAP"}
+SKIP_HOLE, SKIP_SCRATCH = 0, 1
+#: Largest page count an ``arg`` may hold (the pfn space).
+MAX_ARG = 1 << PFN_BITS
+#: A gap of more units than this between two units of one order ends a bitmap slice
+#: (256 bits = 32 bytes, the cost of a FREE record plus a new BITMAP record).
+GAP_BITS = 256
+
+
+@dataclass
+class StreamWalk:
+    """What one pass over the stream yields (pfns int64, half-open; phys uint64).
+
+    ``free_*``: the runs to free, sorted, coalesced within each RAM bank, never touching
+    a scratch area or a hole; ``skip_*``: the SKIP records; ``unit_phys``/``unit_order``:
+    the preserved units by address; ``metadata_pages``: phys of the stream's own chunk
+    pages (sorted; they lie in free runs unless the allocator put them in scratch).
+    """
+
+    free_start_pfn: np.ndarray
+    free_end_pfn: np.ndarray
+    skip_start_pfn: np.ndarray
+    skip_end_pfn: np.ndarray
+    unit_phys: np.ndarray
+    unit_order: np.ndarray
+    metadata_pages: np.ndarray
+    nr_records: int
+    nr_words: int
+
+
+def _head(op: int, start: np.ndarray, order: np.ndarray | int = 0, kind: np.ndarray | int = 0) -> np.ndarray:
+    return ((np.uint64(op) << np.uint64(OP_SHIFT)) | (np.asarray(kind, dtype=np.uint64) << np.uint64(KIND_SHIFT))
+            | (np.asarray(order, dtype=np.uint64) << np.uint64(ORDER_SHIFT)) | np.asarray(start, dtype=np.int64).astype(np.uint64))
+
+
+def _skips(memory: PhysicalMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SKIP spans ``(start, end, kind)`` (pfn int64): holes between banks and scratch areas."""
+    shift = memory.page_shift
+    spans = [(left.end >> shift, right.start >> shift, SKIP_HOLE)
+             for left, right in zip(memory.banks, memory.banks[1:]) if left.end < right.start]
+    spans += [(a.addr >> shift, a.end >> shift, SKIP_SCRATCH) for a in memory.scratch]
+    arr = np.array(spans, dtype=np.int64).reshape(-1, 3)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def _spans(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenated index ranges ``[first[i], first[i] + count[i])`` (int64)."""
+    total = int(count.sum())
+    return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total, dtype=np.int64)
+
+
+def build_stream(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The records (:data:`RECORD`, sorted) and bitmap words (uint64) for units sorted by
+    phys.  One vectorized pass: O(units + bitmap bits) numpy work, with per-unit work
+    kept to a few passes (a set of one order uses a scalar order throughout)."""
+    pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
+    n = pfn.size
+    uniform = bool(n) and bool((order == order[0]).all())
+    ords = np.int64(order[0]) if uniform else np.asarray(order, dtype=np.int64)
+
+    def order_at(idx: np.ndarray):
+        return ords if uniform else ords[idx]
+
+    seg_start, seg_end = usable_segments(memory)
+    starts, heads, args = [], [], []
+
+    def emit(start: np.ndarray, head: np.ndarray, arg: np.ndarray) -> None:
+        starts.append(np.asarray(start, dtype=np.int64))
+        heads.append(np.broadcast_to(head, np.shape(start)))
+        args.append(np.broadcast_to(np.asarray(arg, dtype=np.int64), np.shape(start)))
+
+    skip_start, skip_end, skip_kind = _skips(memory)
+    emit(skip_start, _head(OP_SKIP, skip_start, kind=skip_kind), skip_end - skip_start)
+    lead_end = np.full(seg_start.size, -1, dtype=np.int64)
+    words = np.empty(0, dtype=np.uint64)
+    if n:
+        # Clusters: break on a change of order or segment, or a gap above GAP_BITS units.
+        if uniform:
+            brk = (pfn[1:] - pfn[:-1]) > ((GAP_BITS + 1) << ords)
+        else:
+            brk = (ords[1:] != ords[:-1]) | (((pfn[1:] - pfn[:-1] - np.left_shift(1, ords[:-1])) >> ords[1:]) > GAP_BITS)
+        cuts = np.searchsorted(pfn, seg_start[1:])
+        cuts = cuts[(cuts > 0) & (cuts < n)]
+        brk[cuts - 1] = True
+        first = np.concatenate([[0], np.flatnonzero(brk) + 1])
+        last = np.concatenate([first[1:] - 1, [n - 1]])
+        c_order = order_at(first)
+        c_start = pfn[first]
+        c_end = pfn[last] + np.left_shift(1, order_at(last))
+        c_seg = np.searchsorted(seg_start, c_start, side="right") - 1
+        c_count = last - first + 1
+        same_seg = np.concatenate([c_seg[1:] == c_seg[:-1], [False]])
+        boundary = np.where(same_seg, np.concatenate([c_start[1:], [0]]), seg_end[c_seg])
+        c_nbits = (c_end - c_start) >> c_order
+        c_words = (c_nbits + 63) >> 6
+        bitmap_cost = RECORD.itemsize * (1 + (c_end < boundary)) + WORD.itemsize * c_words
+        use_bitmap = bitmap_cost < RECORD.itemsize * c_count
+        c_order = np.broadcast_to(c_order, c_start.shape)
+        # UNIT records, each followed by the free pages up to the next unit or the boundary.
+        um = np.flatnonzero(~use_bitmap)
+        if um.size:
+            idx = _spans(first[um], c_count[um])
+            following = np.concatenate([pfn[1:], [0]])[idx]
+            is_last = np.zeros(n, dtype=bool)
+            is_last[last[um]] = True
+            at_last = is_last[idx]
+            following[at_last] = boundary[um]
+            u_order = order_at(idx)
+            emit(pfn[idx], _head(OP_UNIT, pfn[idx], u_order), following - pfn[idx] - np.left_shift(1, u_order))
+        # BITMAP records, each followed by a FREE record up to the boundary.
+        bm = np.flatnonzero(use_bitmap)
+        emit(c_start[bm], _head(OP_BITMAP, c_start[bm], c_order[bm]), c_nbits[bm])
+        tail = use_bitmap & (c_end < boundary)
+        emit(c_end[tail], _head(OP_FREE, c_end[tail]), (boundary - c_end)[tail])
+        # Bitmap words: one bit per unit position of each slice, slices in address order.
+        if bm.size:
+            bm_words = c_words[bm]
+            bit_base = (np.cumsum(bm_words) - bm_words) * 64 - (c_start[bm] >> c_order[bm])
+            if bm.size == first.size:
+                unit_pfn, unit_order = pfn, ords
+            else:
+                idx = _spans(first[bm], c_count[bm])
+                unit_pfn, unit_order = pfn[idx], order_at(idx)
+            bits = np.zeros(int(bm_words.sum()) * 64, dtype=bool)
+            bit = unit_pfn >> unit_order
+            bit += np.repeat(bit_base, c_count[bm])
+            bits[bit] = True
+            words = np.packbits(bits, bitorder="little").view(WORD).astype(np.uint64)
+        # Each segment's free pages before its first cluster.
+        seg_first = np.flatnonzero(np.concatenate([[True], c_seg[1:] != c_seg[:-1]]))
+        lead_end[c_seg[seg_first]] = c_start[seg_first]
+    lead_end = np.where(lead_end < 0, seg_end, lead_end)
+    lead = lead_end > seg_start
+    emit(seg_start[lead], _head(OP_FREE, seg_start[lead]), (lead_end - seg_start)[lead])
+    start = np.concatenate(starts)
+    sort = np.argsort(start, kind="stable")
+    records = np.empty(start.size, dtype=RECORD)
+    records["head"] = np.concatenate(heads)[sort]
+    records["arg"] = np.concatenate(args)[sort].astype(np.uint64)
+    return records, words
+
+
+def stream_bytes(memory: PhysicalMemory, records: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """The whole stream (header, records, words) as uint8."""
+    header = np.zeros(1, dtype=STREAM_HEADER)
+    header["magic"], header["version"], header["page_shift"] = STREAM_MAGIC, STREAM_VERSION, memory.page_shift
+    header["nr_records"], header["nr_words"] = records.size, words.size
+    return np.concatenate([header.view(np.uint8), records.view(np.uint8), words.astype(WORD).view(np.uint8)])
+
+
+# -- walking ----------------------------------------------------------------------------------
+class _Stream:
+    """The parsed sections of a stream read from its chunk list, with error locations."""
+
+    def __init__(self, memory: PhysicalMemory, chunks: ChunkList):
+        self.chunks = chunks
+        payload = chunks.payload
+        if payload.size < STREAM_HEADER.itemsize:
+            raise KHOFormatError("instructions.header", f"stream of {payload.size} bytes is shorter than its header",
+                                 self.location(0) if payload.size else int(chunks.pages[0]))
+        header = np.frombuffer(payload[:STREAM_HEADER.itemsize].tobytes(), dtype=STREAM_HEADER)[0]
+        for ok, field, message in (
+            (int(header["magic"]) == STREAM_MAGIC, "magic", f"{int(header['magic']):#010x}, expected {STREAM_MAGIC:#010x}"),
+            (int(header["version"]) == STREAM_VERSION, "version", f"{int(header['version'])}, expected {STREAM_VERSION}"),
+            (int(header["page_shift"]) == memory.page_shift, "page_shift",
+             f"{int(header['page_shift'])}, but the machine's pages are {memory.page_size} bytes"),
+        ):
+            if not ok:
+                raise KHOFormatError(f"instructions.header.{field}", message, self.location(0))
+        self.nr_records, self.nr_words = int(header["nr_records"]), int(header["nr_words"])
+        expected = STREAM_HEADER.itemsize + RECORD.itemsize * self.nr_records + WORD.itemsize * self.nr_words
+        if expected != payload.size:
+            raise KHOFormatError("instructions.header", f"{self.nr_records} records and {self.nr_words} words need "
+                                 f"{expected} bytes, the chunks hold {payload.size}", self.location(0))
+        body = payload[STREAM_HEADER.itemsize:]
+        self.records = body[:RECORD.itemsize * self.nr_records].view(RECORD)
+        self.words = body[RECORD.itemsize * self.nr_records:].view(WORD).astype(np.uint64)
+
+    def location(self, offset: int) -> int:
+        """Phys of stream byte ``offset`` (a multiple of 8)."""
+        return self.chunks.location(offset // 8)
+
+    def record_location(self, i: int) -> int:
+        return self.location(STREAM_HEADER.itemsize + RECORD.itemsize * i)
+
+    def word_location(self, i: int) -> int:
+        return self.location(STREAM_HEADER.itemsize + RECORD.itemsize * self.nr_records + WORD.itemsize * i)
+
+
+def _bitmap_runs(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: np.ndarray, records: np.ndarray):
+    """Units (pfn, order) and free runs ``[start, end)`` (pfn) of the BITMAP records."""
+    words_per = (nbits + 63) >> 6
+    woff = np.cumsum(words_per) - words_per
+    total = int(words_per.sum()) if nbits.size else 0
+    if total != stream.nr_words:
+        raise KHOFormatError("instructions.bitmap", f"the BITMAP records need {total} words, the header says {stream.nr_words}",
+                             stream.location(0))
+    empty = np.empty(0, np.int64)
+    if not nbits.size:
+        return empty, empty, empty, empty
+    rem = nbits & 63
+    partial = np.flatnonzero(rem)
+    last_word = stream.words[(woff + words_per - 1)[partial]]
+    pad_mask = ~((np.uint64(1) << rem[partial].astype(np.uint64)) - np.uint64(1))
+    bad = (last_word & pad_mask) != 0
+    if bad.any():
+        i = int(partial[np.argmax(bad)])
+        raise KHOFormatError("instructions.bitmap", f"bits beyond the {int(nbits[i])} of BITMAP record {int(records[i])} are set",
+                             stream.word_location(int(woff[i] + words_per[i] - 1)))
+    bits = np.unpackbits(stream.words.view(np.uint8), bitorder="little").view(bool)
+    base = woff * 64
+    pos = np.flatnonzero(bits)
+    r = np.searchsorted(base, pos, side="right") - 1
+    unit_pfn = start[r] + ((pos - base[r]) << order[r])
+    unit_order = order[r]
+    free = ~bits
+    # Padding bits are not free; a run of clear bits never continues into the next slice.
+    pad_first = (base + nbits)[partial]
+    pad_len = 64 - rem[partial]
+    pad = np.repeat(pad_first - (np.cumsum(pad_len) - pad_len), pad_len) + np.arange(int(pad_len.sum()))
+    free[pad] = False
+    edges = np.diff(free.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    run_start = np.flatnonzero(edges == 1)
+    run_end = np.flatnonzero(edges == -1)
+    inner = base[1:][free[base[1:]] & free[base[1:] - 1]] if base.size > 1 else empty
+    if inner.size:
+        run_start = np.sort(np.concatenate([run_start, inner]))
+        run_end = np.sort(np.concatenate([run_end, inner]))
+    r = np.searchsorted(base, run_start, side="right") - 1
+    free_start = start[r] + ((run_start - base[r]) << order[r])
+    free_end = start[r] + ((run_end - base[r]) << order[r])
+    return unit_pfn, unit_order, free_start, free_end
+
+
+def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
+    """Read the stream from ``preserved-memory-map`` and walk it once, vectorized.
+
+    Strict: every record field, the exact tiling of ``[first bank start, last bank end)``,
+    FREE/UNIT/BITMAP spans inside one bank and outside scratch, SKIP spans exactly holes
+    or inside one scratch area, bitmap word counts and padding, and the stream's pages
+    outside preserved units; KHOFormatError names the field and phys.  O(records +
+    bitmap bits) numpy work plus one read per chunk page.
+    """
+    chunks = read_chunk_list(memory, read_root_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk")
+    stream = _Stream(memory, chunks)
+    head, arg = stream.records["head"].astype(np.uint64), stream.records["arg"].astype(np.uint64)
+    op = (head >> np.uint64(OP_SHIFT)).astype(np.int64)
+    kind = ((head >> np.uint64(KIND_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
+    order = ((head >> np.uint64(ORDER_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
+    start = (head & np.uint64(PFN_MASK)).astype(np.int64)
+    max_order = memory.geometry.max_order
+    is_free, is_skip, is_unit, is_bitmap = op == OP_FREE, op == OP_SKIP, op == OP_UNIT, op == OP_BITMAP
+    keeps = is_unit | is_bitmap
+
+    def check(bad: np.ndarray, field: str, message: str) -> None:
+        if bad.any():
+            i = int(np.argmax(bad))
+            name = OP_NAMES.get(int(op[i]), f"op {int(op[i])}")
+            raise KHOFormatError(f"instructions.record.{field}", f"record {i} ({name}): {message}", stream.record_location(i))
+
+    if not stream.nr_records:
+        raise KHOFormatError("instructions.header", "the stream has no records", stream.location(0))
+    check(~(is_free | is_skip | is_unit | is_bitmap), "op", "unknown operation")
+    check((~is_skip & (kind != 0)) | (is_skip & (kind > SKIP_SCRATCH)), "kind", "invalid kind")
+    check(~keeps & (order != 0), "order", "must be 0")
+    check(keeps & (order > max_order), "order", f"above MAX_PAGE_ORDER {max_order}")
+    check(arg > np.uint64(MAX_ARG), "arg", "beyond the pfn space")
+    count = arg.astype(np.int64)
+    check(~is_unit & (count == 0), "arg", "an empty span")
+    check(keeps & ((start & (np.left_shift(1, order) - 1)) != 0), "start", "not aligned to the order")
+    check(is_bitmap & (count > (MAX_ARG >> order)), "arg", "slice beyond the pfn space")
+    end = start + np.where(is_bitmap, count << order, count) + np.where(is_unit, np.left_shift(1, order), 0)
+    shift = memory.page_shift
+    first, stop = memory.banks[0].start >> shift, memory.banks[-1].end >> shift
+    check(np.concatenate([[start[0] != first], start[1:] != end[:-1]]), "start",
+          "does not start where the previous record ends (the records must tile RAM in address order)")
+    if end[-1] != stop:
+        raise KHOFormatError("instructions.record.arg", f"the last record ends at pfn {int(end[-1]):#x}, RAM at {stop:#x}",
+                             stream.record_location(stream.nr_records - 1))
+    check(~is_skip & ~in_usable(memory, start, end), "start", "not inside one RAM bank outside the scratch areas")
+    bank_start = np.array([b.start >> shift for b in memory.banks], dtype=np.int64)
+    bank_end = np.array([b.end >> shift for b in memory.banks], dtype=np.int64)
+    b = np.searchsorted(bank_start, end, side="left") - 1
+    check(is_skip & (kind == SKIP_HOLE) & (b >= 0) & (bank_end[np.maximum(b, 0)] > start), "kind", "a hole holds RAM")
+    area_start = np.array([a.addr >> shift for a in memory.scratch], dtype=np.int64)
+    area_end = np.array([a.end >> shift for a in memory.scratch], dtype=np.int64)
+    a = np.searchsorted(area_start, start, side="right") - 1
+    outside = (a < 0) | (end > (area_end[np.maximum(a, 0)] if area_end.size else end))
+    check(is_skip & (kind == SKIP_SCRATCH) & outside, "kind", "not inside one scratch area")
+
+    bm = np.flatnonzero(is_bitmap)
+    bm_pfn, bm_order, bm_free_start, bm_free_end = _bitmap_runs(stream, start[bm], order[bm], count[bm], bm)
+    after_unit = is_unit & (count > 0)
+    rec_free = is_free | after_unit
+    rec_free_start = np.where(is_unit, start + np.left_shift(1, order), start)[rec_free]
+    free_start = np.concatenate([rec_free_start, bm_free_start])
+    free_end = np.concatenate([end[rec_free], bm_free_end])
+    sort = np.argsort(free_start, kind="stable")
+    free_start, free_end = merge_runs(memory, free_start[sort], free_end[sort])
+    unit_pfn = np.concatenate([start[is_unit], bm_pfn])
+    unit_order = np.concatenate([order[is_unit], bm_order])
+    sort = np.argsort(unit_pfn, kind="stable")
+    unit_phys = unit_pfn[sort].astype(np.uint64) << np.uint64(shift)
+    unit_order = unit_order[sort].astype(np.uint8)
+    metadata = np.sort(chunks.pages)
+    check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
+    return StreamWalk(free_start, free_end, start[is_skip], end[is_skip], unit_phys, unit_order, metadata,
+                      stream.nr_records, stream.nr_words)
+
+
+@register
+class Instructions(Encoding):
+    """The deserialization instruction stream; keeps folio orders."""
+
+    name = "instructions"
+    compatible = "kho-instructions"
+    keeps_orders = True
+
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+        """Build the stream in one vectorized pass over the tracker's units, then write it
+        into a chunk list.  The stream does not depend on where its pages land (they are
+        inside FREE ranges), so it is built first and the pages allocated after."""
+        memory = tracker.memory
+        check_page_size(self.page_size, memory)
+        records, words = build_stream(memory, *tracker.units_array())
+        pages = write_chunk_list(memory, allocator, stream_bytes(memory, records, words), WORD.itemsize, CHUNK_MAGIC)
+        props = {ROOT_PROPERTY: int(pages[0]).to_bytes(8, "little")}
+        return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
+
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """:func:`walk`, keeping the units."""
+        check_page_size(self.page_size, memory)
+        walked = walk(memory, props)
+        return DecodedMap(walked.unit_phys, walked.unit_order, exact_orders=True, metadata_pages=walked.metadata_pages)

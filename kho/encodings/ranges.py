@@ -1,0 +1,222 @@
+"""``ranges``: early KHO's ``mem`` property, an array of ``{u64 addr; u64 len}`` pairs in the FDT.
+
+Layout (:data:`RANGE`): one 16-byte little-endian entry per range, ``addr`` and ``len``
+in bytes, page-aligned, ``len > 0``, sorted by address and disjoint.  The encoder merges
+units that touch into one range (never across a RAM bank boundary), so the folio orders
+are lost: the decoder returns the kernel's greedy split of each range
+(``DecodedMap.exact_orders = False``), which is what a ``kho_restore_pages`` of the whole
+range would see, not the folios that were preserved.
+
+Nothing is written to memory pages: the whole array is the root FDT property ``mem``.
+The kernel builds the KHO root FDT in one page, so a large set cannot really be carried
+this way; :class:`RangesEncodedMap` says how big the FDT would at least be and whether
+it fits (``fits_in_fdt_page``).
+
+This module also holds the merge / greedy-split helpers ranges-packed shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import KHOFormatError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import Tracker
+from .base import DecodedMap, EncodedMap, Encoding, register
+from .chunklist import check_page_size, in_usable
+
+#: ``struct { u64 addr; u64 len; }``, bytes, little-endian.
+RANGE = np.dtype([("addr", "<u8"), ("len", "<u8")])
+#: The root FDT property holding the array.
+MEM_PROPERTY = "mem"
+
+#: Sizes of the flattened devicetree pieces a root node with properties needs at least
+#: (Devicetree Specification v0.4, ch. 5): header, one terminating reservation entry,
+#: FDT_BEGIN_NODE + empty name, FDT_PROP + len + nameoff, FDT_END_NODE, FDT_END.
+FDT_HEADER_BYTES = 40
+FDT_RSVMAP_END_BYTES = 16
+FDT_BEGIN_ROOT_BYTES = 8
+FDT_PROP_HEADER_BYTES = 12
+FDT_END_BYTES = 8
+
+
+def fdt_min_bytes(compatible: str, props: Mapping[str, bytes]) -> int:
+    """Lower bound (bytes) of a flattened devicetree whose root holds ``compatible`` and
+    ``props`` and nothing else (sub-nodes only add to it)."""
+    values = {"compatible": compatible.encode() + b"\0", **props}
+    struct = FDT_BEGIN_ROOT_BYTES + FDT_END_BYTES
+    struct += sum(FDT_PROP_HEADER_BYTES + (len(v) + 3) // 4 * 4 for v in values.values())
+    strings = sum(len(name) + 1 for name in values)
+    return FDT_HEADER_BYTES + FDT_RSVMAP_END_BYTES + struct + strings
+
+
+@dataclass
+class RangesEncodedMap(EncodedMap):
+    """An :class:`EncodedMap` that also reports the number of ranges and the least size of
+    the root FDT carrying them (``fdt_min_bytes``); ``fits_in_fdt_page`` is False when
+    the kernel could not build that FDT in its one page."""
+
+    nr_ranges: int = 0
+    fdt_min_bytes: int = 0
+
+    @property
+    def fits_in_fdt_page(self) -> bool:
+        return self.fdt_min_bytes <= self.page_size
+
+
+# -- helpers shared with ranges-packed -----------------------------------------------------
+def _bank_index(memory: PhysicalMemory, pfn: np.ndarray) -> np.ndarray:
+    firsts = np.array([b.start >> memory.page_shift for b in memory.banks], dtype=np.int64)
+    return np.searchsorted(firsts, pfn, side="right") - 1
+
+
+def merge_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge sorted, disjoint ``[start, end)`` pfn runs that touch, never across a RAM
+    bank boundary.  Returns the merged runs (int64 pfns).  O(n) numpy work."""
+    start = np.asarray(start_pfn, dtype=np.int64)
+    end = np.asarray(end_pfn, dtype=np.int64)
+    if not start.size:
+        return start, end
+    joins = start[1:] == end[:-1]
+    if not joins.any():
+        return start, end
+    if len(memory.banks) > 1:
+        bank = _bank_index(memory, start)
+        joins &= bank[1:] == bank[:-1]
+    keep = np.flatnonzero(~joins)
+    firsts = np.concatenate([[0], keep + 1])
+    lasts = np.concatenate([keep, [start.size - 1]])
+    return start[firsts], end[lasts]
+
+
+def merge_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Units ``(phys, order)`` sorted by phys, as merged ``[start, end)`` pfn runs (int64)."""
+    pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
+    return merge_runs(memory, pfn, pfn + np.left_shift(1, np.asarray(order, dtype=np.int64)))
+
+
+def _floor_log2(values: np.ndarray) -> np.ndarray:
+    """floor(log2(v)) of positive int64 values below 2**53 (exact through float64)."""
+    return np.frexp(values.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def split_runs(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's greedy split of sorted, disjoint ``[start, end)`` pfn runs into units.
+
+    Each unit has ``order = min(ctz(pfn), floor(log2(pages left)), max_order)``, as
+    kho_preserve_pages splits (capped at MAX_PAGE_ORDER).  Returns ``(pfn int64, order
+    uint8)`` sorted by pfn.  Single-page runs are placed directly; longer ones take one
+    numpy round per unit of the longest run, each round writing its units at their final
+    positions: O(units) work, no sort.
+    """
+    start = np.asarray(start_pfn, dtype=np.int64)
+    end = np.asarray(end_pfn, dtype=np.int64)
+    rounds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    active = np.flatnonzero(end - start > 1)
+    cur = start[active]
+    counts = np.ones(start.size, dtype=np.int64)
+    counts[active] = 0
+    while active.size:
+        low_bit = cur & -cur
+        tz = np.where(cur == 0, max_order, _floor_log2(np.maximum(low_bit, 1)))
+        order = np.minimum(np.minimum(tz, _floor_log2(end[active] - cur)), max_order)
+        rounds.append((active, cur, order))
+        counts[active] += 1
+        cur = cur + np.left_shift(1, order)
+        more = cur < end[active]
+        active, cur = active[more], cur[more]
+    offsets = np.cumsum(counts) - counts
+    out_pfn = np.empty(int(offsets[-1] + counts[-1]) if counts.size else 0, dtype=np.int64)
+    out_order = np.zeros(out_pfn.size, dtype=np.uint8)
+    out_pfn[offsets] = start  # single pages, and the first unit of every longer run (overwritten below)
+    for r, (idx, pfn, order) in enumerate(rounds):
+        pos = offsets[idx] + r
+        out_pfn[pos] = pfn
+        out_order[pos] = order
+    return out_pfn, out_order
+
+
+def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, metadata_pages: np.ndarray) -> DecodedMap:
+    """The :class:`DecodedMap` of validated runs: merged again, greedily split, orders lost."""
+    start, end = merge_runs(memory, start_pfn, end_pfn)
+    pfn, order = split_runs(start, end, memory.geometry.max_order)
+    phys = pfn.astype(np.uint64) << np.uint64(memory.page_shift)
+    return DecodedMap(phys, order, exact_orders=False, metadata_pages=metadata_pages)
+
+
+def check_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, field: str,
+               locate: Callable[[int], int], where: str = "phys") -> None:
+    """KHOFormatError unless every non-empty ``[start, end)`` pfn run (int64) lies inside
+    one RAM bank, outside scratch, sorted and disjoint.  ``locate(i)`` says where run ``i``
+    was read (a phys, or an offset in a property with ``where="offset"``) for the error.
+    O(n log segments) numpy work."""
+    shift = memory.page_shift
+
+    def fail(mask: np.ndarray, message: str) -> None:
+        i = int(np.argmax(mask))
+        addr, length = int(start_pfn[i]) << shift, int(end_pfn[i] - start_pfn[i]) << shift
+        raise KHOFormatError(field, f"range {addr:#x}+{length:#x}: {message}", locate(i), where=where)
+
+    if not in_usable(memory, start_pfn, end_pfn).all():
+        addr = start_pfn.astype(np.uint64) << np.uint64(shift)
+        length = (end_pfn - start_pfn).astype(np.uint64) << np.uint64(shift)
+        for mask, message in (
+            (~memory.in_ram_array(addr, length), "outside RAM"),
+            (memory.overlaps_scratch_array(addr, length), "meets a scratch area"),
+            (~in_usable(memory, start_pfn, end_pfn), "crosses a RAM bank boundary"),
+        ):
+            if mask.any():
+                fail(mask, message)
+    backwards = start_pfn[1:] < end_pfn[:-1]
+    if backwards.any():
+        fail(np.concatenate([[False], backwards]), "overlaps or precedes the range before it")
+
+
+@register
+class Ranges(Encoding):
+    """Merged ``{addr, len}`` ranges in the root FDT property ``mem``; loses folio orders."""
+
+    name = "ranges"
+    compatible = "kho-ranges"
+    keeps_orders = False
+
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> RangesEncodedMap:
+        """O(units) numpy work; writes no page."""
+        memory = tracker.memory
+        check_page_size(self.page_size, memory)
+        phys, order = tracker.units_array()
+        start, end = merge_units(memory, phys, order)
+        table = np.empty(start.size, dtype=RANGE)
+        table["addr"] = start.astype(np.uint64) << np.uint64(memory.page_shift)
+        table["len"] = (end - start).astype(np.uint64) << np.uint64(memory.page_shift)
+        props = {MEM_PROPERTY: table.tobytes()}
+        return RangesEncodedMap(self.name, self.compatible, props, np.empty(0, np.uint64), self.page_size,
+                                nr_ranges=int(start.size), fdt_min_bytes=fdt_min_bytes(self.compatible, props))
+
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """Validate the ranges, then split them greedily.  O(ranges + units) numpy work."""
+        check_page_size(self.page_size, memory)
+        raw = props.get(MEM_PROPERTY)
+        if raw is None:
+            raise KHOFormatError(f"fdt.{MEM_PROPERTY}", "property missing")
+        if len(raw) % RANGE.itemsize:
+            raise KHOFormatError(f"fdt.{MEM_PROPERTY}", f"{len(raw)} bytes is not a whole number of {RANGE.itemsize}-byte ranges")
+        table = np.frombuffer(bytes(raw), dtype=RANGE)
+        addr, length = table["addr"].astype(np.uint64), table["len"].astype(np.uint64)
+        field = f"fdt.{MEM_PROPERTY}"
+        for mask, message in (
+            (length == 0, "empty"),
+            (((addr | length) & np.uint64(memory.page_size - 1)) != 0, "not page-aligned"),
+            (addr > ~length, "wraps around the address space"),
+        ):
+            if mask.any():
+                i = int(np.argmax(mask))
+                raise KHOFormatError(field, f"range {int(addr[i]):#x}+{int(length[i]):#x}: {message}", i * RANGE.itemsize, where="offset")
+        start = (addr >> np.uint64(memory.page_shift)).view(np.int64)
+        end = start + (length >> np.uint64(memory.page_shift)).view(np.int64)
+        check_runs(memory, start, end, field, lambda i: i * RANGE.itemsize, "offset")
+        return decode_runs(memory, start, end, np.empty(0, np.uint64))

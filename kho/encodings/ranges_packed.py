@@ -1,0 +1,91 @@
+"""``ranges-packed``: 8-byte ranges (52-bit pfn, 12-bit length) in a chunk list of pages.
+
+Entry (:data:`PACKED_ENTRY`, one little-endian u64)::
+
+    bits 63..12  pfn of the first page (52 bits)
+    bits 11..0   number of pages, 1..4095 (0 is invalid)
+
+Units that touch are merged into runs (never across a RAM bank boundary); a run longer
+than :data:`MAX_RUN_PAGES` is cut into entries of 4095 pages and a remainder.  Entries
+are sorted by pfn and disjoint.  Like ``ranges`` this loses the folio orders: the decoder
+merges touching entries again and returns the kernel's greedy split
+(``DecodedMap.exact_orders = False``).
+
+The entries live in a chunk list (:mod:`kho.encodings.chunklist`) with magic ``KHRP``:
+``(page_size - 16) / 8`` = 510 entries a 4 KiB page.  The root FDT property
+``preserved-memory-map`` holds the phys of the first chunk.  512 KiB of entries hold
+65,536 ranges: 256 MiB of isolated 4 KiB pages.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import KHOFormatError
+from ..memory import PhysicalMemory
+from ..pagealloc import PageAllocator
+from ..tracker import Tracker
+from .base import DecodedMap, EncodedMap, Encoding, register
+from .chunklist import (ROOT_PROPERTY, check_metadata_disjoint, check_page_size, magic_of, read_chunk_list,
+                        read_root_pointer, write_chunk_list)
+from .ranges import check_runs, decode_runs, merge_units
+
+#: One entry: ``pfn << LENGTH_BITS | nr_pages``.
+PACKED_ENTRY = np.dtype("<u8")
+LENGTH_BITS = 12
+LENGTH_MASK = (1 << LENGTH_BITS) - 1
+#: Longest run one entry holds (pages); a length of 0 is invalid.
+MAX_RUN_PAGES = LENGTH_MASK
+#: Chunk magic: the bytes ``KHRP``.
+CHUNK_MAGIC = magic_of(b"KHRP")
+
+
+def pack_runs(start_pfn: np.ndarray, end_pfn: np.ndarray) -> np.ndarray:
+    """Entries (uint64) for sorted ``[start, end)`` pfn runs (int64), cutting runs above 4095 pages."""
+    length = end_pfn - start_pfn
+    if not (length > MAX_RUN_PAGES).any():
+        return (start_pfn.astype(np.uint64) << np.uint64(LENGTH_BITS)) | length.astype(np.uint64)
+    pieces = -(-length // MAX_RUN_PAGES)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    piece = np.arange(first.size, dtype=np.int64) - first
+    run = np.repeat(np.arange(start_pfn.size), pieces)
+    pfn = start_pfn[run] + piece * MAX_RUN_PAGES
+    pages = np.minimum(MAX_RUN_PAGES, end_pfn[run] - pfn)
+    return (pfn.astype(np.uint64) << np.uint64(LENGTH_BITS)) | pages.astype(np.uint64)
+
+
+@register
+class RangesPacked(Encoding):
+    """Packed 8-byte ranges in page-sized chunks; loses folio orders."""
+
+    name = "ranges-packed"
+    compatible = "kho-ranges-packed"
+    keeps_orders = False
+
+    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+        """O(units) numpy work plus one write per chunk page."""
+        memory = tracker.memory
+        check_page_size(self.page_size, memory)
+        entries = pack_runs(*merge_units(memory, *tracker.units_array()))
+        pages = write_chunk_list(memory, allocator, entries.astype(PACKED_ENTRY).view(np.uint8), PACKED_ENTRY.itemsize, CHUNK_MAGIC)
+        props = {ROOT_PROPERTY: int(pages[0]).to_bytes(8, "little")}
+        return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
+
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+        """Walk the chunks, validate every entry, split greedily.  O(chunks + units)."""
+        check_page_size(self.page_size, memory)
+        chunks = read_chunk_list(memory, read_root_pointer(props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "ranges-packed.chunk")
+        entries = chunks.payload.view(PACKED_ENTRY).astype(np.uint64)
+        start = (entries >> np.uint64(LENGTH_BITS)).view(np.int64)
+        end = start + (entries & np.uint64(LENGTH_MASK)).view(np.int64)
+        zero = end == start
+        if zero.any():
+            i = int(np.argmax(zero))
+            raise KHOFormatError("ranges-packed.entry", f"entry {int(entries[i]):#018x} has length 0", chunks.location(i))
+        check_runs(memory, start, end, "ranges-packed.entry", chunks.location)
+        metadata = np.sort(chunks.pages)
+        decoded = decode_runs(memory, start, end, metadata)
+        check_metadata_disjoint(memory, metadata, decoded.phys, decoded.order, "ranges-packed.chunk")
+        return decoded
