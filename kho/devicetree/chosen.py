@@ -108,8 +108,22 @@ def scratch_kind(position: int) -> str:
     return ("lowmem", "global")[position] if position < 2 else f"node{position - 2}"
 
 
+def kernel_order(areas: Sequence[ScratchArea]) -> list[ScratchArea]:
+    """``areas`` in the kernel's array order: lowmem, global, node0, node1, ..., then any other kind."""
+    def rank(area: ScratchArea) -> tuple[int, int]:
+        if area.kind == "lowmem":
+            return 0, 0
+        if area.kind == "global":
+            return 1, 0
+        if area.kind.startswith("node") and area.kind[4:].isdigit():
+            return 2, int(area.kind[4:])
+        return 3, area.addr
+    return sorted(areas, key=rank)
+
+
 def pack_scratch_array(areas: Sequence[ScratchArea]) -> bytes:
-    """``struct kho_scratch`` entries for ``areas`` (in the given order), 16 bytes each."""
+    """``struct kho_scratch`` entries for ``areas`` in the kernel's order (:func:`kernel_order`), 16 bytes each."""
+    areas = kernel_order(areas)
     table = np.zeros(len(areas), dtype=KHO_SCRATCH_DTYPE)
     table["addr"] = [a.addr for a in areas]
     table["size"] = [a.size for a in areas]
@@ -117,7 +131,7 @@ def pack_scratch_array(areas: Sequence[ScratchArea]) -> bytes:
 
 
 def write_scratch_array(memory: PhysicalMemory, phys: int, areas: Sequence[ScratchArea]) -> int:
-    """Write the array at ``phys``; returns its size in bytes (``len(areas) * 16``)."""
+    """Write the array (kernel order) at ``phys``; returns its size in bytes (``len(areas) * 16``)."""
     data = pack_scratch_array(areas)
     memory.write(phys, data)
     return len(data)
@@ -126,13 +140,15 @@ def write_scratch_array(memory: PhysicalMemory, phys: int, areas: Sequence[Scrat
 def read_scratch_array(memory: PhysicalMemory, phys: int, size: int) -> list[ScratchArea]:
     """Read and check the array: a whole, non-zero number of entries inside RAM, each area
     non-empty, page-aligned, inside one RAM bank and disjoint from the others.  Kinds are
-    named by position (the kernel writes lowmem, global, then one per node)."""
+    taken from ``memory.scratch`` where an area matches, else named by position (the kernel
+    writes lowmem, global, then one per node)."""
     item = KHO_SCRATCH_DTYPE.itemsize
     if size <= 0 or size % item:
         raise KHOFormatError("scratch.size", f"{size} bytes is not a whole, non-zero number of {item}-byte entries", phys)
     if not memory.in_ram(phys, size):
         raise KHOFormatError("scratch.phys", f"{size} bytes outside RAM", phys)
     table = np.frombuffer(memory.read(phys, size), dtype=KHO_SCRATCH_DTYPE)
+    known = {(a.addr, a.size): a.kind for a in memory.scratch}
     areas = []
     for i, (addr, length) in enumerate(zip(table["addr"].tolist(), table["size"].tolist())):
         at = phys + i * item
@@ -140,7 +156,7 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int) -> list[Scr
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is empty or not page-aligned", at)
         if not memory.in_ram(addr, length):
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not inside one RAM bank", at)
-        areas.append(ScratchArea(addr, length, scratch_kind(i)))
+        areas.append(ScratchArea(addr, length, known.get((addr, length), scratch_kind(i))))
     ordered = sorted(areas, key=lambda a: a.addr)
     for left, right in zip(ordered, ordered[1:]):
         if left.end > right.addr:

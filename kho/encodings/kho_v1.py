@@ -246,8 +246,8 @@ class KhoV1(Encoding):
     compatible = "kho-v1"
     keeps_orders = True
 
-    def __init__(self, page_size: int = 4096, bitmap_bytes: int | str = "page"):
-        super().__init__(page_size)
+    def __init__(self, page_size: int = 4096, bitmap_bytes: int | str = "page", **options):
+        super().__init__(page_size, **options)
         if bitmap_bytes == "page" or bitmap_bytes == page_size:
             bitmap_bytes = page_size
         elif bitmap_bytes in (BITMAP_BYTES_6_16, str(BITMAP_BYTES_6_16)):

@@ -118,8 +118,8 @@ class KhoV2(Encoding):
     compatible = "kho-v2"
     keeps_orders = True
 
-    def __init__(self, page_size: int = 4096):
-        super().__init__(page_size)
+    def __init__(self, page_size: int = 4096, **options):
+        super().__init__(page_size, **options)
         self.geometry = RadixGeometry(page_size.bit_length() - 1)
         self.slots = page_size // 8
 

@@ -1,0 +1,206 @@
+"""The running kernel's KHO subsystem: preserve memory, register sub-trees, finalize.
+
+:class:`KHO` owns a :class:`~kho.tracker.Tracker` and the list of subsystem sub-trees;
+:meth:`KHO.finalize` freezes the tracker, has the chosen encoding write the preserved-memory
+map (metadata pages from the caller's allocator), builds the KHO root FDT and writes it and
+the scratch-area array into freshly allocated pages, and returns a :class:`Handover`: where
+everything is, for kexec (``boot_dtb()``) and for a handover image (``pages_to_keep()``).
+
+The allocator is anything with :class:`~kho.pagealloc.PageAllocator`'s ``alloc_pages(order)``
+and ``free_pages(phys, order)``: the first kernel's page allocator or, for a chained kexec,
+the next kernel's buddy allocator.  Only those two methods are used.
+
+Model choices (see spec/kho-abi.md):
+
+* The FDT lives in pages allocated outside scratch and is not itself preserved: like the
+  map's metadata pages, the next kernel reads it before anything can overwrite it.  (Recent
+  kernels preserve the FDT page; 6.16 did not.)
+* The root FDT must fit in one page for the kernel ABIs (kho-v1, kho-v2), as in the kernel;
+  for kho's other encodings (whose root properties may be large) it may take up to a
+  MAX_PAGE_ORDER block, allocated as one naturally aligned unit.
+* The scratch-area array (``struct kho_scratch`` per area, in ``memory.scratch`` order)
+  is written into its own page(s); the kernel passes it as a kexec segment.
+* ``add_blob`` allocates a zeroed block of ``2**order`` pages like ``kho_alloc_preserve``
+  (E2BIG above MAX_PAGE_ORDER), preserves it and adds a sub-tree pointing at it with the
+  blob's size in ``blob-size``.
+
+Every failing call changes nothing: pages taken are freed and writes discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb, write_scratch_array
+from .devicetree.chosen import pack_scratch_array
+from .devicetree.layout import pack_u64, MEMORY_MAP_PROP
+from .encodings import EncodedMap, get_encoding
+from .errors import KHOError
+from .memory import PhysicalMemory
+from .tracker import Tracker
+
+
+def order_for(size: int, page_size: int) -> int:
+    """The smallest order whose block (``page_size << order`` bytes) holds ``size`` bytes (get_order)."""
+    pages = max(1, -(-size // page_size))
+    return (pages - 1).bit_length()
+
+
+@dataclass
+class Handover:
+    """A finalized handover: where the next kernel finds everything (bytes, physical addresses).
+
+    ``fdt_size`` is the FDT's allocation (one page for the kernel ABIs), ``scratch_size`` the
+    array's length (16 bytes per area).  ``encoded`` is what the encoding wrote.
+    """
+
+    memory: PhysicalMemory
+    fdt_phys: int
+    fdt_size: int
+    scratch_phys: int
+    scratch_size: int
+    encoding: str
+    options: dict
+    encoded: EncodedMap
+    subtrees: dict[str, int] = field(default_factory=dict)
+
+    def boot_dtb(self) -> bytes:
+        """A boot DTB whose ``/chosen`` points at the KHO FDT and the scratch array."""
+        return build_boot_dtb(self.fdt_phys, self.fdt_size, self.scratch_phys, self.scratch_size)
+
+    def kho_fdt(self) -> KHOFdt:
+        """The KHO FDT read back from memory (validated as the next kernel would)."""
+        return KHOFdt.from_dtb(self.memory.read(self.fdt_phys, self.fdt_size), self.encoded.compatible,
+                               page_size=self.memory.page_size)
+
+    def pages_to_keep(self) -> np.ndarray:
+        """Sorted phys (uint64) of every page the next kernel must read besides preserved
+        memory: the FDT's pages, the scratch array's pages and the map's metadata pages."""
+        ps = self.memory.page_size
+        fdt_pages = np.arange(self.fdt_phys, self.fdt_phys + self.fdt_size, ps, dtype=np.uint64)
+        scratch_pages = np.arange(self.scratch_phys // ps * ps, self.scratch_phys + self.scratch_size, ps, dtype=np.uint64)
+        return np.unique(np.concatenate([fdt_pages, scratch_pages, self.encoded.metadata_pages.astype(np.uint64)]))
+
+
+class KHO:
+    """The current kernel's KHO: a tracker, sub-trees, and :meth:`finalize`.
+
+    ``encoding``: a registered encoding name (kho-v1, kho-v2, ...) with ``encoding_options``
+    (e.g. ``bitmap_bytes=512`` for kho-v1); ``preserve_bits`` and ``strict`` configure the
+    tracker.
+    """
+
+    def __init__(self, memory: PhysicalMemory, allocator, encoding: str = "kho-v2", *,
+                 preserve_bits: int | str = "page", strict: bool = True, **encoding_options):
+        self.memory = memory
+        self.allocator = allocator
+        self.encoding = get_encoding(encoding, memory.page_size, **encoding_options)
+        self.tracker = Tracker(memory, preserve_bits, strict=strict)
+        if self.encoding.compatible in KERNEL_COMPATIBLES:
+            self.fdt_max_size = memory.page_size
+        else:
+            self.fdt_max_size = memory.page_size << memory.geometry.max_order
+        self._subtrees: list[tuple[str, int, int | None]] = []  # in the order added
+        self._blobs: dict[str, tuple[int, int]] = {}  # name -> (phys, order) of add_blob blocks
+        self.handover: Handover | None = None
+        self._fdt = self._new_fdt({MEMORY_MAP_PROP: pack_u64(0)})  # tracks names and size as sub-trees come
+
+    # -- sub-trees ---------------------------------------------------------------------------
+    def _new_fdt(self, props: dict[str, bytes]) -> KHOFdt:
+        return KHOFdt(self.encoding.compatible, props, page_size=self.memory.page_size, max_size=self.fdt_max_size)
+
+    def _check_open(self) -> None:
+        if self.handover is not None:
+            raise KHOError("EBUSY", "KHO is finalized; the handover can no longer change")
+
+    def add_subtree(self, name: str, phys: int, size: int | None = None) -> None:
+        """Record sub-tree ``name`` pointing at ``phys`` (whose pages the caller preserves).
+        EEXIST for a name in use, E2BIG when the FDT would outgrow its page, EBUSY after finalize."""
+        self._check_open()
+        self._fdt.add_subtree(name, phys, size)
+        self._subtrees.append((name, phys, size))
+
+    def remove_subtree(self, name: str) -> None:
+        """Drop sub-tree ``name`` (ENOENT if absent); a blob from :meth:`add_blob` is unpreserved and freed."""
+        self._check_open()
+        self._fdt.remove_subtree(name)
+        self._subtrees = [s for s in self._subtrees if s[0] != name]
+        blob = self._blobs.pop(name, None)
+        if blob is not None:
+            phys, order = blob
+            self.tracker.unpreserve_folio(phys, order)
+            self.allocator.free_pages(phys, order)
+
+    def add_blob(self, name: str, data: bytes) -> int:
+        """Allocate a zeroed block for ``data``, write it, preserve it and add sub-tree ``name``
+        pointing at it (with ``blob-size``).  Returns the block's phys.  EINVAL for no data,
+        E2BIG above a MAX_PAGE_ORDER block, EEXIST for a name in use."""
+        self._check_open()
+        data = bytes(data)
+        if not data:
+            raise KHOError("EINVAL", "a blob needs at least one byte")
+        order = order_for(len(data), self.memory.page_size)
+        if order > self.memory.geometry.max_order:
+            raise KHOError("E2BIG", f"a {len(data)}-byte blob needs order {order}, above MAX_PAGE_ORDER")
+        if name in self._fdt.subtrees():
+            raise KHOError("EEXIST", f"sub-tree {name!r} already exists")
+        phys = self.allocator.alloc_pages(order)
+        size = self.memory.page_size << order
+        try:
+            self.tracker.preserve_folio(phys, order)
+            try:
+                self.add_subtree(name, phys, len(data))
+            except KHOError:
+                self.tracker.unpreserve_folio(phys, order)
+                raise
+        except KHOError:
+            self.allocator.free_pages(phys, order)
+            raise
+        self.memory.write(phys, data + bytes(size - len(data)))
+        self._blobs[name] = (phys, order)
+        return phys
+
+    # -- finalize ----------------------------------------------------------------------------
+    def finalize(self) -> Handover:
+        """Freeze the tracker, encode the map, write the FDT and the scratch array.
+
+        EBUSY when already finalized; EINVAL without scratch areas; ENOMEM / E2BIG leave
+        everything as it was (the tracker open again, no page kept).
+        """
+        self._check_open()
+        if not self.memory.scratch:
+            raise KHOError("EINVAL", "the machine has no scratch areas to hand over")
+        ps = self.memory.page_size
+        taken: list[tuple[int, int]] = []  # (phys, order) allocated here
+        self.tracker.finalize()
+        encoded = None
+        try:
+            encoded = self.encoding.encode(self.tracker, self.allocator)
+            fdt = self._new_fdt(encoded.props)
+            for name, phys, size in self._subtrees:
+                fdt.add_subtree(name, phys, size)
+            blob = fdt.to_dtb()
+            fdt_order = order_for(len(blob), ps)
+            fdt_phys = self.allocator.alloc_pages(fdt_order)
+            taken.append((fdt_phys, fdt_order))
+            scratch = pack_scratch_array(self.memory.scratch)
+            scratch_order = order_for(len(scratch), ps)
+            scratch_phys = self.allocator.alloc_pages(scratch_order)
+            taken.append((scratch_phys, scratch_order))
+        except KHOError:
+            for phys, order in taken:
+                self.allocator.free_pages(phys, order)
+            if encoded is not None:
+                for phys in encoded.metadata_pages.tolist():
+                    self.allocator.free_pages(phys, 0)
+                    self.memory.discard(phys, ps)
+            self.tracker.finalized = False
+            raise
+        fdt_size = ps << fdt_order
+        self.memory.write(fdt_phys, blob + bytes(fdt_size - len(blob)))
+        scratch_size = write_scratch_array(self.memory, scratch_phys, self.memory.scratch)
+        self.handover = Handover(self.memory, fdt_phys, fdt_size, scratch_phys, scratch_size, self.encoding.name,
+                                 self.encoding.options(), encoded, fdt.subtrees())
+        return self.handover
