@@ -1,0 +1,285 @@
+"""The handover image file (``.kho``): a finalized handover, as the next kernel would find it.
+
+A msgpack map (spec/image-format.md documents it for other programs) holding the machine
+(page size, RAM banks, scratch areas), the encoding and its options, where the KHO FDT and
+the scratch-area array are, the boot DTB, and the contents of every page the next kernel
+must read: the FDT, the scratch array, the map's metadata pages, and the preserved data
+that has contents.  Contents are stored as runs: explicit pages as ``[start pfn, bytes]``
+(consecutive pages in one byte string) and generated pages (:mod:`kho.pattern`) as
+``[start pfn, pages, seed]``.  A generated run is kept from its first to its last preserved
+page (one entry per run, however sparse the preserved pages inside it).
+
+:func:`load_image` checks everything (types, sizes, ranges, overlaps, the boot DTB against
+the recorded addresses, the encoding and its options) and raises
+:class:`~kho.errors.KHOFormatError` for any malformed, truncated or hostile file; what it
+allocates is bounded by the file's size (generated runs cost no memory).  It does not judge
+the KHO FDT or the map themselves: a damaged handover loads, and the next kernel decides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import msgpack
+import numpy as np
+
+from .devicetree import ChosenKHO, KHOFdt, parse_chosen
+from .encodings import DecodedMap, Encoding, get_encoding
+from .errors import KHOError, KHOFormatError
+from .handover import Handover
+from .memory import Bank, PhysicalMemory, ScratchArea
+
+#: First key of every image and the format version this module writes and reads.
+IMAGE_MAGIC = "kho-image"
+IMAGE_VERSION = 1
+#: The keys of an image map, all required.
+IMAGE_KEYS = ("magic", "version", "page_size", "banks", "scratch", "encoding", "options", "fdt",
+              "scratch_array", "boot_dtb", "pages", "generated")
+U64_MAX = (1 << 64) - 1
+
+PathOrFile = str | os.PathLike | BinaryIO
+
+
+@dataclass
+class LoadedImage:
+    """An image read back: the machine's memory (scratch areas set, contents restored) and
+    where the handover is.  Addresses and sizes in bytes."""
+
+    memory: PhysicalMemory
+    boot_dtb: bytes
+    encoding: str
+    options: dict
+    fdt_phys: int
+    fdt_size: int
+    scratch_phys: int
+    scratch_size: int
+    version: int = IMAGE_VERSION
+
+    @property
+    def page_size(self) -> int:
+        return self.memory.page_size
+
+    def chosen(self) -> ChosenKHO:
+        return parse_chosen(self.boot_dtb)
+
+    def get_encoding(self) -> Encoding:
+        return get_encoding(self.encoding, self.memory.page_size, **self.options)
+
+    def kho_fdt(self) -> KHOFdt:
+        """The KHO FDT, checked as the next kernel checks it (KHOFormatError otherwise)."""
+        return KHOFdt.from_dtb(self.memory.read(self.fdt_phys, self.fdt_size), self.get_encoding().compatible,
+                               page_size=self.memory.page_size)
+
+    def decode(self) -> DecodedMap:
+        """The preserved units, decoded from the map the FDT points at."""
+        return self.get_encoding().decode(self.memory, self.kho_fdt().props)
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def _unit_ranges(decoded: DecodedMap, page_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Preserved units as merged ``[start, end)`` pfn ranges (int64, ascending)."""
+    if not len(decoded):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    start = (decoded.phys >> np.uint64(page_shift)).astype(np.int64)
+    end = start + np.left_shift(1, decoded.order.astype(np.int64))
+    new = np.ones(start.size, dtype=bool)
+    new[1:] = start[1:] != end[:-1]
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], start.size) - 1
+    return start[first], end[last]
+
+
+def _explicit_runs(memory: PhysicalMemory, pfns: np.ndarray) -> list[list]:
+    """``[start pfn, bytes]`` runs of consecutive pages for sorted, distinct ``pfns``."""
+    runs = []
+    if not pfns.size:
+        return runs
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    for chunk in np.split(pfns, breaks):
+        first, count = int(chunk[0]), int(chunk.size)
+        runs.append([first, memory.read(first << memory.page_shift, count << memory.page_shift)])
+    return runs
+
+
+def image_map(handover: Handover) -> dict:
+    """The msgpack map for ``handover`` (see the module docstring).  O(stored pages + generated runs + units)."""
+    memory = handover.memory
+    shift = memory.page_shift
+    encoding = get_encoding(handover.encoding, memory.page_size, **handover.options)
+    decoded = encoding.decode(memory, handover.encoded.props)
+    starts, ends = _unit_ranges(decoded, shift)
+    keep = (handover.pages_to_keep() >> np.uint64(shift)).astype(np.int64)
+    stored = np.fromiter((pfn for pfn, _ in memory.stored_pages()), dtype=np.int64)
+    if stored.size and starts.size:
+        i = np.searchsorted(starts, stored, side="right") - 1
+        stored = stored[(i >= 0) & (stored < ends[np.maximum(i, 0)])]
+    else:
+        stored = stored[:0]
+    explicit = np.union1d(keep, stored)
+    generated = []
+    for first, end, seed in memory.generated_runs():
+        lo = int(np.searchsorted(ends, first, side="right"))
+        hi = int(np.searchsorted(starts, end, side="left"))
+        if lo < hi:
+            a, b = max(first, int(starts[lo])), min(end, int(ends[hi - 1]))
+            generated.append([a, b - a, seed])
+    return {
+        "magic": IMAGE_MAGIC,
+        "version": IMAGE_VERSION,
+        "page_size": memory.page_size,
+        "banks": [[b.start, b.size, b.node] for b in memory.banks],
+        "scratch": [[a.addr, a.size, a.kind] for a in memory.scratch],
+        "encoding": handover.encoding,
+        "options": dict(handover.options),
+        "fdt": [handover.fdt_phys, handover.fdt_size],
+        "scratch_array": [handover.scratch_phys, handover.scratch_size],
+        "boot_dtb": handover.boot_dtb(),
+        "pages": _explicit_runs(memory, explicit),
+        "generated": generated,
+    }
+
+
+def save_image(path_or_file: PathOrFile, handover: Handover) -> int:
+    """Write the image of ``handover``; returns its size in bytes."""
+    data = msgpack.packb(image_map(handover), use_bin_type=True)
+    if hasattr(path_or_file, "write"):
+        path_or_file.write(data)
+    else:
+        with open(path_or_file, "wb") as out:
+            out.write(data)
+    return len(data)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _int(value, field: str, low: int = 0, high: int = U64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KHOFormatError(f"image.{field}", f"expected an integer, found {type(value).__name__}")
+    if not low <= value <= high:
+        raise KHOFormatError(f"image.{field}", f"{value} is outside {low}..{high}")
+    return value
+
+
+def _list(value, field: str, length: int | None = None) -> list:
+    if not isinstance(value, list):
+        raise KHOFormatError(f"image.{field}", f"expected an array, found {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise KHOFormatError(f"image.{field}", f"expected {length} items, found {len(value)}")
+    return value
+
+
+def _typed(value, kind: type, field: str):
+    if not isinstance(value, kind):
+        raise KHOFormatError(f"image.{field}", f"expected {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
+def _read_bytes(path_or_file: PathOrFile) -> bytes:
+    if hasattr(path_or_file, "read"):
+        return bytes(path_or_file.read())
+    with open(path_or_file, "rb") as src:
+        return src.read()
+
+
+def _unpack(data: bytes) -> dict:
+    try:
+        top = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as err:  # msgpack signals malformed input with several exception types
+        raise KHOFormatError("image", f"not a msgpack document: {err}", 0, where="offset") from None
+    top = _typed(top, dict, "map")
+    if top.get("magic") != IMAGE_MAGIC:
+        raise KHOFormatError("image.magic", f"not a kho image (magic {top.get('magic')!r})")
+    version = _int(top.get("version"), "version")
+    if version != IMAGE_VERSION:
+        raise KHOFormatError("image.version", f"version {version} (this kho reads {IMAGE_VERSION})")
+    missing = [k for k in IMAGE_KEYS if k not in top]
+    extra = [k for k in top if k not in IMAGE_KEYS]
+    if missing or extra:
+        raise KHOFormatError("image.map", f"missing keys {missing}, unknown keys {extra}")
+    return top
+
+
+def _memory(top: dict) -> PhysicalMemory:
+    page_size = _int(top["page_size"], "page_size")
+    banks = []
+    for i, bank in enumerate(_list(top["banks"], "banks")):
+        start, size, node = _list(bank, f"banks[{i}]", 3)
+        banks.append(Bank(_int(start, f"banks[{i}].start"), _int(size, f"banks[{i}].size"), _int(node, f"banks[{i}].node", 0, 1 << 16)))
+    areas = []
+    for i, area in enumerate(_list(top["scratch"], "scratch")):
+        addr, size, kind = _list(area, f"scratch[{i}]", 3)
+        areas.append(ScratchArea(_int(addr, f"scratch[{i}].addr"), _int(size, f"scratch[{i}].size"), _typed(kind, str, f"scratch[{i}].kind")))
+    try:
+        memory = PhysicalMemory(banks, page_size)
+    except KHOError as err:
+        raise KHOFormatError("image.banks", err.message) from None
+    try:
+        memory.set_scratch(areas)
+    except KHOError as err:
+        raise KHOFormatError("image.scratch", err.message) from None
+    return memory
+
+
+def _contents(top: dict, memory: PhysicalMemory) -> None:
+    """Check the runs (inside RAM, no overlap) and restore them into ``memory``."""
+    ps, shift = memory.page_size, memory.page_shift
+    spans = []  # (first pfn, end pfn, field)
+    explicit = []
+    for i, run in enumerate(_list(top["pages"], "pages")):
+        first, data = _list(run, f"pages[{i}]", 2)
+        first = _int(first, f"pages[{i}].pfn", 0, U64_MAX >> shift)
+        data = _typed(data, bytes, f"pages[{i}].data")
+        if not data or len(data) % ps:
+            raise KHOFormatError(f"image.pages[{i}].data", f"{len(data)} bytes is not a whole, non-zero number of {ps}-byte pages")
+        spans.append((first, first + len(data) // ps, f"pages[{i}]"))
+        explicit.append((first, data))
+    generated = []
+    for i, run in enumerate(_list(top["generated"], "generated")):
+        first, count, seed = _list(run, f"generated[{i}]", 3)
+        first = _int(first, f"generated[{i}].pfn", 0, U64_MAX >> shift)
+        count = _int(count, f"generated[{i}].pages", 1, U64_MAX >> shift)
+        generated.append((first, count, _int(seed, f"generated[{i}].seed")))
+        spans.append((first, first + count, f"generated[{i}]"))
+    for first, end, field in spans:
+        if not memory.in_ram(first << shift, (end - first) << shift):
+            raise KHOFormatError(f"image.{field}", f"pages {first:#x}..{end - 1:#x} are not inside one RAM bank")
+    spans.sort()
+    for (_, end, left), (first, _, right) in zip(spans, spans[1:]):
+        if first < end:
+            raise KHOFormatError(f"image.{right}", f"overlaps image.{left}")
+    for first, data in explicit:
+        memory.write(first << shift, data)
+    for first, count, seed in generated:
+        memory.fill_pattern(first << shift, count << shift, seed)
+
+
+def load_image(path_or_file: PathOrFile) -> LoadedImage:
+    """Read and check an image (KHOFormatError for anything malformed); see the module docstring."""
+    top = _unpack(_read_bytes(path_or_file))
+    memory = _memory(top)
+    name = _typed(top["encoding"], str, "encoding")
+    options = _typed(top["options"], dict, "options")
+    for key, value in options.items():
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise KHOFormatError("image.options", f"option {key!r} has a {type(value).__name__} value")
+    try:
+        get_encoding(name, memory.page_size, **options)
+    except KHOError as err:
+        raise KHOFormatError("image.encoding", err.message) from None
+    fdt_phys, fdt_size = (_int(v, f"fdt[{i}]") for i, v in enumerate(_list(top["fdt"], "fdt", 2)))
+    scratch_phys, scratch_size = (_int(v, f"scratch_array[{i}]") for i, v in enumerate(_list(top["scratch_array"], "scratch_array", 2)))
+    for phys, size, field in ((fdt_phys, fdt_size, "fdt"), (scratch_phys, scratch_size, "scratch_array")):
+        if size == 0 or not memory.in_ram(phys, size):
+            raise KHOFormatError(f"image.{field}", f"{phys:#x}+{size:#x} is empty or not inside one RAM bank")
+    boot_dtb = _typed(top["boot_dtb"], bytes, "boot_dtb")
+    chosen = parse_chosen(boot_dtb)
+    if chosen != ChosenKHO(fdt_phys, fdt_size, scratch_phys, scratch_size):
+        raise KHOFormatError("image.boot_dtb", f"/chosen says {chosen}, the image says fdt {fdt_phys:#x}+{fdt_size:#x}, "
+                                               f"scratch {scratch_phys:#x}+{scratch_size:#x}")
+    _contents(top, memory)
+    return LoadedImage(memory, boot_dtb, name, options, fdt_phys, fdt_size, scratch_phys, scratch_size, IMAGE_VERSION)
