@@ -53,7 +53,9 @@ def alloc_pages_bulk(allocator, count: int) -> np.ndarray:
     Asks for blocks as large as the remaining count and the allocator allow (starting at
     MAX_PAGE_ORDER, stepping down on ENOMEM and never up again), so that ``count`` pages
     cost about ``count / 2**order`` calls.  Only ``alloc_pages``/``free_pages`` are used.
-    All or nothing: on ENOMEM every block taken is freed again.
+    Page 0 is never returned (phys 0 means NULL in every pointer): if a block holds it, one
+    more page is taken and page 0 freed.  All or nothing: on ENOMEM every block taken is
+    freed again.
     """
     memory = allocator.memory
     ps = memory.page_size
@@ -72,13 +74,20 @@ def alloc_pages_bulk(allocator, count: int) -> np.ndarray:
                 continue
             blocks.append((phys, order))
             remaining -= 1 << order
+        if any(phys == 0 for phys, _ in blocks):
+            # Phys 0 is the NULL pointer (end of a list, empty slot): never a metadata page.
+            blocks.append((allocator.alloc_pages(0), 0))
     except KHOError:
         for phys, order in blocks:
             allocator.free_pages(phys, order)
         raise
     if not blocks:
         return np.empty(0, np.uint64)
-    return np.concatenate([np.uint64(phys) + np.arange(1 << order, dtype=np.uint64) * np.uint64(ps) for phys, order in blocks])
+    pages = np.concatenate([np.uint64(phys) + np.arange(1 << order, dtype=np.uint64) * np.uint64(ps) for phys, order in blocks])
+    if (pages == 0).any():
+        allocator.free_pages(0, 0)
+        pages = pages[pages != 0]
+    return pages
 
 
 # -- reading ------------------------------------------------------------------------------

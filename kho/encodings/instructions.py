@@ -51,7 +51,6 @@ from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
 from .chunklist import (ROOT_PROPERTY, ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of,
                         read_chunk_list, read_root_pointer, usable_segments, write_chunk_list)
-from .ranges import merge_runs
 
 #: The stream header (24 bytes).
 STREAM_HEADER = np.dtype([("magic", "<u4"), ("version", "<u2"), ("page_shift", "<u2"),
@@ -259,17 +258,17 @@ class _Stream:
         return self.location(STREAM_HEADER.itemsize + RECORD.itemsize * self.nr_records + WORD.itemsize * i)
 
 
-def _bitmap_runs(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: np.ndarray, records: np.ndarray):
-    """Units (pfn, order) and free runs ``[start, end)`` (pfn) of the BITMAP records."""
+def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: np.ndarray, records: np.ndarray):
+    """Check the bitmap section against the BITMAP records (``records``: their indices) and
+    return the units ``(pfn, order)`` their set bits keep, by address.  O(bitmap bits)."""
     words_per = (nbits + 63) >> 6
     woff = np.cumsum(words_per) - words_per
     total = int(words_per.sum()) if nbits.size else 0
     if total != stream.nr_words:
         raise KHOFormatError("instructions.bitmap", f"the BITMAP records need {total} words, the header says {stream.nr_words}",
                              stream.location(0))
-    empty = np.empty(0, np.int64)
     if not nbits.size:
-        return empty, empty, empty, empty
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     rem = nbits & 63
     partial = np.flatnonzero(rem)
     last_word = stream.words[(woff + words_per - 1)[partial]]
@@ -279,29 +278,28 @@ def _bitmap_runs(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: n
         i = int(partial[np.argmax(bad)])
         raise KHOFormatError("instructions.bitmap", f"bits beyond the {int(nbits[i])} of BITMAP record {int(records[i])} are set",
                              stream.word_location(int(woff[i] + words_per[i] - 1)))
-    bits = np.unpackbits(stream.words.view(np.uint8), bitorder="little").view(bool)
-    base = woff * 64
-    pos = np.flatnonzero(bits)
-    r = np.searchsorted(base, pos, side="right") - 1
-    unit_pfn = start[r] + ((pos - base[r]) << order[r])
-    unit_order = order[r]
-    free = ~bits
-    # Padding bits are not free; a run of clear bits never continues into the next slice.
-    pad_first = (base + nbits)[partial]
-    pad_len = 64 - rem[partial]
-    pad = np.repeat(pad_first - (np.cumsum(pad_len) - pad_len), pad_len) + np.arange(int(pad_len.sum()))
-    free[pad] = False
-    edges = np.diff(free.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    run_start = np.flatnonzero(edges == 1)
-    run_end = np.flatnonzero(edges == -1)
-    inner = base[1:][free[base[1:]] & free[base[1:] - 1]] if base.size > 1 else empty
-    if inner.size:
-        run_start = np.sort(np.concatenate([run_start, inner]))
-        run_end = np.sort(np.concatenate([run_end, inner]))
-    r = np.searchsorted(base, run_start, side="right") - 1
-    free_start = start[r] + ((run_start - base[r]) << order[r])
-    free_end = start[r] + ((run_end - base[r]) << order[r])
-    return unit_pfn, unit_order, free_start, free_end
+    pos = np.flatnonzero(np.unpackbits(stream.words.view(np.uint8), bitorder="little"))
+    if nbits.size == 1:
+        return start[0] + (pos << order[0]), np.broadcast_to(order[0], pos.shape)
+    r = np.searchsorted(woff * 64, pos, side="right") - 1
+    return start[r] + ((pos - woff[r] * 64) << order[r]), order[r]
+
+
+def _free_gaps(seg_start: np.ndarray, seg_end: np.ndarray, unit_start: np.ndarray, unit_end: np.ndarray):
+    """The usable pages no unit covers, as maximal ``[start, end)`` pfn runs: the gaps
+    between sorted units and the segment edges (zero-length markers inserted at every
+    segment's start and end, a segment's end before the next one's start).  O(units)."""
+    marker = np.concatenate([seg_end, seg_start])
+    is_end = np.concatenate([np.ones(seg_end.size, bool), np.zeros(seg_start.size, bool)])
+    sort = np.lexsort((~is_end, marker))
+    marker, is_end = marker[sort], is_end[sort]
+    where = np.searchsorted(unit_start, marker, side="left")
+    lo = np.insert(unit_start, where, marker)
+    hi = np.insert(unit_end, where, marker)
+    after_end = np.insert(np.zeros(unit_start.size, bool), where, is_end)
+    gap_start, gap_end = hi[:-1], lo[1:]
+    keep = (gap_end > gap_start) & ~after_end[:-1]
+    return gap_start[keep], gap_end[keep]
 
 
 def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
@@ -361,19 +359,19 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
     check(is_skip & (kind == SKIP_SCRATCH) & outside, "kind", "not inside one scratch area")
 
     bm = np.flatnonzero(is_bitmap)
-    bm_pfn, bm_order, bm_free_start, bm_free_end = _bitmap_runs(stream, start[bm], order[bm], count[bm], bm)
-    after_unit = is_unit & (count > 0)
-    rec_free = is_free | after_unit
-    rec_free_start = np.where(is_unit, start + np.left_shift(1, order), start)[rec_free]
-    free_start = np.concatenate([rec_free_start, bm_free_start])
-    free_end = np.concatenate([end[rec_free], bm_free_end])
-    sort = np.argsort(free_start, kind="stable")
-    free_start, free_end = merge_runs(memory, free_start[sort], free_end[sort])
-    unit_pfn = np.concatenate([start[is_unit], bm_pfn])
-    unit_order = np.concatenate([order[is_unit], bm_order])
-    sort = np.argsort(unit_pfn, kind="stable")
-    unit_phys = unit_pfn[sort].astype(np.uint64) << np.uint64(shift)
-    unit_order = unit_order[sort].astype(np.uint8)
+    bm_pfn, bm_order = _bitmap_units(stream, start[bm], order[bm], count[bm], bm)
+    unit_pfn, unit_order = start[is_unit], order[is_unit]
+    if unit_pfn.size and bm_pfn.size:
+        unit_pfn = np.concatenate([unit_pfn, bm_pfn])
+        sort = np.argsort(unit_pfn, kind="stable")
+        unit_pfn, unit_order = unit_pfn[sort], np.concatenate([unit_order, bm_order])[sort]
+    elif bm_pfn.size:
+        unit_pfn, unit_order = bm_pfn, bm_order
+    # Every usable page is inside a FREE, UNIT or BITMAP span (checked above), and
+    # everything those spans do not keep is free: the free runs are the gaps between units.
+    free_start, free_end = _free_gaps(*usable_segments(memory), unit_pfn, unit_pfn + np.left_shift(1, unit_order))
+    unit_phys = unit_pfn.astype(np.uint64) << np.uint64(shift)
+    unit_order = unit_order.astype(np.uint8)
     metadata = np.sort(chunks.pages)
     check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
     return StreamWalk(free_start, free_end, start[is_skip], end[is_skip], unit_phys, unit_order, metadata,
