@@ -21,13 +21,12 @@ from typing import Mapping
 
 import numpy as np
 
+from ..devicetree.layout import MEMORY_MAP_PROP, unpack_u64_prop
 from ..errors import KHOError, KHOFormatError
 from ..memory import PhysicalMemory
 
 #: ``struct { u64 next; u32 count; u32 magic; }`` at the start of every chunk page.
 CHUNK_HEADER = np.dtype([("next", "<u8"), ("count", "<u4"), ("magic", "<u4")])
-#: Root FDT property holding the phys of the first chunk / root node (8 bytes, LE).
-ROOT_PROPERTY = "preserved-memory-map"
 
 
 def magic_of(tag: bytes) -> int:
@@ -91,14 +90,10 @@ def alloc_pages_bulk(allocator, count: int) -> np.ndarray:
 
 
 # -- reading ------------------------------------------------------------------------------
-def read_root_pointer(props: Mapping[str, bytes], name: str = ROOT_PROPERTY) -> int:
+def read_root_pointer(props: Mapping[str, bytes], name: str = MEMORY_MAP_PROP) -> int:
     """The u64 in root property ``name``: present, exactly 8 bytes, non-zero (else KHOFormatError)."""
     raw = props.get(name)
-    if raw is None:
-        raise KHOFormatError(f"fdt.{name}", "property missing")
-    if len(raw) != 8:
-        raise KHOFormatError(f"fdt.{name}", f"property is {len(raw)} bytes, not 8")
-    value = int.from_bytes(bytes(raw), "little")
+    value = unpack_u64_prop(None if raw is None else bytes(raw), f"fdt.{name}")
     if value == 0:
         raise KHOFormatError(f"fdt.{name}", "property is zero")
     return value
@@ -184,7 +179,7 @@ def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: i
     pages, counts, parts = [], [], []
     phys, where = head, None
     while phys:
-        check_pointer(memory, phys, ps, ps, f"{field}.next" if pages else f"fdt.{ROOT_PROPERTY}", where)
+        check_pointer(memory, phys, ps, ps, f"{field}.next" if pages else f"fdt.{MEMORY_MAP_PROP}", where)
         if phys in seen:
             raise KHOFormatError(f"{field}.next", f"chunk {phys:#x} is reached twice (the list loops)", where)
         seen.add(phys)

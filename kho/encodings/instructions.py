@@ -49,7 +49,8 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import (ROOT_PROPERTY, ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of,
+from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from .chunklist import (ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of,
                         read_chunk_list, read_root_pointer, usable_segments, write_chunk_list)
 
 #: The stream header (24 bytes).
@@ -394,7 +395,7 @@ class Instructions(Encoding):
         check_page_size(self.page_size, memory)
         records, words = build_stream(memory, *tracker.units_array())
         pages = write_chunk_list(memory, allocator, stream_bytes(memory, records, words), WORD.itemsize, CHUNK_MAGIC)
-        props = {ROOT_PROPERTY: int(pages[0]).to_bytes(8, "little")}
+        props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:

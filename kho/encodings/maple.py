@@ -40,7 +40,8 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import (ROOT_PROPERTY, alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer,
+from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer,
                         check_units, magic_of, read_pages, read_root_pointer)
 
 #: Number of slots in a node and of pivots (inclusive range ends).
@@ -244,7 +245,7 @@ def _check_unique(child: np.ndarray, where: np.ndarray) -> None:
 
 def _root(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.ndarray, np.ndarray, int]:
     root = np.array([read_root_pointer(props)], dtype=np.uint64)
-    node = _read_nodes(memory, root, f"fdt.{ROOT_PROPERTY}", np.zeros(1, np.uint64))
+    node = _read_nodes(memory, root, f"fdt.{MEMORY_MAP_PROP}", np.zeros(1, np.uint64))
     level = int(node["level"][0])
     if int(node["magic"][0]) == NODE_MAGIC and level > MAX_LEVEL:
         raise KHOFormatError("maple.level", f"root level {level} is above {MAX_LEVEL}", int(root[0]))
@@ -328,7 +329,7 @@ class Maple(Encoding):
         for i, page in enumerate(pages.tolist()):
             memory.write(page, data[i])
         root = int(_node_phys(pages, np.array([nodes.size - 1]), self.page_size)[0])
-        return MapleEncodedMap(self.name, self.compatible, {ROOT_PROPERTY: root.to_bytes(8, "little")}, np.sort(pages),
+        return MapleEncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(root)}, np.sort(pages),
                                self.page_size, height=len(level_sizes), nr_nodes=int(nodes.size))
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:

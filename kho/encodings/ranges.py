@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_TAG_ALIGN, FDT_TOKEN
 from ..errors import KHOFormatError
 from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
@@ -34,24 +35,21 @@ RANGE = np.dtype([("addr", "<u8"), ("len", "<u8")])
 #: The root FDT property holding the array.
 MEM_PROPERTY = "mem"
 
-#: Sizes of the flattened devicetree pieces a root node with properties needs at least
-#: (Devicetree Specification v0.4, ch. 5): header, one terminating reservation entry,
-#: FDT_BEGIN_NODE + empty name, FDT_PROP + len + nameoff, FDT_END_NODE, FDT_END.
-FDT_HEADER_BYTES = 40
-FDT_RSVMAP_END_BYTES = 16
-FDT_BEGIN_ROOT_BYTES = 8
-FDT_PROP_HEADER_BYTES = 12
-FDT_END_BYTES = 8
+def _fdt_align(size: int) -> int:
+    return -(-size // FDT_TAG_ALIGN) * FDT_TAG_ALIGN
 
 
 def fdt_min_bytes(compatible: str, props: Mapping[str, bytes]) -> int:
-    """Lower bound (bytes) of a flattened devicetree whose root holds ``compatible`` and
-    ``props`` and nothing else (sub-nodes only add to it)."""
+    """Bytes of the smallest flattened devicetree (Devicetree Specification v0.4, ch. 5)
+    whose root holds ``compatible`` and ``props`` and nothing else: header, the
+    terminating reservation entry, the root node's tokens and properties, the strings.
+    Sub-nodes only add to it."""
     values = {"compatible": compatible.encode() + b"\0", **props}
-    struct = FDT_BEGIN_ROOT_BYTES + FDT_END_BYTES
-    struct += sum(FDT_PROP_HEADER_BYTES + (len(v) + 3) // 4 * 4 for v in values.values())
+    struct = FDT_TOKEN.size + _fdt_align(1)  # FDT_BEGIN_NODE and the root's empty name
+    struct += sum(FDT_TOKEN.size + FDT_PROP_HEADER.size + _fdt_align(len(v)) for v in values.values())
+    struct += 2 * FDT_TOKEN.size  # FDT_END_NODE, FDT_END
     strings = sum(len(name) + 1 for name in values)
-    return FDT_HEADER_BYTES + FDT_RSVMAP_END_BYTES + struct + strings
+    return FDT_HEADER.size + FDT_RESERVE_ENTRY.size + struct + strings
 
 
 @dataclass

@@ -28,7 +28,8 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import (ROOT_PROPERTY, check_metadata_disjoint, check_page_size, magic_of, read_chunk_list,
+from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from .chunklist import (check_metadata_disjoint, check_page_size, magic_of, read_chunk_list,
                         read_root_pointer, write_chunk_list)
 from .ranges import check_runs, decode_runs, merge_units
 
@@ -70,7 +71,7 @@ class RangesPacked(Encoding):
         check_page_size(self.page_size, memory)
         entries = pack_runs(*merge_units(memory, *tracker.units_array()))
         pages = write_chunk_list(memory, allocator, entries.astype(PACKED_ENTRY).view(np.uint8), PACKED_ENTRY.itemsize, CHUNK_MAGIC)
-        props = {ROOT_PROPERTY: int(pages[0]).to_bytes(8, "little")}
+        props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
