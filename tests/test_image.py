@@ -4,7 +4,6 @@ import copy
 import io
 
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -142,6 +142,13 @@ def machines_and_units(draw):
     candidates = draw(st.lists(st.tuples(
         st.one_of(st.just(0), st.just(top - PS), st.just(banks[0].end - PS), st.integers(0, top - 1)),
         st.integers(0, 10)), min_size=1, max_size=40))
+    # units of mixed orders back to back (each aligned up to its order) from a random page of bank 0
+    pos = draw(st.integers(0, banks[0].size // PS - 1)) * PS + banks[0].start
+    for order in draw(st.lists(st.integers(0, 10), max_size=12)):
+        size = PS << order
+        pos = -(-pos // size) * size
+        candidates.append((pos, order))
+        pos += size
     return memory, candidates
 
 

@@ -14,7 +14,6 @@ import struct
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kho.devicetree import KHOFdt, build_boot_dtb, write_scratch_array
