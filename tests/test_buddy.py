@@ -26,8 +26,9 @@ def make_buddy(memory, reserved=(), units=(), seed=0):
     taken_e = np.concatenate([np.array([e for _, e in reserved], np.uint64), u_pfn + (np.uint64(1) << u_ord)])
     free_s, free_e = intervals.subtract(ram_s, ram_e, *intervals.normalize(taken_s, taken_e))
     segs = Segments.from_memory(memory)
-    areas, (s, e) = build_free_areas(free_s, free_e, segs, memory.geometry.max_order)
-    memmap.set_ranges(s, e, FREE)
+    free = memmap.ranges_mask(free_s, free_e)
+    memmap.state[free] = FREE
+    areas = build_free_areas(free, memmap, segs, memory.geometry.max_order)
     if units:
         memmap.mark_preserved(u_pfn, u_ord)
     return BuddyAllocator(memory, memmap, segs, areas, seed)

@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from kho.errors import KHOError
 from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.nextkernel.freelist import NORMAL, SCRATCH, FreeArea, Segments, build_free_areas, coalesce, free_blocks
+from kho.nextkernel.freelist import NORMAL, SCRATCH, FreeArea, Segments, build_free_areas, free_blocks, mask_blocks
+from kho.nextkernel.memmap import MemMap
 from kho.pages import ctz
 
 
@@ -58,24 +59,37 @@ def test_segments_cut_banks_at_scratch_areas():
     assert segs.block_fits(pfn(12) - 1, 0) and not segs.block_fits(pfn(12) - 1, 1)
 
 
-def test_coalesce_joins_neighbours_but_not_across_segments():
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.booleans(), max_size=3000), st.integers(0, 5000), st.sampled_from([0, 1, 3, 10]))
+def test_mask_blocks_is_the_greedy_split_of_the_joined_runs(free, first, max_order):
+    mask = np.array(free, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    runs = [(first + int(s), first + int(e)) for s, e in zip(edges[0::2], edges[1::2])]
+    got = mask_blocks(mask, first, max_order)
+    assert [g.tolist() for g in got] == greedy(runs, max_order)
+    assert [g.tolist() for g in got] == [f.tolist() for f in free_blocks([s for s, _ in runs], [e for _, e in runs], max_order)]
+
+
+def test_build_free_areas_never_joins_across_segments():
     mem = PhysicalMemory([Bank(0, 1 << 20), Bank(1 << 20, 1 << 20)])  # two touching banks
     mem.set_scratch([ScratchArea(0x80000, 0x40000)])
-    segs = Segments.from_memory(mem)
-    s, e, scratch = coalesce([0, 10, 0x70, 0x100], [10, 0x70, 0x100, 0x200], segs)
-    assert list(zip(s.tolist(), e.tolist(), scratch.tolist())) == [
-        (0, 0x80, False), (0x80, 0xC0, True), (0xC0, 0x100, False), (0x100, 0x200, False)]
-    with pytest.raises(KHOError):
-        coalesce([0x1F0], [0x210], segs)
+    memmap = MemMap(mem)
+    free = np.ones(memmap.nr_pages, dtype=bool)
+    areas = build_free_areas(free, memmap, Segments.from_memory(mem), 10)
+    # bank 0: [0, 0x80) normal, [0x80, 0xC0) scratch, [0xC0, 0x100) normal; bank 1: [0x100, 0x200)
+    assert areas[SCRATCH].array(6).tolist() == [0x80] and areas[SCRATCH].nr_pages == 0x40
+    assert areas[NORMAL].array(7).tolist() == [0] and areas[NORMAL].array(6).tolist() == [0xC0]
+    assert areas[NORMAL].array(8).tolist() == [0x100]  # not merged with bank 0 into an order-9 block
+    assert areas[NORMAL].nr_pages == 0x1C0
 
 
 def test_build_free_areas_splits_classes():
     mem = PhysicalMemory.single_bank(16 << 20)
     mem.set_scratch([ScratchArea(8 << 20, 4 << 20)])
-    areas, (s, e) = build_free_areas([0], [4096], Segments.from_memory(mem), 10)
+    memmap = MemMap(mem)
+    areas = build_free_areas(memmap.ranges_mask([0], [4096]), memmap, Segments.from_memory(mem), 10)
     assert areas[NORMAL].nr_pages + areas[SCRATCH].nr_pages == 4096
     assert areas[SCRATCH].nr_pages == 1024 and areas[SCRATCH].counts()[10] == 1
-    assert s.tolist() == [0, 2048, 3072] and e.tolist() == [2048, 3072, 4096]
 
 
 @settings(max_examples=50, deadline=None)

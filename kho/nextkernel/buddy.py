@@ -142,7 +142,8 @@ class BuddyAllocator:
         for o in range(self.max_order + 1):
             area.remove_many(o, np.unique(block_pfn[first][block_order[first] == o]))
             area.add_many(o, rest[o])
-        self.memmap.set_ranges(sub_pfn, sub_pfn + nr, ALLOCATED)
+        heads = self.memmap.index(sub_pfn)
+        self.memmap.state[heads if order == 0 else (heads[:, None] + np.arange(1 << order)).reshape(-1)] = ALLOCATED
 
     def alloc_many(self, count: int, order: int = 0) -> np.ndarray:
         """Allocate ``count`` blocks of ``order`` chosen uniformly at random among all free

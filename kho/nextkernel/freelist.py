@@ -7,8 +7,9 @@ Freeing then merges a block with its free buddy, except across a zone/bank bound
 or between a CMA pageblock (KHO scratch areas become CMA) and an ordinary one.  The
 result is the set of maximal naturally aligned blocks (at most ``2**MAX_PAGE_ORDER``
 pages) inside each *segment* — a RAM bank cut at scratch-area boundaries — once
-adjacent free ranges of a segment are joined.  :func:`free_blocks` computes it for
-millions of ranges at once; :class:`FreeArea` holds it per order.
+adjacent free ranges of a segment are joined.  :func:`mask_blocks` computes it from a
+page mask (boot: every page of RAM at once), :func:`free_blocks` from ranges (the
+remainders of split blocks); :class:`FreeArea` holds it per order.
 
 Units: pfns (page frame numbers) and orders (log2 of a block's pages).
 """
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 from sortedcontainers import SortedList
 
-from ..errors import KHOError
 from ..memory import PhysicalMemory
 from . import intervals
 
@@ -71,23 +71,6 @@ class Segments:
         """True when the block of ``2**order`` pages at ``pfn`` lies inside one segment."""
         i = int(self.locate([pfn])[0])
         return i >= 0 and pfn + (1 << order) <= int(self.end[i])
-
-
-def coalesce(start_pfn, end_pfn, segments: Segments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Join adjacent or overlapping free ranges, then cut them at segment boundaries.
-
-    Returns ``(start, end, scratch)``: pfn ranges in address order and whether each lies
-    in a scratch area.  KHOError(EINVAL) if a range leaves RAM.  O(n log n) worst case,
-    O(n) for sorted input.
-    """
-    s, e = intervals.normalize(start_pfn, end_pfn)
-    s, e = intervals.split_at(s, e, segments.boundaries())
-    seg = segments.locate(s)
-    bad = (seg < 0) | (e > segments.end[np.maximum(seg, 0)])
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise KHOError("EINVAL", f"free range of pfns {int(s[i]):#x}..{int(e[i]):#x} is outside RAM")
-    return s, e, segments.scratch[seg]
 
 
 #: Sort keys of blocks: ``pfn | (2**order << _KEY_SHIFT)`` sorts by order, then pfn.
@@ -238,10 +221,41 @@ class FreeArea:
         self._counts[order] += int(pfns.size)
 
 
-def build_free_areas(start_pfn, end_pfn, segments: Segments, max_order: int) -> tuple[dict[str, FreeArea], tuple[np.ndarray, np.ndarray]]:
-    """``memblock_free_all`` of free pfn ranges: the free areas of both classes, and the
-    coalesced free ranges ``(start, end)`` they cover."""
-    s, e, scratch = coalesce(start_pfn, end_pfn, segments)
-    areas = {NORMAL: FreeArea(free_blocks(s[~scratch], e[~scratch], max_order)),
-             SCRATCH: FreeArea(free_blocks(s[scratch], e[scratch], max_order))}
-    return areas, (s, e)
+def mask_blocks(free: np.ndarray, first_pfn: int, max_order: int) -> list[np.ndarray]:
+    """The free blocks of one segment from its page mask (``free[i]``: pfn ``first_pfn + i``
+    is free): per order, the sorted pfns of the maximal aligned blocks of free pages.
+
+    Same blocks as :func:`free_blocks` of the mask's runs (the greedy split of joined
+    ranges is the set of maximal aligned free blocks).  One pass per order over a level
+    half the size of the previous: O(pages) numpy work, no sorting.
+    """
+    align = 1 << max_order
+    lead = first_pfn & (align - 1)
+    base = np.uint64(first_pfn - lead)
+    padded = -(-(lead + free.size) // align) * align
+    if lead or padded != free.size:
+        level = np.zeros(padded, dtype=bool)
+        level[lead:lead + free.size] = free
+    else:
+        level = free
+    out = []
+    for order in range(max_order):
+        pairs = level.reshape(-1, 2)
+        parent = pairs[:, 0] & pairs[:, 1]
+        heads = np.flatnonzero(pairs & ~parent[:, None])
+        out.append((heads.astype(np.uint64) << np.uint64(order)) + base)
+        level = parent
+    out.append((np.flatnonzero(level).astype(np.uint64) << np.uint64(max_order)) + base)
+    return out
+
+
+def build_free_areas(free: np.ndarray, memmap, segments: Segments, max_order: int) -> dict[str, FreeArea]:
+    """``memblock_free_all`` given the free-page mask over ``memmap``'s pages: the free
+    areas of both classes, segment by segment.  O(pages) numpy work."""
+    parts = {NORMAL: [[] for _ in range(max_order + 1)], SCRATCH: [[] for _ in range(max_order + 1)]}
+    for start, end, scratch in zip(segments.start.tolist(), segments.end.tolist(), segments.scratch.tolist()):
+        pages = memmap.index_range(start, end - start)
+        for order, blocks in enumerate(mask_blocks(free[pages], start, max_order)):
+            parts[SCRATCH if scratch else NORMAL][order].append(blocks)
+    return {kind: FreeArea([np.concatenate(p) if p else np.empty(0, np.uint64) for p in per_order])
+            for kind, per_order in parts.items()}

@@ -72,12 +72,34 @@ def _replace(s, e, hit, pieces):
     return np.insert(s[~hit], pos, ps), np.insert(e[~hit], pos, pe)
 
 
+def intersect(a_start, a_end, b_start, b_end) -> tuple[np.ndarray, np.ndarray]:
+    """A and B, as pieces of A clipped to B.  Both sorted and disjoint; the result is sorted
+    and disjoint.  O(|B| log |A| + pieces): cheap when B is small."""
+    a_s, a_e, b_s, b_e = as_u64(a_start), as_u64(a_end), as_u64(b_start), as_u64(b_end)
+    if a_s.size == 0 or b_s.size == 0:
+        return _EMPTY, _EMPTY
+    lo = np.searchsorted(a_e, b_s, side="right")  # first A ending after each B start
+    hi = np.searchsorted(a_s, b_e, side="left")  # first A starting at or after each B end
+    cnt = np.maximum(hi - lo, 0).astype(np.int64)
+    owner = np.repeat(np.arange(b_s.size), cnt)
+    j = np.repeat(lo, cnt) + np.arange(owner.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    ps, pe = np.maximum(a_s[j], b_s[owner]), np.minimum(a_e[j], b_e[owner])
+    keep = pe > ps
+    return ps[keep], pe[keep]
+
+
 def subtract(a_start, a_end, b_start, b_end) -> tuple[np.ndarray, np.ndarray]:
     """A minus B.  A must be sorted and disjoint, B normalized; the result is sorted and
-    disjoint (touching pieces are not merged).  O(|A| log |B| + pieces)."""
+    disjoint (touching pieces are not merged).  O(min(|A|, |B|) log max(|A|, |B|) + pieces)."""
     a_s, a_e, b_s, b_e = as_u64(a_start), as_u64(a_end), as_u64(b_start), as_u64(b_end)
     if a_s.size == 0 or b_s.size == 0:
         return a_s, a_e
+    if b_s.size > a_s.size:  # A meets B's gaps
+        top = np.uint64((1 << 64) - 1)
+        gap_s = np.concatenate([[np.uint64(0)], b_e])
+        gap_e = np.concatenate([b_s, [top]])
+        keep = gap_e > gap_s
+        return intersect(gap_s[keep], gap_e[keep], a_s, a_e)
     lo = np.searchsorted(b_e, a_s, side="right")  # first B ending after a_s
     hi = np.searchsorted(b_s, a_e, side="left")  # first B starting at or after a_e
     cnt = (hi - lo).astype(np.int64)

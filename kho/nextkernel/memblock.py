@@ -106,10 +106,14 @@ class MemblockType:
             new_s, new_e = intervals.subtract(new_s, new_e, cov_s, cov_e)
             if new_s.size == 0:
                 return
-        pos = np.searchsorted(self.base, new_s)
-        self._store(np.insert(self.base, pos, new_s), np.insert(self.end, pos, new_e),
-                    np.insert(self.regions["flags"], pos, np.uint32(flags)),
-                    np.insert(self.regions["nid"], pos, np.int32(nid)))
+        new_at = np.searchsorted(self.base, new_s) + np.arange(new_s.size)  # positions after the merge
+        old_at = np.ones(len(self) + new_s.size, dtype=bool)
+        old_at[new_at] = False
+        merged = np.empty(old_at.size, dtype=REGION_DTYPE)
+        merged[old_at] = self.regions
+        merged["base"][new_at], merged["size"][new_at] = new_s, new_e - new_s
+        merged["flags"][new_at], merged["nid"][new_at] = flags, nid
+        self._store(merged["base"], merged["base"] + merged["size"], merged["flags"], merged["nid"])
 
     def setclr_flag(self, base, size, flag: int, set_: bool) -> None:
         """``memblock_setclr_flag`` for each range: split the regions at the range's
@@ -183,12 +187,7 @@ class Memblock:
         """
         base, size = intervals.as_u64(base), intervals.as_u64(size)
         rs, re = intervals.normalize(base, base + size)
-        if len(self.reserved):
-            cov_s, cov_e = self.reserved.coverage()
-            new_s, new_e = intervals.subtract(rs, re, cov_s, cov_e)
-            old_s, old_e = intervals.subtract(rs, re, new_s, new_e)
-        else:
-            old_s = old_e = np.empty(0, np.uint64)
+        old_s, old_e = intervals.intersect(rs, re, *self.reserved.coverage())
         self.reserved.add_range(rs, re - rs, NUMA_NO_NODE, MemblockFlag.RSRV_NOINIT)
         if old_s.size:
             self.reserved.setclr_flag(old_s, old_e - old_s, MemblockFlag.RSRV_NOINIT, True)

@@ -49,6 +49,11 @@ class MemMap:
     def index(self, pfn) -> np.ndarray:
         """Array index of each pfn; KHOError(EINVAL) if one is outside RAM.  O(n log banks)."""
         pfn = intervals.as_u64(pfn)
+        if self.bank_first.size == 1:
+            if pfn.size and (pfn.min() < self.bank_first[0] or pfn.max() >= self.bank_end[0]):
+                bad = pfn[(pfn < self.bank_first[0]) | (pfn >= self.bank_end[0])][0]
+                raise KHOError("EINVAL", f"pfn {int(bad):#x} is outside RAM")
+            return (pfn - self.bank_first[0]).astype(np.int64)
         bank = np.searchsorted(self.bank_first, pfn, side="right").astype(np.int64) - 1
         ok = (bank >= 0) & (pfn < self.bank_end[np.maximum(bank, 0)])
         if not ok.all():
@@ -66,30 +71,33 @@ class MemMap:
         return slice(first, first + nr_pages)
 
     # -- bulk updates -----------------------------------------------------------------------
-    def set_ranges(self, start_pfn, end_pfn, state: int) -> None:
-        """Give every page of the pfn ranges ``state``.  Ranges may touch but not cross a
-        bank end.  O(pages) numpy work."""
-        s, e = intervals.normalize(start_pfn, end_pfn)
-        if not s.size:
-            return
-        lo = self.index(s)
-        hi = lo + (e - s).astype(np.int64)
+    def ranges_mask(self, start_pfn, end_pfn) -> np.ndarray:
+        """A bool per page: True inside the pfn ranges.  Ranges must be disjoint (they may
+        touch) and inside RAM, each within one bank.  O(pages) numpy work."""
+        s, e = intervals.as_u64(start_pfn), intervals.as_u64(end_pfn)
+        keep = e > s
+        if not keep.all():
+            s, e = s[keep], e[keep]
         toggle = np.zeros(self.nr_pages + 1, dtype=np.int8)
-        toggle[lo] = 1
-        toggle[hi] -= 1
-        self.state[np.cumsum(toggle[:-1], dtype=np.int8).view(bool)] = state
-
-    def set_units(self, pfn, order, state: int) -> None:
-        """Give every page of the units ``(pfn, order)`` ``state``."""
-        pfn = intervals.as_u64(pfn)
-        self.set_ranges(pfn, pfn + (np.uint64(1) << intervals.as_u64(order)), state)
+        if s.size:
+            lo = self.index(s)
+            toggle[lo] = 1
+            toggle[lo + (e - s).astype(np.int64)] -= 1  # a range ending where another starts nets 0
+        return np.cumsum(toggle[:-1], dtype=np.int8).view(bool)
 
     def mark_preserved(self, pfn, order) -> None:
-        """What KHO does to each preserved unit: state preserved, head ``info`` = order + magic."""
+        """What KHO does to each preserved unit (disjoint ``(pfn, order)``): every page's
+        state becomes preserved, the head's ``info`` order + magic.  O(preserved pages)."""
         idx = self.index(pfn)
-        self.set_units(pfn, order, PRESERVED)
-        self.info["order"][idx] = order
-        self.info["magic"][idx] = KHO_PAGE_MAGIC
+        order = np.asarray(order, dtype=np.uint8).reshape(-1)
+        info = np.zeros(order.size, dtype=KHO_PAGE_INFO)
+        info["order"], info["magic"] = order, KHO_PAGE_MAGIC
+        self.info[idx] = info
+        present = np.flatnonzero(np.bincount(order, minlength=1))
+        for o in present.tolist():
+            heads = idx if present.size == 1 else idx[order == o]
+            pages = heads if o == 0 else (heads[:, None] + np.arange(1 << o, dtype=np.int64)).reshape(-1)
+            self.state[pages] = PRESERVED
 
     def count(self, state: int) -> int:
         """Pages in ``state``."""

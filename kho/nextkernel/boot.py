@@ -1,0 +1,248 @@
+"""Booting the next kernel on the memory a KHO kexec left behind.
+
+The sequence, as Linux does it (``kho_populate``, ``kho_memory_init``,
+``memblock_free_all``), each stage timed:
+
+1. ``handover``: read ``/chosen`` (``linux,kho-fdt``, ``linux,kho-scratch``) from the
+   boot DTB; check the KHO FDT in the kernel's order — header, compatible, 8 non-zero
+   bytes of ``preserved-memory-map`` — and read the scratch-area array.  Any failure:
+   ``disabling KHO revival: <reason>``, and the kernel boots on without preserved memory.
+2. ``memblock``: add the scratch areas and mark them KHO_SCRATCH, reserve the scratch
+   array, switch memblock to scratch-only, add the RAM banks; reserve the kernel image
+   (where kexec loaded it, inside scratch) and allocate the memory map
+   (``struct page`` arrays, 64 bytes a page, per node) top-down — from scratch only.
+3. ``deserialize``: the preserved units, by the chosen ``path``:
+   ``memblock`` — decode the map (the encoding named by the FDT's compatible) and make
+   one ``memblock_reserve`` + ``memblock_reserved_mark_noinit`` per unit;
+   ``instructions`` — walk the instruction stream, which lists the free runs directly:
+   no memblock range at all.  Each preserved head page gets ``private`` = order + magic.
+   A malformed map disables revival (nothing is reserved: the decoders check it all first).
+4. ``free_lists``: free memory to the buddy allocator with the kernel's greedy split —
+   ``memblock`` path: memory minus reserved regions; ``instructions`` path: the stream's
+   free runs plus the scratch areas minus the few memblock reservations.  Both give the
+   same free lists.
+
+Units: ``phys`` and sizes in bytes, pfns for free ranges, seconds for timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..devicetree import KHOFdt, parse_chosen, read_scratch_array
+from ..encodings import encoding_for_compatible, get_encoding
+from ..errors import KHOError, KHOFormatError
+from ..memory import PhysicalMemory
+from ..scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
+from . import intervals
+from .buddy import BuddyAllocator
+from .freelist import NORMAL, SCRATCH, Segments, build_free_areas
+from .memblock import Memblock
+from .memmap import ALLOCATED, FREE, RESERVED, MemMap
+from .restore import IncomingKHO
+
+PATHS = ("memblock", "instructions")
+#: The registry name of the encoding the instruction path reads.
+INSTRUCTIONS_ENCODING = "instructions"
+#: Alignment of the kernel image (arm64 loads it on a 2 MiB boundary).
+KERNEL_IMAGE_ALIGN = 2 << 20
+
+
+@dataclass
+class NextKernel:
+    """A booted next kernel: its memblock, memory map, buddy allocator and KHO input.
+
+    ``messages`` holds what the kernel would log (e.g. ``disabling KHO revival: ...``);
+    ``timings`` the seconds spent in each stage; ``image`` the kernel image's
+    ``(phys, size)``.
+    """
+
+    memory: PhysicalMemory
+    path: str
+    memblock: Memblock
+    memmap: MemMap
+    allocator: BuddyAllocator
+    kho: IncomingKHO
+    image: tuple[int, int]
+    messages: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def revived(self) -> bool:
+        return self.kho.revived
+
+    def retrieve_subtree(self, name: str) -> int:
+        return self.kho.retrieve_subtree(name)
+
+    def restore_folio(self, phys: int) -> int:
+        return self.kho.restore_folio(phys)
+
+    def restore_pages(self, phys: int, nr_pages: int) -> None:
+        self.kho.restore_pages(phys, nr_pages)
+
+    def leaked(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.kho.leaked()
+
+    def report(self) -> dict:
+        """Counts for people and JSON: pages by state, free blocks per order and class,
+        preserved / leaked units, memblock figures, timings."""
+        mm, alloc = self.memmap, self.allocator
+        leaked_phys, leaked_order = self.leaked()
+        return {
+            "path": self.path,
+            "revived": self.revived,
+            "messages": list(self.messages),
+            "page_size": self.memory.page_size,
+            "ram_pages": mm.nr_pages,
+            "free_pages": alloc.nr_free_pages,
+            "free_scratch_pages": alloc.nr_free_scratch_pages,
+            "free_blocks": {kind: alloc.areas[kind].counts() for kind in (NORMAL, SCRATCH)},
+            "reserved_pages": mm.count(RESERVED),
+            "allocated_pages": mm.count(ALLOCATED),
+            "preserved_units": int(self.kho.unit_phys.size),
+            "preserved_pages": self.kho.nr_preserved_pages(),
+            "leaked_units": int(leaked_phys.size),
+            "leaked_pages": int(np.sum(np.left_shift(np.int64(1), leaked_order.astype(np.int64)))),
+            "memblock_reserve_calls": self.memblock.reserve_calls,
+            "memblock_reserved_regions": len(self.memblock.reserved),
+            "memblock_reserved_array_bytes": self.memblock.reserved.array_bytes,
+            "kernel_image": {"phys": self.image[0], "size": self.image[1]},
+            "timings_s": dict(self.timings),
+        }
+
+
+class _Stages:
+    """Stage timer."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now
+
+
+def _read_handover(memory: PhysicalMemory, boot_dtb: bytes, path: str):
+    """Stage 1: ``(chosen, fdt, scratch areas)`` or raise KHOError with the reason to
+    disable revival.  ``None`` when the DTB carries no KHO handover at all."""
+    try:
+        chosen = parse_chosen(boot_dtb)
+    except KHOFormatError as err:
+        if err.field.startswith("chosen."):
+            return None  # no (valid) linux,kho-* properties: not a KHO boot, nothing to log
+        raise  # a boot DTB the kernel cannot parse at all
+    try:
+        blob = memory.read(chosen.fdt_phys, chosen.fdt_size)
+    except KHOError:
+        raise KHOError("EINVAL", f"failed to memremap FDT ({chosen.fdt_phys:#x}+{chosen.fdt_size:#x})") from None
+    expected = get_encoding(INSTRUCTIONS_ENCODING, memory.page_size).compatible if path == "instructions" else None
+    fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size)
+    areas = read_scratch_array(memory, chosen.scratch_phys, chosen.scratch_size)
+    return chosen, fdt, areas
+
+
+def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
+         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0) -> NextKernel:
+    """Boot the next kernel on ``memory`` with ``boot_dtb`` (see the module docstring).
+
+    ``encoding_options``: the options the map was written with (e.g. kho-v1's bitmap size:
+    a kernel knows its own), from the handover image.  ``kernel_image``: bytes of the next
+    kernel's image, at ``image_phys`` (default: placed top-down in memblock, from scratch
+    when KHO is revived).  ``seed``: the buddy allocator's random allocations.
+
+    Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
+    no room for its image or memory map); a bad handover is logged and ignored.
+    O(units + free blocks) numpy work, O(pages) host memory.
+    """
+    if path not in PATHS:
+        raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
+    ps, shift = memory.page_size, memory.page_shift
+    stages, messages = _Stages(), []
+
+    def disable(reason: str) -> None:
+        messages.append(f"disabling KHO revival: {reason}")
+
+    # 1. handover
+    handover = None
+    try:
+        handover = _read_handover(memory, boot_dtb, path)
+    except KHOError as err:
+        disable(err.message)
+    if handover is None and not messages:
+        messages.append("no KHO handover in /chosen")
+    stages.done("handover")
+
+    # 2. memblock and early allocations
+    mb = Memblock(ps)
+    if handover:
+        chosen, fdt, areas = handover
+        for area in areas:
+            mb.add_node(area.addr, area.size, memory.bank_of(area.addr).node)
+            mb.mark_kho_scratch(area.addr, area.size)
+        mb.reserve(chosen.scratch_phys, chosen.scratch_size)
+        mb.set_kho_scratch_only()
+        if set(areas) != set(memory.scratch):
+            memory.set_scratch(areas)  # the next kernel's kho_scratch is what it received
+    for bank in memory.banks:
+        mb.add_node(bank.start, bank.size, bank.node)
+    image_size = -(-kernel_image // ps) * ps
+    if image_phys is None:
+        image_phys = mb.phys_alloc(image_size, KERNEL_IMAGE_ALIGN)
+    else:
+        memory.check_range(image_phys, image_size, "kernel image")
+        mb.reserve(image_phys, image_size)
+    for node in sorted({b.node for b in memory.banks}):
+        pages = sum(b.size for b in memory.banks if b.node == node) >> shift
+        mb.phys_alloc(-(-pages * STRUCT_PAGE_BYTES // ps) * ps, ps, nid=node)
+    memmap = MemMap(memory)
+    segments = Segments.from_memory(memory)
+    stages.done("memblock")
+
+    # 3. deserialize
+    unit_phys, unit_order = np.empty(0, np.uint64), np.empty(0, np.uint8)
+    runs = None
+    if handover:
+        try:  # decoders and the walker check the units: sorted, disjoint, in RAM, outside scratch
+            if path == "memblock":
+                decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props)
+                unit_phys, unit_order = decoded.phys, decoded.order
+            else:
+                from ..encodings.instructions import walk
+
+                stream = walk(memory, fdt.props)
+                unit_phys, unit_order = stream.unit_phys, stream.unit_order
+                runs = (stream.free_start_pfn, stream.free_end_pfn)
+        except KHOError as err:
+            disable(f"preserved memory map: {err.message}")
+            fdt = None
+        if path == "memblock" and unit_phys.size:
+            mb.reserve_noinit_many(unit_phys, np.left_shift(np.uint64(ps), unit_order.astype(np.uint64)))
+        memmap.mark_preserved(unit_phys >> np.uint64(shift), unit_order)
+        mb.clear_kho_scratch_only()
+    stages.done("deserialize")
+
+    # 4. free lists
+    if runs is None:  # memory minus reserved, in whole pages
+        start, end, _ = mb.free_ranges()
+        page = np.uint64(ps)
+        free = memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
+    else:  # the stream's free runs, plus the scratch areas minus memblock's few reservations
+        free = memmap.ranges_mask(*runs)
+        for area in memory.scratch:
+            free[memmap.index_range(area.addr >> shift, area.size >> shift)] = True
+        res_s, res_e = mb.reserved.coverage()
+        page = np.uint64(ps)
+        res_s, res_e = intervals.split_at(res_s // page, (res_e + page - np.uint64(1)) // page, segments.boundaries())
+        for first, last in zip(res_s.tolist(), res_e.tolist()):
+            free[memmap.index_range(first, last - first)] = False
+    memmap.state[free] = FREE
+    allocator = BuddyAllocator(memory, memmap, segments, build_free_areas(free, memmap, segments, memory.geometry.max_order), seed)
+    stages.done("free_lists")
+
+    kho = IncomingKHO(memory, memmap, fdt if handover else None, unit_phys, unit_order)
+    return NextKernel(memory, path, mb, memmap, allocator, kho, (image_phys, image_size), messages, stages.timings)
