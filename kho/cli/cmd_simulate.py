@@ -1,0 +1,256 @@
+"""``kho simulate``: a modelled arm64 KHO kexec end to end, its timeline, and the trade-off report.
+
+Exit status: 0 when every generation verified, 1 when the simulation ran but a check
+failed (the report says which), 2 usage error, 3 impossible configuration or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import KHOError
+from ..kexec.profiles import load_profile
+from ..kexec.relocate import RELOCATION_MODES
+from ..kexec.timing import PARAMETERS, FitReport, reboot_timeline
+from ..kexec.transpgd import LINEAR_MAPS
+from ..workload import WORKLOAD_PATTERNS
+from .. import simulate as sim
+from .options import add_machine_options, size_arg
+
+MODE_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved (kexeckernel=)"}
+SHORT_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate", help="preserve, kexec through a modelled arm64 reboot, boot the next kernel and verify everything",
+        description="Run the KHO self-test-like workload through a modelled arm64 kexec: preserve, finalize, load "
+                    "(entry list, transitional tables), relocate, boot the next kernel, restore and verify every "
+                    "checksum; print the reboot timeline.  Exit 1 if a check failed.")
+    add_machine_options(p, ram_default="8G")
+    p.add_argument("--preserve", type=size_arg, default=sim.Config.preserve, metavar="SIZE",
+                   help="bytes the workload preserves (default 128M)")
+    p.add_argument("--pattern", choices=WORKLOAD_PATTERNS, default="selftest",
+                   help="how preserved folios are drawn (default selftest: random orders, like the kernel's KHO self-test)")
+    p.add_argument("--abi", default="kho-v2", metavar="NAME", help="preservation-map encoding (default kho-v2)")
+    p.add_argument("--boot-path", choices=["memblock", "instructions"], default="memblock",
+                   help="next kernel's deserialization path (instructions needs --abi instructions)")
+    p.add_argument("--relocation", choices=RELOCATION_MODES, default="mmu-on", help="relocation mode (default mmu-on)")
+    p.add_argument("--linear-map", choices=LINEAR_MAPS, default="page",
+                   help="granularity of the linear map the mmu-on tables copy (default page, as with rodata_full)")
+    p.add_argument("--profile", default="stingray", metavar="NAME|FILE",
+                   help="timing profile: built-in name or a TOML/JSON file (default stingray)")
+    p.add_argument("--profile-set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a profile parameter ({', '.join(PARAMETERS)}); repeatable")
+    p.add_argument("--show-profile", action="store_true", help="print the profile and its fit to the measurements, and exit")
+    p.add_argument("--image-size", type=size_arg, default=sim.Config.image_size, metavar="SIZE",
+                   help="kernel Image + initramfs bytes (default 47M)")
+    p.add_argument("--generations", type=int, default=1, metavar="N", help="chained kexecs (default 1)")
+    p.add_argument("--no-checks", action="store_true", help="skip purgatory's SHA-256 of the segments (kexec -i)")
+    p.add_argument("--save-image", metavar="PATH", help="write the first handover as a .kho image file")
+    p.add_argument("--compare", action="store_true",
+                   help="trade-off report instead of a run: each relocation mode's time against its memory cost")
+    p.add_argument("--plot", metavar="PATH", help="with --compare: also draw the trade-off as a PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KHOError("EINVAL", f"--profile-set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.4f} s" if seconds >= 0.001 or seconds == 0 else f"{seconds * 1e6:.1f} µs"
+
+
+def _t(seconds: float) -> str:
+    """Seconds for a table whose header says (s)."""
+    return f"{seconds:.4f}"
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} B"
+
+
+def run(args) -> int:
+    report = load_profile(args.profile, _overrides(args.profile_set))
+    out = Console(width=None if sys.stdout.isatty() else 132)
+    if args.plot and not args.compare:
+        raise KHOError("EINVAL", "--plot draws the --compare report")
+    if args.show_profile:
+        return _show_profile(report, args.json, out)
+    if args.compare:
+        return _compare(args, report, out)
+    config = sim.Config(ram=args.ram, page_size=args.page_size, kho_scratch=args.kho_scratch, preserve=args.preserve,
+                        pattern=args.pattern, abi=args.abi, relocation=args.relocation, linear_map=args.linear_map,
+                        image_size=args.image_size, generations=args.generations, seed=args.seed,
+                        checks=not args.no_checks, boot_path=args.boot_path, save_image=args.save_image, profile=report)
+    config.validate()
+    if args.json or not sys.stderr.isatty():
+        result = sim.run(config)
+    else:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            result = sim.run(config, lambda stage, gen: bar.update(task, description=f"generation {gen}/{config.generations}: {stage}"))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_result(result, out)
+    return 0 if result.ok else 1
+
+
+def _print_result(result: sim.Result, out: Console) -> None:
+    c, g1 = result.config, result.generations[0]
+    moved = sum(s["memsz"] for s in g1.segments)
+    out.print(f"[bold]kho simulate[/]: {_bytes(c.ram)} RAM, {c.abi}, {c.relocation} relocation, "
+              f"{_bytes(c.image_size)} kernel + initramfs, profile {result.profile.profile.name}")
+    table = Table(title=f"Reboot timeline (modelled; {_bytes(moved)} of segments, purgatory checks "
+                        f"{'on' if c.checks else 'off'})")
+    for col in ("mode", "shutdown (s)", "relocation (s)", "purgatory (s)", "startup (s)", "total (s)", "reloc. share",
+                "speedup"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for mode, t in result.timelines.items():
+        label = SHORT_LABEL[mode] + (" *" if mode == c.relocation else "")
+        table.add_row(label, _t(t.shutdown_s), _t(t.relocation_s), _t(t.purgatory_s), _t(t.startup_s), _t(t.total_s),
+                      f"{t.relocation_share:.1%}", f"{result.speedup(mode):.2f}x",
+                      style="bold" if mode == c.relocation else None)
+    out.print(table)
+    note = f"* simulated; the others modelled for the same segments.  Speedup is the whole reboot against MMU off"
+    if c.checks:
+        p = result.profile.profile
+        bare = {m: reboot_timeline(p, m, moved).total_s for m in result.timelines}
+        note += (f"; without purgatory checks (--no-checks, as in the published runs): MMU on "
+                 f"{bare['mmu-off'] / bare['mmu-on']:.2f}x, reserved {bare['mmu-off'] / bare['reserved']:.2f}x")
+    out.print(note + ".")
+    mem = Table(title="kexec memory (generation 1)")
+    mem.add_column("what")
+    mem.add_column("pages", justify="right")
+    mem.add_column("bytes", justify="right")
+    mem.add_column("held")
+    ps = c.page_size
+    pages = g1.kexec_pages
+    mem.add_row("source pages (segment copy)", f"{pages['source']:,}", _bytes(pages["source"] * ps), "until reboot")
+    mem.add_row("indirection + control pages", f"{pages['indirection'] + pages['control']:,}",
+                _bytes((pages["indirection"] + pages["control"]) * ps), "until reboot")
+    if g1.tables:
+        levels = ", ".join(f"L{lvl}: {n}" for lvl, n in g1.tables["by_level"].items())
+        mem.add_row(f"trans_pgd ({g1.tables['linear_map']}: {levels}; idmap {g1.tables['idmap_pages']})",
+                    f"{g1.tables['pages']:,}", _bytes(g1.tables["bytes"]), "until reboot")
+    if g1.region:
+        mem.add_row(f"kexeckernel= region at {g1.region['phys']:#x}", f"{g1.region['size'] // ps:,}",
+                    _bytes(g1.region["size"]), "forever")
+    mem.add_row("KHO memory-map metadata", f"{g1.metadata_bytes // ps:,}", _bytes(g1.metadata_bytes), "next kernel")
+    out.print(mem)
+    ver = Table(title="Verification")
+    for col in ("gen", "preserved", "units", "folios", "verified", "vmalloc", "SHA-256", "lost", "leaked", "result"):
+        ver.add_column(col, justify="right")
+    for g in result.generations:
+        ver.add_row(str(g.index), _bytes(g.preserved_pages * ps), f"{g.preserved_units:,}", f"{g.verify.folios:,}",
+                    _bytes(g.verify.folio_bytes), f"{g.verify.vmalloc_pages:,}",
+                    "skipped" if g.purgatory is None else ("ok" if g.purgatory["ok"] else "MISMATCH"),
+                    str(g.lost_units), str(g.leaked_units), "[green]ok[/]" if g.ok else "[red]FAILED[/]")
+    out.print(ver)
+    for g in result.generations:
+        for msg in g.boot.get("messages", []):
+            out.print(f"generation {g.index} next kernel: {msg}")
+        for failure in g.verify.failures[:10]:
+            out.print(f"[red]generation {g.index}: {failure}[/]")
+    if result.ok:
+        n = len(result.generations)
+        out.print(f"[green]{n} generation{'s' if n > 1 else ''} verified: every checksum matched, "
+                  f"no preserved page lost or leaked.[/]")
+
+
+def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    p = report.profile
+    table = Table(title=f"Timing profile {p.name}")
+    table.add_column("parameter")
+    table.add_column("value", justify="right")
+    table.add_column("derived from")
+    rows = (("uncached_copy", f"{p.uncached_copy_bps / (1 << 20):.1f} MiB/s"),
+            ("cached_copy", f"{p.cached_copy_bps / (1 << 20):.1f} MiB/s"),
+            ("cache_clean", f"{p.cache_clean_bps / (1 << 20):.1f} MiB/s ({_s(4096 / p.cache_clean_bps)} a 4 KiB page)"),
+            ("sha256", f"{p.sha256_bps / (1 << 20):.1f} MiB/s"),
+            ("shutdown", _s(p.shutdown_s)), ("startup", _s(p.startup_s)))
+    for key, value in rows:
+        table.add_row(key, value, report.derivation.get(key, ""))
+    out.print(table)
+    if report.rows:
+        fit = Table(title="Fit to the measurements")
+        for col in ("measurement", "quantity", "measured", "model", "error"):
+            fit.add_column(col, justify="left" if col in ("measurement", "quantity") else "right")
+        for r in report.rows:
+            fmt = (lambda v: f"{v:.2f}x") if "speedup" in r.quantity else (
+                (lambda v: f"{v:.1%}") if "share" in r.quantity else _s)
+            fit.add_row(r.label, r.quantity, fmt(r.measured), fmt(r.modelled), f"{r.error:+.2%}")
+        out.print(fit)
+    for note in p.notes:
+        out.print(f"note: {note}")
+    return 0
+
+
+def _compare(args, report: FitReport, out: Console) -> int:
+    rows = sim.compare(args.ram, args.image_size, report, args.page_size, checks=not args.no_checks)
+    base = next(r for r in rows if r.mode == "mmu-off")
+    if args.plot:
+        _plot(rows, args, report)
+    if args.json:
+        print(json.dumps({"ram": args.ram, "image_size": args.image_size, "profile": report.profile.name,
+                          "modes": [{**r.to_dict(), "speedup_vs_mmu_off": base.total_s / r.total_s} for r in rows]}, indent=2))
+        return 0
+    table = Table(title=f"Relocation trade-off: {_bytes(args.ram)} RAM, {_bytes(args.image_size)} image, "
+                        f"profile {report.profile.name}")
+    for col in ("mode", "linear map", "relocation", "reboot", "speedup", "memory cost", "held", "source copy", "what"):
+        table.add_column(col, justify="right" if col in ("relocation", "reboot", "speedup", "memory cost", "source copy") else "left")
+    for r in rows:
+        table.add_row(MODE_LABEL[r.mode], r.linear_map or "-", _s(r.relocation_s), _s(r.total_s),
+                      f"{base.total_s / r.total_s:.2f}x", _bytes(r.memory_bytes), r.lifetime,
+                      _bytes(r.transient_bytes) if r.transient_bytes else "-", r.detail)
+    out.print(table)
+    if args.plot:
+        out.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(rows, args, report: FitReport) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise KHOError("EINVAL", "--plot needs matplotlib (pip install 'kho[plot]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        label = MODE_LABEL[r.mode] + (f" ({r.linear_map})" if r.linear_map else "")
+        marker = "s" if r.lifetime == "forever" else "o"
+        ax.scatter(r.memory_bytes / (1 << 20), r.relocation_s * 1e3, marker=marker, s=60)
+        ax.annotate(label, (r.memory_bytes / (1 << 20), r.relocation_s * 1e3), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory cost (MiB; squares: reserved forever, circles: until the reboot)")
+    ax.set_ylabel("relocation time (ms)")
+    ax.set_title(f"{_bytes(args.ram)} RAM, {_bytes(args.image_size)} image, profile {report.profile.name}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,411 @@
+"""``kho simulate``: preserve, finalize, kexec load, reboot, boot the next kernel, restore, verify.
+
+One :class:`~kho.memory.PhysicalMemory` lives through every generation:
+
+1. the running kernel (the first kernel's :class:`~kho.machine.Machine`, or the previous
+   generation's next kernel with its buddy allocator) runs the :mod:`kho.workload`,
+   preserving it through :class:`kho.handover.KHO`, and finalizes the handover;
+2. kexec load (:mod:`kho.kexec.kimage`): kernel Image, initramfs, the boot DTB pointing at
+   the KHO FDT, and (with checks) purgatory, placed in the scratch areas off every page
+   that must survive — or, in ``reserved`` mode, loaded in place in a ``kexeckernel=``
+   region carved from free scratch; in ``mmu-on`` mode the transitional tables
+   (:mod:`kho.kexec.transpgd`);
+3. reboot: relocation (:mod:`kho.kexec.relocate`) and purgatory's SHA-256 check;
+4. the next kernel boots from the DTB found at its destination (:mod:`kho.nextkernel`),
+   and every preserved unit is compared with what the map hands over ("lost");
+5. the workload is restored and every checksum verified; units never restored are
+   "leaked".
+
+The reboot's time comes from the timing model (:mod:`kho.kexec.timing`) applied to what
+was really relocated and hashed.  :func:`compare` is the trade-off report: every
+relocation mode's time against its memory cost, without running anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import KHOError
+from .handover import KHO
+from .kexec import kimage as K
+from .kexec import purgatory as purg
+from .kexec import transpgd
+from .kexec.ranges import PageRanges
+from .kexec.relocate import RELOCATION_MODES, check_mode, relocate
+from .kexec.timing import FitReport, Timeline, reboot_timeline
+from .machine import Machine
+from . import workload as W
+
+#: arm64 Image load alignment (bytes).
+KERNEL_ALIGN = 2 << 20
+#: Largest kernel Image part of ``image_size`` (the rest is the initramfs), as in the
+#: published 13 MB Image + 24 MB initramfs.
+KERNEL_IMAGE_MAX = 13 << 20
+#: ``kexeckernel=`` regions are sized to the image rounded up to this (bytes).
+REGION_ALIGN = 2 << 20
+
+
+@dataclass
+class Config:
+    """A simulation.  Sizes in bytes; ``profile`` a fitted profile (default: stingray)."""
+
+    ram: int = 8 << 30
+    page_size: int = 4096
+    kho_scratch: str = "200%"
+    preserve: int = 128 << 20
+    pattern: str = "selftest"
+    abi: str = "kho-v2"
+    relocation: str = "mmu-on"
+    linear_map: str = "page"
+    image_size: int = 47 << 20
+    generations: int = 1
+    seed: int = 0
+    checks: bool = True
+    boot_path: str = "memblock"
+    save_image: str | None = None
+    profile: FitReport | None = None
+
+    def validate(self) -> None:
+        """EINVAL for impossible settings, before anything runs."""
+        check_mode(self.relocation)
+        transpgd.Granule(self.page_size).block_levels(self.linear_map)
+        if self.ram <= 0 or self.ram % self.page_size:
+            raise KHOError("EINVAL", f"RAM size {self.ram} is not a positive multiple of the page size")
+        if self.preserve > self.ram:
+            raise KHOError("EINVAL", f"cannot preserve {self.preserve} bytes in {self.ram} bytes of RAM")
+        if self.image_size < 2 * self.page_size:
+            raise KHOError("EINVAL", f"an image of {self.image_size} bytes is smaller than two pages")
+        if self.image_size > self.ram // 2:
+            raise KHOError("EINVAL", f"an image of {self.image_size} bytes is more than half of RAM")
+        from .encodings import get_encoding
+
+        encoding = get_encoding(self.abi, self.page_size)
+        if not encoding.keeps_orders:
+            raise KHOError("EINVAL", f"encoding {self.abi} does not keep folio orders: the next kernel could not restore folios")
+        if self.boot_path == "instructions" and self.abi != "instructions":
+            raise KHOError("EINVAL", f"the instructions boot path reads the instructions encoding, not {self.abi}")
+        if self.boot_path not in ("memblock", "instructions"):
+            raise KHOError("EINVAL", f"unknown boot path {self.boot_path!r} (memblock or instructions)")
+        if self.generations < 1:
+            raise KHOError("EINVAL", f"--generations must be at least 1, not {self.generations}")
+
+
+@dataclass
+class Generation:
+    """One kexec: what was preserved, loaded, relocated, booted and verified."""
+
+    index: int
+    preserved_units: int
+    preserved_pages: int
+    metadata_bytes: int
+    segments: list[dict]
+    kexec_pages: dict[str, int]
+    tables: dict | None
+    region: dict | None
+    relocation: dict
+    purgatory: dict | None
+    timeline: Timeline
+    boot: dict
+    verify: W.VerifyReport
+    lost_units: int
+    leaked_units: int
+    host_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (self.verify.ok and not self.lost_units and not self.leaked_units
+                and (self.purgatory is None or self.purgatory["ok"]))
+
+    def to_dict(self) -> dict:
+        return {
+            "generation": self.index, "ok": self.ok,
+            "preserved_units": self.preserved_units, "preserved_pages": self.preserved_pages,
+            "metadata_bytes": self.metadata_bytes, "segments": self.segments, "kexec_pages": self.kexec_pages,
+            "transitional_tables": self.tables, "kexeckernel_region": self.region, "relocation": self.relocation,
+            "purgatory": self.purgatory, "timeline": self.timeline.to_dict(), "next_kernel": self.boot,
+            "verify": self.verify.to_dict(), "lost_units": self.lost_units, "leaked_units": self.leaked_units,
+            "host_s": self.host_s,
+        }
+
+
+@dataclass
+class Result:
+    """A whole simulation: its generations and the modelled timeline of every mode."""
+
+    config: Config
+    profile: FitReport
+    generations: list[Generation]
+    timelines: dict[str, Timeline]
+
+    @property
+    def ok(self) -> bool:
+        return all(g.ok for g in self.generations)
+
+    def speedup(self, mode: str) -> float:
+        """Whole-reboot speedup of ``mode`` against mmu-off."""
+        return self.timelines["mmu-off"].total_s / self.timelines[mode].total_s
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {
+            "config": {"ram": c.ram, "page_size": c.page_size, "kho_scratch": c.kho_scratch, "preserve": c.preserve,
+                       "pattern": c.pattern, "abi": c.abi, "relocation": c.relocation, "linear_map": c.linear_map,
+                       "image_size": c.image_size, "generations": c.generations, "seed": c.seed,
+                       "checks": c.checks, "boot_path": c.boot_path},
+            "profile": self.profile.to_dict(),
+            "ok": self.ok,
+            "timelines": {m: {**t.to_dict(), "speedup_vs_mmu_off": self.speedup(m)} for m, t in self.timelines.items()},
+            "generations": [g.to_dict() for g in self.generations],
+        }
+
+
+class _Image:
+    """The kernel Image and initramfs of ``config.image_size`` bytes: sizes for placement,
+    random contents made once (the same kernel is kexec'd every generation) when first loaded."""
+
+    def __init__(self, config: Config, rng: np.random.Generator):
+        ps = config.page_size
+        kernel = max(ps, min(KERNEL_IMAGE_MAX, config.image_size // 2) // ps * ps)
+        self.sizes = {"kernel": kernel, "initrd": config.image_size - kernel}
+        self._rng = rng
+        self._data: dict[str, bytes] = {}
+
+    def requests(self) -> list[K.SegmentRequest]:
+        return [K.SegmentRequest("kernel", b"", memsz=self.sizes["kernel"], align=KERNEL_ALIGN),
+                K.SegmentRequest("initrd", b"", memsz=self.sizes["initrd"])]
+
+    def fill(self, segment: K.Segment) -> K.Segment:
+        """``segment`` with its contents (segments other than the kernel and initrd unchanged)."""
+        if segment.name not in self.sizes:
+            return segment
+        if segment.name not in self._data:
+            self._data[segment.name] = self._rng.bytes(self.sizes[segment.name])
+        return K.Segment(self._data[segment.name], segment.mem, segment.memsz, segment.name)
+
+
+def _free_scratch(memory, allocator, first: bool) -> PageRanges:
+    """Scratch the running kernel does not use, in :data:`REGION_ALIGN` blocks: all of it in
+    the first kernel (its allocator never hands scratch out); in a next kernel, the blocks
+    its allocator reports entirely free (its own image and early allocations live there)."""
+    allowed = K.scratch_pages(memory)
+    if first:
+        return allowed
+    shift = memory.page_shift
+    step = REGION_ALIGN >> shift
+    starts, ends = [], []
+    for lo, hi in zip(allowed.start.tolist(), allowed.end.tolist()):
+        for block in range(-(-lo // step) * step, hi - step + 1, step):
+            if allocator.is_free(block << shift, REGION_ALIGN):
+                starts.append(block)
+                ends.append(block + step)
+    return PageRanges.from_intervals(starts, ends)
+
+
+def _boot_next(memory, dtb: bytes, config: Config, handover, kernel: K.Segment, seed: int):
+    """Boot the next kernel (:func:`kho.nextkernel.boot`) from ``dtb``, its image where kexec put it."""
+    from .nextkernel.boot import boot
+
+    return boot(memory, dtb, config.boot_path, encoding_options=handover.options, kernel_image=kernel.memsz,
+                image_phys=kernel.mem, seed=seed)
+
+
+def run(config: Config, progress: Callable[[str, int], None] | None = None) -> Result:
+    """Run the simulation of ``config``; ``progress(stage, generation)`` is called as stages start.
+
+    KHOError for impossible configurations (ENOMEM, EADDRNOTAVAIL, EINVAL) and for a
+    relocation that breaks the model's checks.  Verification failures do not raise: they
+    are in the result (``Result.ok``).
+    """
+    from .kexec.profiles import load_profile
+
+    config.validate()
+    profile = config.profile or load_profile("stingray")
+    step = progress or (lambda stage, gen: None)
+    rng = np.random.default_rng(config.seed)
+    machine = Machine.boot(config.ram, config.page_size, config.kho_scratch, config.seed)
+    memory, allocator = machine.memory, machine.allocator
+    images = _Image(config, rng)
+    generations = []
+    previous = None  # (next kernel, verify report) of the last generation
+    timelines: dict[str, Timeline] = {}
+    for index in range(1, config.generations + 1):
+        host: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            host[name] = now - clock
+            clock = now
+
+        if previous is not None:
+            step("release", index)
+            W.release(allocator, previous[1])
+            lap("release")
+        step("workload", index)
+        kho = KHO(memory, allocator, config.abi)
+        work = W.create(kho, allocator, config.preserve, config.pattern, config.seed + index)
+        lap("workload")
+        step("finalize", index)
+        handover = kho.finalize()
+        preserved_phys, preserved_order = kho.tracker.units_array()
+        if index == 1 and config.save_image:
+            from .image import save_image
+
+            save_image(config.save_image, handover)
+        lap("finalize")
+        step("kexec load", index)
+        image, trans, segments, region = _load(config, memory, allocator, handover, preserved_phys, preserved_order,
+                                               images, first=index == 1)
+        lap("kexec load")
+        step("relocation", index)
+        reloc = relocate(image, config.relocation, trans)
+        lap("relocation")
+        check = None
+        if config.checks:
+            step("purgatory", index)
+            check = purg.verify(memory, segments[-1].mem)
+            if not check.ok:
+                raise KHOError("EINVAL", "purgatory: sha256 digests do not match after relocation")
+            lap("purgatory")
+        step("next kernel boot", index)
+        dtb_seg = next(s for s in segments if s.name == "dtb")
+        dtb_size = int.from_bytes(memory.read(dtb_seg.mem + 4, 4), "big")
+        nk = _boot_next(memory, memory.read(dtb_seg.mem, min(dtb_size, dtb_seg.memsz)), config, handover, segments[0],
+                        config.seed + index)
+        lap("next kernel boot")
+        lost = _lost_units(nk, preserved_phys, preserved_order)
+        step("verify", index)
+        report = W.verify(nk, memory, work)
+        leaked = int(nk.leaked()[0].size)
+        lap("verify")
+        hashed = check.bytes_hashed if check else 0
+        timeline = reboot_timeline(profile.profile, config.relocation, reloc.bytes_copied or image.nr_pages * memory.page_size,
+                                   hashed)
+        if index == 1:
+            moved = image.nr_pages * memory.page_size
+            timelines = {m: reboot_timeline(profile.profile, m, moved, hashed) for m in RELOCATION_MODES}
+        generations.append(Generation(
+            index, int(preserved_phys.size), kho.tracker.nr_pages, handover.encoded.total_bytes,
+            [{"name": s.name, "mem": s.mem, "memsz": s.memsz, "bufsz": s.bufsz} for s in segments],
+            {"control": 1, "indirection": int(image.indirection_pages.size), "source": int(image.source_pages.size)},
+            None if trans is None else {"pages": trans.nr_pages, "bytes": trans.bytes, "linear_map": config.linear_map,
+                                        "by_level": trans.plan.tables_by_level(), "idmap_pages": int(trans.idmap_pages.size)},
+            region,
+            {"mode": reloc.mode, "pages_copied": reloc.pages_copied, "bytes_copied": reloc.bytes_copied,
+             "indirection_pages": reloc.indirection_pages, "tables_read": reloc.tables_read,
+             "pages_written": reloc.pages_written},
+            None if check is None else {"ok": check.ok, "bytes_hashed": check.bytes_hashed},
+            timeline, _boot_summary(nk), report, lost, leaked, host))
+        memory, allocator = nk.memory, nk.allocator
+        previous = (nk, report)
+    return Result(config, profile, generations, timelines)
+
+
+def _load(config, memory, allocator, handover, preserved_phys, preserved_order, images, first):
+    """kexec load: place and load the segments, build the tables for mmu-on.  Returns
+    ``(kimage, trans_pgd or None, segments, region dict or None)``."""
+    shift = memory.page_shift
+    busy = PageRanges.from_units(preserved_phys, preserved_order, shift).union(
+        PageRanges.from_pages(handover.pages_to_keep(), shift))
+    requests = images.requests() + [K.SegmentRequest("dtb", handover.boot_dtb())]
+    region = None
+    allowed = K.scratch_pages(memory)
+    if config.relocation == "reserved":
+        # A kexeckernel= region: free scratch the running kernel does not use, sized to the image.
+        ps = memory.page_size
+        need = sum(-(-max(len(r.data), r.memsz) // ps) * ps for r in requests) + (ps if config.checks else 0) + KERNEL_ALIGN
+        size = -(-need // REGION_ALIGN) * REGION_ALIGN
+        free = _free_scratch(memory, allocator, first)
+        spot = K.place_segments(memory, [K.SegmentRequest("kexeckernel= region", b"", memsz=size, align=REGION_ALIGN)],
+                                free, busy)[0]
+        allowed = PageRanges.from_intervals([spot.mem >> shift], [spot.end >> shift])
+        region = {"phys": spot.mem, "size": spot.memsz}
+    segments = [images.fill(seg) for seg in K.place_segments(memory, requests, allowed, busy)]
+    if config.checks:
+        taken = K.destination_ranges(segments, shift)
+        segments += K.place_segments(memory, [K.SegmentRequest("purgatory", purg.build(segments))], allowed.subtract(taken), busy)
+    image = K.load(memory, allocator, segments, in_place=config.relocation == "reserved", allowed=allowed, busy=busy)
+    trans = None
+    if config.relocation == "mmu-on":
+        try:
+            trans = transpgd.build(memory, lambda n: K.alloc_safe_pages(allocator, n, image.destinations, shift),
+                                   config.linear_map, image.control_page)
+        except KHOError:
+            image.unload(allocator)
+            raise
+    return image, trans, segments, region
+
+
+def _lost_units(nk, phys: np.ndarray, order: np.ndarray) -> int:
+    """Units preserved by the running kernel that the next kernel did not receive exactly
+    (missing, or received but never preserved)."""
+    want = set(zip(phys.tolist(), order.tolist()))
+    have = set(zip(nk.kho.unit_phys.tolist(), nk.kho.unit_order.tolist()))
+    return len(want ^ have)
+
+
+def _boot_summary(nk) -> dict:
+    return nk.report()
+
+
+# -- trade-off report ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TradeOff:
+    """One relocation mode's reboot time against the memory it costs.
+
+    ``memory_bytes`` is taken at load time and freed by the reboot (``lifetime`` "load")
+    or reserved for good (``"forever"``); ``transient_bytes`` are the source pages, a copy
+    of the image held until the reboot (none when loaded in place).
+    """
+
+    mode: str
+    linear_map: str | None
+    relocation_s: float
+    total_s: float
+    memory_bytes: int
+    lifetime: str
+    transient_bytes: int
+    detail: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def compare(ram: int, image_size: int, profile: FitReport, page_size: int = 4096, checks: bool = True) -> list[TradeOff]:
+    """Every relocation mode (and linear-map granularity for mmu-on) for ``ram`` bytes of RAM
+    in one bank and an image of ``image_size`` bytes.  Tables are counted by building their
+    plan (:func:`kho.kexec.transpgd.plan_linear_map`).  O(tables)."""
+    from .kexec import entries as ent
+
+    if ram <= 0 or ram % page_size or image_size <= 0:
+        raise KHOError("EINVAL", "RAM and image sizes must be positive (RAM a multiple of the page size)")
+    if image_size > ram // 2:
+        raise KHOError("EINVAL", f"an image of {image_size} bytes is more than half of RAM")
+    pages = -(-image_size // page_size) + 1 + (1 if checks else 0)  # + DTB, purgatory
+    moved = pages * page_size
+    hashed = moved - page_size if checks else 0
+    ind = ent.nr_indirection_pages(pages + 3 + (1 if checks else 0), page_size)
+    base = (1 + ind) * page_size  # control page + indirection pages
+    p = profile.profile
+    out = []
+    for mode in RELOCATION_MODES:
+        t = reboot_timeline(p, mode, moved, hashed)
+        if mode == "mmu-off":
+            out.append(TradeOff(mode, None, t.relocation_s, t.total_s, base, "load", moved,
+                                f"control + {ind} indirection page(s)"))
+        elif mode == "mmu-on":
+            for lm in transpgd.LINEAR_MAPS:
+                plan = transpgd.plan_linear_map([(0, ram)], page_size, lm)
+                tables = (plan.nr_tables + transpgd.idmap_pages_needed(page_size)) * page_size
+                out.append(TradeOff(mode, lm, t.relocation_s, t.total_s, base + tables, "load", moved,
+                                    f"{plan.nr_tables} linear-map + {transpgd.idmap_pages_needed(page_size)} idmap table pages"))
+        else:
+            region = -(-(moved + KERNEL_ALIGN) // REGION_ALIGN) * REGION_ALIGN
+            out.append(TradeOff(mode, None, t.relocation_s, t.total_s, region + page_size, "forever", 0,
+                                "kexeckernel= region + control page"))
+    return out
