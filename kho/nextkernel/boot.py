@@ -127,15 +127,21 @@ class _Stages:
         self._last = now
 
 
-def _read_handover(memory: PhysicalMemory, boot_dtb: bytes, path: str):
-    """Stage 1: ``(chosen, fdt, scratch areas)`` or raise KHOError with the reason to
-    disable revival.  ``None`` when the DTB carries no KHO handover at all."""
+def _chosen(boot_dtb: bytes):
+    """``/chosen``'s KHO pointers, or None when it has no valid ``linux,kho-*`` properties
+    (the kernel then boots without KHO and says nothing).  A DTB the kernel could not parse
+    at all raises KHOFormatError."""
     try:
-        chosen = parse_chosen(boot_dtb)
+        return parse_chosen(boot_dtb)
     except KHOFormatError as err:
         if err.field.startswith("chosen."):
-            return None  # no (valid) linux,kho-* properties: not a KHO boot, nothing to log
-        raise  # a boot DTB the kernel cannot parse at all
+            return None
+        raise
+
+
+def _read_handover(memory: PhysicalMemory, chosen, path: str):
+    """Stage 1: the checked KHO FDT and the scratch areas, or KHOError with the reason to
+    disable revival."""
     try:
         blob = memory.read(chosen.fdt_phys, chosen.fdt_size)
     except KHOError:
@@ -143,7 +149,7 @@ def _read_handover(memory: PhysicalMemory, boot_dtb: bytes, path: str):
     expected = get_encoding(INSTRUCTIONS_ENCODING, memory.page_size).compatible if path == "instructions" else None
     fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size)
     areas = read_scratch_array(memory, chosen.scratch_phys, chosen.scratch_size)
-    return chosen, fdt, areas
+    return fdt, areas
 
 
 def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
@@ -169,18 +175,20 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
 
     # 1. handover
     handover = None
-    try:
-        handover = _read_handover(memory, boot_dtb, path)
-    except KHOError as err:
-        disable(err.message)
-    if handover is None and not messages:
+    chosen = _chosen(boot_dtb)
+    if chosen is None:
         messages.append("no KHO handover in /chosen")
+    else:
+        try:
+            handover = _read_handover(memory, chosen, path)
+        except KHOError as err:
+            disable(err.message)
     stages.done("handover")
 
     # 2. memblock and early allocations
     mb = Memblock(ps)
     if handover:
-        chosen, fdt, areas = handover
+        fdt, areas = handover
         for area in areas:
             mb.add_node(area.addr, area.size, memory.bank_of(area.addr).node)
             mb.mark_kho_scratch(area.addr, area.size)

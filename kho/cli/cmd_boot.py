@@ -1,0 +1,89 @@
+"""``kho boot IMAGE``: boot the next kernel on a handover image and report its free lists."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import KHOError
+from ..image import load_image
+from ..nextkernel import PATHS, boot
+from ..nextkernel.boot import INSTRUCTIONS_ENCODING
+from ..scratch import DEFAULT_KERNEL_IMAGE
+from .imageio import emit
+from .options import size_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("boot", help="boot the next kernel on a handover image",
+                       description="Boot the next kernel on a handover image: check the KHO FDT, limit early "
+                                   "allocations to the scratch areas, deserialize the preserved-memory map "
+                                   "(one memblock_reserve per unit, or by walking an instruction stream) and "
+                                   "build the buddy free lists.  Reports free pages and blocks per order, "
+                                   "reserved, preserved and leaked memory, and the time of each stage.")
+    p.add_argument("image", metavar="IMAGE", help="handover image (.kho)")
+    p.add_argument("--path", choices=PATHS, default="memblock",
+                   help="deserialization path: memblock (any ABI; default) or instructions "
+                        f"(images written with --abi {INSTRUCTIONS_ENCODING})")
+    p.add_argument("--kernel-image", type=size_arg, default=DEFAULT_KERNEL_IMAGE, metavar="SIZE",
+                   help=f"size of the next kernel's image (default {DEFAULT_KERNEL_IMAGE >> 20}M)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    image = load_image(args.image)
+    if args.path == "instructions" and image.encoding != INSTRUCTIONS_ENCODING:
+        raise KHOError("EINVAL", f"--path instructions reads an instruction stream; {args.image} holds a "
+                                 f"{image.encoding} map (serialize it with --abi {INSTRUCTIONS_ENCODING})")
+    nk = boot(image.memory, image.boot_dtb, args.path, encoding_options=image.options, kernel_image=args.kernel_image)
+    report = {"image": args.image, "abi": image.encoding, **nk.report()}
+    if args.json:
+        emit([json.dumps(report, indent=2), "\n"])
+        return 0
+    console = Console()
+    ps = report["page_size"]
+
+    def pages(n: int) -> str:
+        return f"{n:,} pages ({n * ps / (1 << 20):,.1f} MiB)"
+
+    summary = Table(title=f"next kernel: {report['abi']} map, {report['path']} path")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("KHO revival", "yes" if report["revived"] else "no")
+    for message in report["messages"]:
+        summary.add_row("kernel log", escape(message))
+    summary.add_row("RAM", pages(report["ram_pages"]))
+    summary.add_row("free (buddy)", pages(report["free_pages"]))
+    summary.add_row("free in scratch areas (CMA)", pages(report["free_scratch_pages"]))
+    summary.add_row("reserved", pages(report["reserved_pages"]))
+    summary.add_row("preserved", f"{report['preserved_units']:,} units, " + pages(report["preserved_pages"]))
+    summary.add_row("leaked if never restored", f"{report['leaked_units']:,} units, " + pages(report["leaked_pages"]))
+    summary.add_row("memblock_reserve calls", f"{report['memblock_reserve_calls']:,}")
+    summary.add_row("memblock.reserved regions", f"{report['memblock_reserved_regions']:,} "
+                                                  f"({report['memblock_reserved_array_bytes']:,} B of array)")
+    summary.add_row("kernel image", f"{report['kernel_image']['phys']:#x} + {report['kernel_image']['size'] >> 20} MiB")
+    console.print(summary)
+
+    orders = Table(title=escape("free_area[order]: free blocks"))
+    for name in ("order", "block", "blocks", "in scratch", "pages"):
+        orders.add_column(name, justify="right")
+    normal, scratch = report["free_blocks"]["normal"], report["free_blocks"]["scratch"]
+    for order, (n, s) in enumerate(zip(normal, scratch)):
+        size = ps << order
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        orders.add_row(str(order), label, f"{n:,}", f"{s:,}", f"{(n + s) << order:,}")
+    console.print(orders)
+
+    timings = Table(title="stages")
+    timings.add_column("stage")
+    timings.add_column("seconds", justify="right")
+    for stage, seconds in report["timings_s"].items():
+        timings.add_row(stage, f"{seconds:.4f}")
+    timings.add_row("total", f"{sum(report['timings_s'].values()):.4f}")
+    console.print(timings)
+    return 0
