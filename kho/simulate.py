@@ -396,13 +396,13 @@ def compare(ram: int, image_size: int, profile: FitReport, page_size: int = 4096
     for mode in RELOCATION_MODES:
         t = reboot_timeline(p, mode, moved, hashed)
         if mode == "mmu-off":
-            out.append(TradeOff(mode, None, t.relocation_s, t.total_s, base, "load", moved,
+            out.append(TradeOff(mode, None, t.relocation_s, t.total_s, base, "until reboot", moved,
                                 f"control + {ind} indirection page(s)"))
         elif mode == "mmu-on":
             for lm in transpgd.LINEAR_MAPS:
                 plan = transpgd.plan_linear_map([(0, ram)], page_size, lm)
                 tables = (plan.nr_tables + transpgd.idmap_pages_needed(page_size)) * page_size
-                out.append(TradeOff(mode, lm, t.relocation_s, t.total_s, base + tables, "load", moved,
+                out.append(TradeOff(mode, lm, t.relocation_s, t.total_s, base + tables, "until reboot", moved,
                                     f"{plan.nr_tables} linear-map + {transpgd.idmap_pages_needed(page_size)} idmap table pages"))
         else:
             region = -(-(moved + KERNEL_ALIGN) // REGION_ALIGN) * REGION_ALIGN
