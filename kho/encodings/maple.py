@@ -41,8 +41,8 @@ from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
 from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer,
-                        check_units, magic_of, read_pages, read_root_pointer)
+from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer, check_units,
+                        magic_of, read_pages, read_root_pointer, tracker_units)
 
 #: Number of slots in a node and of pivots (inclusive range ends).
 MAPLE_SLOTS = 16
@@ -90,12 +90,11 @@ def _leaf_counts(n: int) -> np.ndarray:
 def build_nodes(phys: np.ndarray, order: np.ndarray, page_size: int) -> tuple[np.ndarray, list[int]]:
     """The tree's nodes for units sorted by phys, leaves first and the root last, with
     child slots holding *node indices* (to be replaced by phys), and the node count per
-    level (bottom-up).  O(units) numpy work."""
+    level (bottom-up).  Leaves are whole-array reshapes of the units: O(units) numpy work."""
     n = phys.size
     counts = _leaf_counts(n)
     end = phys + (np.uint64(page_size) << order.astype(np.uint64)) - np.uint64(1)
-    leaf_of = np.repeat(np.arange(counts.size), counts)
-    slot = np.arange(n, dtype=np.int64) - (np.cumsum(counts) - counts)[leaf_of]
+    value = unit_value(order)
     level_sizes = [counts.size]
     while level_sizes[-1] > 1:
         level_sizes.append(-(-level_sizes[-1] // MAPLE_SLOTS))
@@ -103,10 +102,16 @@ def build_nodes(phys: np.ndarray, order: np.ndarray, page_size: int) -> tuple[np
     nodes["magic"] = NODE_MAGIC
     leaves = nodes[:counts.size]
     leaves["count"] = counts
-    explicit = slot < MAPLE_PIVOTS
-    leaves["pivot"][leaf_of[explicit], slot[explicit]] = end[explicit]
-    leaves["slot"][leaf_of, slot] = unit_value(order)
-    subtree_max = end[np.maximum(np.cumsum(counts) - 1, 0)] if n else np.zeros(1, np.uint64)
+    first = np.cumsum(counts) - counts
+    full = int(np.count_nonzero(counts == MAPLE_SLOTS))  # the full leaves come first
+    body = full * MAPLE_SLOTS
+    leaves["pivot"][:full] = end[:body].reshape(full, MAPLE_SLOTS)[:, :MAPLE_PIVOTS]
+    leaves["slot"][:full] = value[:body].reshape(full, MAPLE_SLOTS)
+    for leaf in range(full, counts.size):  # the last one or two leaves
+        lo, k = int(first[leaf]), int(counts[leaf])
+        leaves["pivot"][leaf, :k] = end[lo:lo + k]
+        leaves["slot"][leaf, :k] = value[lo:lo + k]
+    subtree_max = end[np.maximum(first + counts - 1, 0)] if n else np.zeros(1, np.uint64)
     base = 0
     for level, (size, parents) in enumerate(zip(level_sizes, level_sizes[1:]), start=1):
         upper = nodes[base + size:base + size + parents]
@@ -194,43 +199,49 @@ def _children(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndarra
 
 
 def _leaf_units(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndarray, memory: PhysicalMemory):
-    """Validate leaves covering ``[lo, hi]``; their units ``(phys, order)`` in order and
-    the phys of the slot each was read from."""
+    """Validate leaves covering ``[lo, hi]``; their units ``(phys, order)`` in order, and a
+    function giving the phys of the slot unit ``i`` was read from."""
     count = nodes["count"].astype(np.int64)
     piv, slots = nodes["pivot"], nodes["slot"]
     pos = np.arange(MAPLE_SLOTS)
     used_slot = pos < count[:, None]
-    used_piv = pos[:MAPLE_PIVOTS] < np.minimum(count, MAPLE_PIVOTS)[:, None]
-    order = (slots >> np.uint64(1)).astype(np.int64)
+    used_piv = used_slot[:, :MAPLE_PIVOTS]
+    order = slots >> np.uint64(1)
     for mask, field, message in (
         (~used_piv & (piv != 0), "pivot", "unused pivot is not 0"),
         (~used_slot & (slots != 0), "slot", "unused slot is not 0"),
         (used_slot & ((slots & np.uint64(1)) == 0), "slot", "not a value entry"),
-        (used_slot & (order > memory.geometry.max_order), "slot", f"order above MAX_PAGE_ORDER {memory.geometry.max_order}"),
+        (used_slot & (order > np.uint64(memory.geometry.max_order)), "slot",
+         f"order above MAX_PAGE_ORDER {memory.geometry.max_order}"),
     ):
         if mask.any():
             _fail(mask, phys, field, message)
     ends = np.empty((nodes.size, MAPLE_SLOTS), dtype=np.uint64)
     ends[:, :MAPLE_PIVOTS] = piv
     ends[:, MAPLE_PIVOTS] = hi
-    size = np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64))
-    limit = np.uint64(1 << 63)
-    aligned = ((ends + np.uint64(1)) % size) == 0
-    start = ends + np.uint64(1) - size
-    prev_end = np.empty_like(ends)
-    prev_end[:, 0] = lo - np.uint64(1)
-    prev_end[:, 1:] = ends[:, :-1]
-    above_lo = np.where(pos == 0, start >= lo[:, None], start > prev_end)
+    after = ends + np.uint64(1)
+    size = np.left_shift(np.uint64(memory.page_size), order)
+    start = after - size
+    beyond = ends >= np.uint64(1 << 63)
+    misaligned = (after & (size - np.uint64(1))) != 0
+    outside = ends > hi[:, None]
+    before = start > ends  # the unit would start below address 0
+    before[:, 0] |= start[:, 0] < lo
+    before[:, 1:] |= start[:, 1:] <= ends[:, :-1]
     for mask, message in (
-        (used_slot & (ends >= limit), "unit end beyond the address space"),
-        (used_slot & ~aligned, "unit end + 1 not aligned to the unit size"),
-        (used_slot & ((start > ends) | ~above_lo), "unit starts before the previous one ends or below the node's range"),
-        (used_slot & (ends > hi[:, None]), "unit ends beyond the node's range"),
+        (beyond, "unit end beyond the address space"),
+        (misaligned, "unit end + 1 not aligned to the unit size"),
+        (outside, "unit ends beyond the node's range"),
+        (before, "unit starts before the previous one ends or below the node's range"),
     ):
+        mask &= used_slot
         if mask.any():
             _fail(mask, phys, "pivot", message)
-    slot_phys = phys[:, None] + np.uint64(MAPLE_PIVOTS * 8) + pos.astype(np.uint64) * np.uint64(8)
-    return start[used_slot], order[used_slot].astype(np.uint8), slot_phys[used_slot]
+    def locate(i: int) -> int:
+        node, slot = divmod(int(np.flatnonzero(used_slot)[i]), MAPLE_SLOTS)
+        return int(phys[node]) + MAPLE_PIVOTS * 8 + slot * 8
+
+    return start[used_slot], order[used_slot].astype(np.uint8), locate
 
 
 def _check_unique(child: np.ndarray, where: np.ndarray) -> None:
@@ -263,7 +274,7 @@ def decode_tree(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.
     while True:
         _check_header(nodes, phys, level, root=len(all_phys) == 1)
         if level == 0:
-            unit_phys, order, where = _leaf_units(nodes, phys, lo, hi, memory)
+            unit_phys, order, locate = _leaf_units(nodes, phys, lo, hi, memory)
             break
         child, where, lo, hi = _children(nodes, phys, lo, hi)
         _check_unique(child, where)
@@ -272,7 +283,7 @@ def decode_tree(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.
         phys = child
         all_phys.append(phys)
     node_phys = np.concatenate(all_phys)
-    check_units(memory, unit_phys, order, "maple.leaf", where)
+    check_units(memory, unit_phys, order, "maple.leaf", locate)
     return unit_phys, order, np.sort(node_phys), height
 
 
@@ -315,7 +326,7 @@ class Maple(Encoding):
         """Build the levels bottom-up in numpy, then write the node pages.  O(units)."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        phys, order = tracker.units_array()
+        phys, order = tracker_units(tracker)
         nodes, level_sizes = build_nodes(phys, order, self.page_size)
         per_page = self.page_size // MAPLE_NODE_BYTES
         pages = alloc_pages_bulk(allocator, -(-nodes.size // per_page))

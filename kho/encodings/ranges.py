@@ -28,7 +28,7 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import check_page_size, in_usable
+from .chunklist import check_page_size, in_usable, tracker_units
 
 #: ``struct { u64 addr; u64 len; }``, bytes, little-endian.
 RANGE = np.dtype([("addr", "<u8"), ("len", "<u8")])
@@ -94,7 +94,10 @@ def merge_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarra
 def merge_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Units ``(phys, order)`` sorted by phys, as merged ``[start, end)`` pfn runs (int64)."""
     pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
-    return merge_runs(memory, pfn, pfn + np.left_shift(1, np.asarray(order, dtype=np.int64)))
+    order = np.asarray(order)
+    if order.size and (order == order[0]).all():  # one order: a scalar size
+        return merge_runs(memory, pfn, pfn + (1 << int(order[0])))
+    return merge_runs(memory, pfn, pfn + np.left_shift(1, order.astype(np.int64)))
 
 
 def _floor_log2(values: np.ndarray) -> np.ndarray:
@@ -186,7 +189,7 @@ class Ranges(Encoding):
         """O(units) numpy work; writes no page."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        phys, order = tracker.units_array()
+        phys, order = tracker_units(tracker)
         start, end = merge_units(memory, phys, order)
         table = np.empty(start.size, dtype=RANGE)
         table["addr"] = start.astype(np.uint64) << np.uint64(memory.page_shift)
