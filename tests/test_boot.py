@@ -20,9 +20,10 @@ from kho.nextkernel.memblock import MemblockFlag
 IMAGE = 1 << 20  # kernel image of both kernels in these small machines
 
 
-def make_handover(encoding="instructions", seed=0, ram=64 << 20, banks=None, plan=((9, 2), (3, 20), (0, 400)), **options):
+def make_handover(encoding="instructions", seed=0, ram=64 << 20, banks=None, plan=((9, 2), (3, 20), (0, 400)),
+                  page_size=4096, **options):
     """A first kernel that preserved random folios (``plan``: (order, count)) and a blob."""
-    machine = Machine.boot(ram, kernel_image=IMAGE, seed=seed, banks=banks)
+    machine = Machine.boot(ram, page_size, kernel_image=IMAGE, seed=seed, banks=banks)
     kho = KHO(machine.memory, machine.allocator, encoding, **options)
     for order, count in plan:
         count = min(count, int(machine.allocator.nr_free_pages >> order) // 4)
@@ -34,6 +35,7 @@ def make_handover(encoding="instructions", seed=0, ram=64 << 20, banks=None, pla
 
 
 def pages_of(memmap, phys, order, shift):
+    """Memmap indices of every page of the units."""
     idx = memmap.index(phys >> np.uint64(shift))
     return np.concatenate([np.arange(i, i + (1 << int(o))) for i, o in zip(idx, order)]) if idx.size else np.empty(0, np.int64)
 
@@ -110,6 +112,15 @@ def test_memblock_path_reads_every_encoding(encoding, options):
     assert nk.revived, nk.messages
     assert np.array_equal(nk.kho.unit_phys, units[0])
     check_partition(nk, units)
+
+
+def test_16k_pages():
+    machine, handover, units = make_handover(ram=256 << 20, plan=((2, 10), (0, 200)), page_size=16384)
+    paths = [boot(machine.memory, handover.boot_dtb(), path, kernel_image=IMAGE) for path in ("memblock", "instructions")]
+    for nk in paths:
+        assert nk.revived and nk.allocator.max_order == 11
+        check_partition(nk, units)
+    assert all(np.array_equal(a, b) for a, b in zip(paths[0].allocator.free_lists(), paths[1].allocator.free_lists()))
 
 
 def test_instruction_path_needs_an_instruction_stream():

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from buddy_invariants import check_free_lists
@@ -10,7 +10,7 @@ from kho.errors import KHOError
 from kho.memory import Bank, PhysicalMemory, ScratchArea
 from kho.nextkernel import intervals
 from kho.nextkernel.buddy import BuddyAllocator
-from kho.nextkernel.freelist import NORMAL, SCRATCH, Segments, build_free_areas
+from kho.nextkernel.freelist import NORMAL, Segments, build_free_areas
 from kho.nextkernel.memmap import ALLOCATED, FREE, PRESERVED, RESERVED, MemMap
 
 

@@ -1,10 +1,8 @@
 """Free-list construction: the kernel's greedy __free_pages_memory, segments, FreeArea."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
-from kho.errors import KHOError
 from kho.memory import Bank, PhysicalMemory, ScratchArea
 from kho.nextkernel.freelist import NORMAL, SCRATCH, FreeArea, Segments, build_free_areas, free_blocks, mask_blocks
 from kho.nextkernel.memmap import MemMap
@@ -56,7 +54,6 @@ def test_segments_cut_banks_at_scratch_areas():
         (0, pfn(8), False), (pfn(8), pfn(12), True), (pfn(12), pfn(64), False),
         (pfn(128), pfn(160), False), (pfn(160), pfn(192), True)]
     assert segs.locate([0, pfn(64), pfn(100), pfn(191)]).tolist() == [0, -1, -1, 4]
-    assert segs.block_fits(pfn(12) - 1, 0) and not segs.block_fits(pfn(12) - 1, 1)
 
 
 @settings(max_examples=150, deadline=None)

@@ -202,3 +202,28 @@ def test_array_bytes_counts_regions():
     mb.reserve_many(np.arange(0, 100, 2), np.ones(50, np.uint64))
     assert len(mb.reserved) == 50 and mb.reserved.array_bytes == 50 * 24
     assert mb.reserved.total_size == 50
+
+
+def covered(start, end):
+    return {x for s, e in zip(start.tolist(), end.tolist()) for x in range(s, e)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(ranges, ranges, st.sets(st.integers(0, 250), max_size=8))
+def test_interval_operations_match_sets(a, b, points):
+    from kho.nextkernel import intervals
+
+    a_s, a_e = intervals.normalize([s for s, _ in a], [s + n for s, n in a])
+    b_s, b_e = intervals.normalize([s for s, _ in b], [s + n for s, n in b])
+    assert covered(a_s, a_e) == {x for s, n in a for x in range(s, s + n)}
+    assert (a_s[1:] > a_e[:-1]).all()  # neither overlapping nor touching
+    for op, expect in ((intervals.subtract, covered(a_s, a_e) - covered(b_s, b_e)),
+                       (intervals.intersect, covered(a_s, a_e) & covered(b_s, b_e))):
+        for x, y in (((a_s, a_e), (b_s, b_e)), ((a_s[:1], a_e[:1]), (b_s, b_e)), ((a_s, a_e), (b_s[:1], b_e[:1]))):
+            s, e = op(*x, *y)
+            want = covered(*x) - covered(*y) if op is intervals.subtract else covered(*x) & covered(*y)
+            assert covered(s, e) == want and (e > s).all() and (s[1:] >= e[:-1]).all()
+        assert covered(*op(a_s, a_e, b_s, b_e)) == expect
+    s, e = intervals.split_at(a_s, a_e, sorted(points))
+    assert covered(s, e) == covered(a_s, a_e)
+    assert not any(((s < p) & (e > p)).any() for p in points)

@@ -1,6 +1,5 @@
 """The restore API after boot: kernel semantics of restore_folio / restore_pages / retrieve_subtree."""
 
-import numpy as np
 import pytest
 
 from buddy_invariants import check_free_lists

@@ -108,6 +108,7 @@ class NextKernel:
             "leaked_pages": int(np.sum(np.left_shift(np.int64(1), leaked_order.astype(np.int64)))),
             "memblock_reserve_calls": self.memblock.reserve_calls,
             "memblock_reserved_regions": len(self.memblock.reserved),
+            "memblock_reserved_bytes": self.memblock.reserved.total_size,
             "memblock_reserved_array_bytes": self.memblock.reserved.array_bytes,
             "kernel_image": {"phys": self.image[0], "size": self.image[1]},
             "timings_s": dict(self.timings),

@@ -27,7 +27,6 @@ from . import intervals
 #: The two free-list classes: ordinary memory, and the scratch areas (MIGRATE_CMA in
 #: the kernel: only movable allocations, never preserved, so never handed out here).
 NORMAL, SCRATCH = "normal", "scratch"
-CLASSES = (NORMAL, SCRATCH)
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,6 @@ class Segments:
         i = np.searchsorted(self.start, pfn, side="right").astype(np.int64) - 1
         inside = (i >= 0) & (self.end[np.maximum(i, 0)] > pfn)
         return np.where(inside, i, -1)
-
-    def block_fits(self, pfn: int, order: int) -> bool:
-        """True when the block of ``2**order`` pages at ``pfn`` lies inside one segment."""
-        i = int(self.locate([pfn])[0])
-        return i >= 0 and pfn + (1 << order) <= int(self.end[i])
 
 
 #: Sort keys of blocks: ``pfn | (2**order << _KEY_SHIFT)`` sorts by order, then pfn.

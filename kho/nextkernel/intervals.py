@@ -122,21 +122,3 @@ def split_at(start, end, points) -> tuple[np.ndarray, np.ndarray]:
     if not hit.any():
         return s, e
     return _replace(s, e, hit, _pieces(s[hit], e[hit], lo[hit], cnt[hit], p, p))
-
-
-def first_overlap(a_start, a_end, b_start, b_end) -> int:
-    """Index in A of the first interval of A that shares a point with B, or -1.
-
-    A sorted and disjoint, B normalized.  O(|A| log |B|)."""
-    a_s, a_e, b_s, b_e = as_u64(a_start), as_u64(a_end), as_u64(b_start), as_u64(b_end)
-    if a_s.size == 0 or b_s.size == 0:
-        return -1
-    lo = np.searchsorted(b_e, a_s, side="right")
-    hi = np.searchsorted(b_s, a_e, side="left")
-    hit = np.flatnonzero(hi > lo)
-    return int(hit[0]) if hit.size else -1
-
-
-def total(start, end) -> int:
-    """Sum of the lengths of disjoint intervals."""
-    return int(np.sum(as_u64(end) - as_u64(start), dtype=np.uint64))

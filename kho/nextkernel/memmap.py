@@ -28,7 +28,6 @@ KHO_PAGE_MAGIC = 0x4B484F50
 
 #: Page states (values of :attr:`MemMap.state`).
 FREE, ALLOCATED, RESERVED, PRESERVED = 0, 1, 2, 3
-STATE_NAMES = {FREE: "free", ALLOCATED: "allocated", RESERVED: "reserved", PRESERVED: "preserved"}
 
 
 class MemMap:
