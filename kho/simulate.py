@@ -117,8 +117,7 @@ class Generation:
 
     @property
     def ok(self) -> bool:
-        return (self.verify.ok and not self.lost_units and not self.leaked_units
-                and (self.purgatory is None or self.purgatory["ok"]))
+        return self.verify.ok and not self.lost_units and not self.leaked_units
 
     def to_dict(self) -> dict:
         return {
@@ -230,7 +229,7 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
     memory, allocator = machine.memory, machine.allocator
     images = _Image(config, rng)
     generations = []
-    previous = None  # (next kernel, verify report) of the last generation
+    previous = None  # the last generation's verify report: what the running kernel restored
     timelines: dict[str, Timeline] = {}
     for index in range(1, config.generations + 1):
         host: dict[str, float] = {}
@@ -244,7 +243,7 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
 
         if previous is not None:
             step("release", index)
-            W.release(allocator, previous[1])
+            W.release(allocator, previous)
             lap("release")
         step("workload", index)
         kho = KHO(memory, allocator, config.abi)
@@ -284,10 +283,9 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
         leaked = int(nk.leaked()[0].size)
         lap("verify")
         hashed = check.bytes_hashed if check else 0
-        timeline = reboot_timeline(profile.profile, config.relocation, reloc.bytes_copied or image.nr_pages * memory.page_size,
-                                   hashed)
+        moved = image.nr_pages * memory.page_size
+        timeline = reboot_timeline(profile.profile, config.relocation, moved, hashed)
         if index == 1:
-            moved = image.nr_pages * memory.page_size
             timelines = {m: reboot_timeline(profile.profile, m, moved, hashed) for m in RELOCATION_MODES}
         generations.append(Generation(
             index, int(preserved_phys.size), kho.tracker.nr_pages, handover.encoded.total_bytes,
@@ -300,9 +298,9 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
              "indirection_pages": reloc.indirection_pages, "tables_read": reloc.tables_read,
              "pages_written": reloc.pages_written},
             None if check is None else {"ok": check.ok, "bytes_hashed": check.bytes_hashed},
-            timeline, _boot_summary(nk), report, lost, leaked, host))
+            timeline, nk.report(), report, lost, leaked, host))
         memory, allocator = nk.memory, nk.allocator
-        previous = (nk, report)
+        previous = report
     return Result(config, profile, generations, timelines)
 
 
@@ -347,10 +345,6 @@ def _lost_units(nk, phys: np.ndarray, order: np.ndarray) -> int:
     want = set(zip(phys.tolist(), order.tolist()))
     have = set(zip(nk.kho.unit_phys.tolist(), nk.kho.unit_order.tolist()))
     return len(want ^ have)
-
-
-def _boot_summary(nk) -> dict:
-    return nk.report()
 
 
 # -- trade-off report ------------------------------------------------------------------------

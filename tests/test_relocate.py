@@ -128,3 +128,16 @@ def test_purgatory_region_limit():
     segs = [K.Segment(b"", i * PS, PS) for i in range(17)]
     with pytest.raises(KHOError):
         P.build(segs)
+
+
+def test_written_pages_sees_stored_and_generated_changes():
+    machine = Machine.boot(256 << 20)
+    memory = machine.memory
+    memory.fill_pattern(0x4000000, 64 * PS, seed=7)
+    memory.write(0x100000, b"a" * PS)
+    before = R._snapshot(memory)
+    memory.write(0x4000000 + 10 * PS, b"b" * PS)  # splits the generated run: only that page changes
+    memory.fill_pattern(0x5000000, 2 * PS, seed=9)  # new generated content
+    memory.write(0x100000, b"a" * PS)  # same bytes, but written
+    written = R._written_pages(memory, before).tolist()
+    assert written == sorted([0x100000 >> 12, (0x4000000 >> 12) + 10, 0x5000000 >> 12, (0x5000000 >> 12) + 1])

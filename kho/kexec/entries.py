@@ -204,5 +204,8 @@ def walk_list(memory: PhysicalMemory, head: int) -> EntryWalk:
             page = entry & ~(ps - 1)
             continue
         raise KHOFormatError("kimage.entry", f"invalid entry {entry:#x}", where)
-    cat = lambda parts: np.concatenate(parts).astype(np.uint64) if parts else np.empty(0, np.uint64)  # noqa: E731
-    return EntryWalk(cat(src_parts), cat(dst_parts), np.array(ind_pages, dtype=np.uint64), cat(dest_values))
+    return EntryWalk(_cat(src_parts), _cat(dst_parts), np.array(ind_pages, dtype=np.uint64), _cat(dest_values))
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.uint64) if parts else np.empty(0, np.uint64)

@@ -54,6 +54,18 @@ def _snapshot(memory: PhysicalMemory):
     return dict(memory.stored_pages()), set(memory.generated_runs())
 
 
+def _seeds_at(runs: set, pfn: np.ndarray) -> list:
+    """The generated-content seed of each pfn under ``runs`` (``(start, end, seed)``), or None."""
+    runs = sorted(runs)
+    starts = np.array([r[0] for r in runs], dtype=np.int64)
+    ends = np.array([r[1] for r in runs], dtype=np.int64)
+    if not starts.size:
+        return [None] * pfn.size
+    i = np.searchsorted(starts, pfn, side="right") - 1
+    inside = (i >= 0) & (ends[np.maximum(i, 0)] > pfn)
+    return [runs[j][2] if ok else None for j, ok in zip(i.tolist(), inside.tolist())]
+
+
 def _written_pages(memory: PhysicalMemory, before) -> np.ndarray:
     """pfns whose stored page object or generated seed differs from ``before``.  O(stored pages)."""
     stored_before, runs_before = before
@@ -62,22 +74,8 @@ def _written_pages(memory: PhysicalMemory, before) -> np.ndarray:
     runs_after = set(memory.generated_runs())
     moved = runs_before ^ runs_after
     if moved:
-        def seeds(runs):
-            runs = sorted(runs)
-            starts = np.array([r[0] for r in runs], dtype=np.int64)
-            ends = np.array([r[1] for r in runs], dtype=np.int64)
-            return starts, ends, [r[2] for r in runs]
-
         cand = PageRanges.from_intervals([r[0] for r in moved], [r[1] for r in moved]).pages()
-        b_s, b_e, b_seed = seeds(runs_before)
-        a_s, a_e, a_seed = seeds(runs_after)
-
-        def seed_of(starts, ends, seed_list, pfn):
-            i = np.searchsorted(starts, pfn, side="right") - 1
-            inside = (i >= 0) & (ends[np.maximum(i, 0)] > pfn) if starts.size else np.zeros(pfn.shape, bool)
-            return [seed_list[j] if ok else None for j, ok in zip(i.tolist(), inside.tolist())]
-
-        for pfn, sb, sa in zip(cand.tolist(), seed_of(b_s, b_e, b_seed, cand), seed_of(a_s, a_e, a_seed, cand)):
+        for pfn, sb, sa in zip(cand.tolist(), _seeds_at(runs_before, cand), _seeds_at(runs_after, cand)):
             if sb != sa:
                 changed.append(pfn)
     return np.unique(np.array(changed, dtype=np.int64))
