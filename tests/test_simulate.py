@@ -190,3 +190,11 @@ def test_cli_user_profile_file(capsys, tmp_path):
     assert data["profile"]["profile"]["name"] == "board"
     moved = sum(s["memsz"] for s in data["generations"][0]["segments"])
     assert data["timelines"]["mmu-off"]["relocation_s"] == pytest.approx(moved / (50 * MIB))
+
+
+@pytest.mark.parametrize("page_size", [16384, 65536])
+def test_other_page_sizes(page_size):
+    result = S.run(small(page_size=page_size, abi="kho-v1", preserve=16 * MIB))
+    assert result.ok
+    levels = result.generations[0].tables["by_level"]
+    assert len(levels) == (4 if page_size == 16384 else 3)
