@@ -27,7 +27,7 @@ def make_buddy(memory, reserved=(), units=(), seed=0):
     free_s, free_e = intervals.subtract(ram_s, ram_e, *intervals.normalize(taken_s, taken_e))
     segs = Segments.from_memory(memory)
     free = memmap.ranges_mask(free_s, free_e)
-    memmap.state[free] = FREE
+    memmap.set_free(free)
     areas = build_free_areas(free, memmap, segs, memory.geometry.max_order)
     if units:
         memmap.mark_preserved(u_pfn, u_ord)

@@ -22,6 +22,13 @@ The sequence, as Linux does it (``kho_populate``, ``kho_memory_init``,
    free runs plus the scratch areas minus the few memblock reservations.  Both give the
    same free lists.
 
+Model choices: a kernel reading the instruction path checks for the instruction stream's
+compatible; one on the memblock path accepts any registered encoding's.  When the map
+itself is rejected the scratch setup stays, as in the kernel (only ``kho_in`` is
+cleared).  Without a handover the machine's scratch areas are still kept as CMA (the
+kernel would reserve fresh ones).  Buddies never merge across a bank or scratch-area
+boundary (:mod:`kho.nextkernel.freelist`).
+
 Units: ``phys`` and sizes in bytes, pfns for free ranges, seconds for timings.
 """
 
@@ -41,7 +48,7 @@ from . import intervals
 from .buddy import BuddyAllocator
 from .freelist import NORMAL, SCRATCH, Segments, build_free_areas
 from .memblock import Memblock
-from .memmap import ALLOCATED, FREE, RESERVED, MemMap
+from .memmap import ALLOCATED, RESERVED, MemMap
 from .restore import IncomingKHO
 
 PATHS = ("memblock", "instructions")
@@ -249,7 +256,7 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
         res_s, res_e = intervals.split_at(res_s // page, (res_e + page - np.uint64(1)) // page, segments.boundaries())
         for first, last in zip(res_s.tolist(), res_e.tolist()):
             free[memmap.index_range(first, last - first)] = False
-    memmap.state[free] = FREE
+    memmap.set_free(free)
     allocator = BuddyAllocator(memory, memmap, segments, build_free_areas(free, memmap, segments, memory.geometry.max_order), seed)
     stages.done("free_lists")
 

@@ -227,18 +227,19 @@ def mask_blocks(free: np.ndarray, first_pfn: int, max_order: int) -> list[np.nda
     lead = first_pfn & (align - 1)
     base = np.uint64(first_pfn - lead)
     padded = -(-(lead + free.size) // align) * align
-    if lead or padded != free.size:
+    if lead or padded != free.size or not free.flags.c_contiguous:
         level = np.zeros(padded, dtype=bool)
         level[lead:lead + free.size] = free
     else:
         level = free
     out = []
     for order in range(max_order):
-        pairs = level.reshape(-1, 2)
-        parent = pairs[:, 0] & pairs[:, 1]
-        heads = np.flatnonzero(pairs & ~parent[:, None])
+        # Each pair of buddies as one uint16 (bools are bytes 0/1): a page heads a block of
+        # this order when it is free and its buddy is not; both free make the parent free.
+        pairs = level.view(np.uint16)
+        heads = np.flatnonzero((pairs & ~pairs.byteswap()).view(bool))
         out.append((heads.astype(np.uint64) << np.uint64(order)) + base)
-        level = parent
+        level = pairs == 0x0101
     out.append((np.flatnonzero(level).astype(np.uint64) << np.uint64(max_order)) + base)
     return out
 

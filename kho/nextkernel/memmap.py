@@ -26,7 +26,7 @@ KHO_PAGE_INFO = np.dtype([("order", "<u4"), ("magic", "<u4")])
 #: The magic KHO writes next to the order: ASCII 'KHOP'.
 KHO_PAGE_MAGIC = 0x4B484F50
 
-#: Page states (values of :attr:`MemMap.state`).
+#: Page states (values of :attr:`MemMap.state`); :meth:`MemMap.set_free` relies on FREE being 0.
 FREE, ALLOCATED, RESERVED, PRESERVED = 0, 1, 2, 3
 
 
@@ -41,7 +41,9 @@ class MemMap:
         sizes = (self.bank_end - self.bank_first).astype(np.int64)
         self.bank_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.nr_pages = int(sizes.sum())
-        self.info = np.zeros(self.nr_pages, dtype=KHO_PAGE_INFO)
+        # Written out now, as memmap_init does, not left to first touch.
+        self.info = np.empty(self.nr_pages, dtype=KHO_PAGE_INFO)
+        self.info.view(np.uint64).fill(0)
         self.state = np.full(self.nr_pages, RESERVED, dtype=np.uint8)
 
     # -- indexing -------------------------------------------------------------------------
@@ -97,6 +99,11 @@ class MemMap:
             heads = idx if present.size == 1 else idx[order == o]
             pages = heads if o == 0 else (heads[:, None] + np.arange(1 << o, dtype=np.int64)).reshape(-1)
             self.state[pages] = PRESERVED
+
+    def set_free(self, free: np.ndarray) -> None:
+        """State free for every page flagged in the bool mask ``free``.  A multiply, as the
+        free state is 0: several times faster than a masked assignment."""
+        np.multiply(self.state, ~free, out=self.state)
 
     def count(self, state: int) -> int:
         """Pages in ``state``."""
