@@ -5,8 +5,8 @@
   used in this chunk, ``u32 magic`` naming the encoding) followed by fixed-size entries.
   The decoders read it with cycle detection and every count bounded by the page.
 * The tracker's units by address, straight from its bitmaps.
-* Bulk allocation of metadata pages from a page allocator, in blocks as large as the
-  allocator has, all or nothing.
+* Bulk allocation of metadata pages from a page allocator, in blocks of up to 16 pages,
+  all or nothing, never page 0.
 * Reading many pages, the root pointer property, and the checks every decoder applies to
   the units it decodes (inside RAM, outside scratch, sorted and disjoint) and to its own
   metadata pages (never on preserved memory).
