@@ -188,3 +188,22 @@ def test_other_page_sizes(page_size):
     encoded = get_encoding("instructions", page_size).encode(tracker, alloc)
     walked = walk(memory, encoded.props)
     assert list(zip(walked.unit_phys.tolist(), walked.unit_order.tolist())) == tracker.units()
+
+
+def test_bitmaps_of_several_orders():
+    memory, alloc = machine(banks=((0, 1 << 14),), scratch=((8192, 512, "global"),))
+    tracker = Tracker(memory)
+    tracker.preserve_many(np.arange(64, 64 + 3 * 200, 3, dtype=np.uint64) * np.uint64(PS), 0)  # order-0 slice
+    tracker.preserve_many(np.arange(2048, 2048 + 8 * 100, 8, dtype=np.uint64) * np.uint64(PS), 2)  # order-2 slice
+    tracker.preserve_many(np.arange(9000, 9000 + 2 * 300, 2, dtype=np.uint64) * np.uint64(PS), 1)  # after the scratch area
+    for phys, order in tracker.units():
+        alloc.reserve(phys, PS << order)
+    encoded = get_encoding("instructions").encode(tracker, alloc)
+    records, words = read_stream(memory, encoded.props)
+    head = records["head"]
+    bitmaps = (head >> np.uint64(60)) == OP_BITMAP
+    assert sorted(((head[bitmaps] >> np.uint64(52)) & np.uint64(15)).tolist()) == [0, 1, 2]
+    walked = walk(memory, encoded.props)
+    free, skip, units = reference(records, words)
+    assert list(zip(walked.unit_phys.tolist(), walked.unit_order.tolist())) == tracker.units()
+    assert pages(walked.free_start_pfn, walked.free_end_pfn) == free

@@ -269,7 +269,7 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
         raise KHOFormatError("instructions.bitmap", f"the BITMAP records need {total} words, the header says {stream.nr_words}",
                              stream.location(0))
     if not nbits.size:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.empty(0, np.int64), np.empty(0, np.uint8)
     rem = nbits & 63
     partial = np.flatnonzero(rem)
     last_word = stream.words[(woff + words_per - 1)[partial]]
@@ -279,28 +279,42 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
         i = int(partial[np.argmax(bad)])
         raise KHOFormatError("instructions.bitmap", f"bits beyond the {int(nbits[i])} of BITMAP record {int(records[i])} are set",
                              stream.word_location(int(woff[i] + words_per[i] - 1)))
+    # Unit of bit b of word w: pfn = (b_in_slice << order) + start = (b << order) + w_base,
+    # with per-word tables (one entry per word, not per bit).
+    word_order = np.repeat(order.astype(np.uint8), words_per)
+    word_base = np.repeat(start - ((woff * 64) << order), words_per)
     pos = np.flatnonzero(np.unpackbits(stream.words.view(np.uint8), bitorder="little"))
-    if nbits.size == 1:
-        return start[0] + (pos << order[0]), np.broadcast_to(order[0], pos.shape)
-    r = np.searchsorted(woff * 64, pos, side="right") - 1
-    return start[r] + ((pos - woff[r] * 64) << order[r]), order[r]
+    word = pos >> 6
+    if (order == order[0]).all():
+        pos <<= int(order[0])
+        unit_order = np.full(pos.size, order[0], dtype=np.uint8)
+    else:
+        unit_order = word_order[word]
+        pos <<= unit_order
+    pos += word_base[word]
+    return pos, unit_order
 
 
-def _free_gaps(seg_start: np.ndarray, seg_end: np.ndarray, unit_start: np.ndarray, unit_end: np.ndarray):
-    """The usable pages no unit covers, as maximal ``[start, end)`` pfn runs: the gaps
-    between sorted units and the segment edges (zero-length markers inserted at every
-    segment's start and end, a segment's end before the next one's start).  O(units)."""
-    marker = np.concatenate([seg_end, seg_start])
-    is_end = np.concatenate([np.ones(seg_end.size, bool), np.zeros(seg_start.size, bool)])
-    sort = np.lexsort((~is_end, marker))
-    marker, is_end = marker[sort], is_end[sort]
-    where = np.searchsorted(unit_start, marker, side="left")
-    lo = np.insert(unit_start, where, marker)
-    hi = np.insert(unit_end, where, marker)
-    after_end = np.insert(np.zeros(unit_start.size, bool), where, is_end)
-    gap_start, gap_end = hi[:-1], lo[1:]
-    keep = (gap_end > gap_start) & ~after_end[:-1]
-    return gap_start[keep], gap_end[keep]
+def _free_gaps(memory: PhysicalMemory, unit_start: np.ndarray, unit_end: np.ndarray):
+    """The usable pages no unit covers, as maximal ``[start, end)`` pfn runs, sorted: the
+    gaps between consecutive units of one usable segment, plus each segment's edges
+    (before its first unit, after its last, or all of it when it has none).  O(units)."""
+    seg_start, seg_end = usable_segments(memory)
+    first = np.searchsorted(unit_start, seg_start)  # each segment's first unit (units lie inside segments)
+    last = np.searchsorted(unit_start, seg_end) - 1  # and its last
+    inner = unit_start[1:] > unit_end[:-1]
+    cuts = first[(first > 0) & (first < unit_start.size)]
+    inner[cuts - 1] = False  # no gap across a segment boundary
+    gap_start, gap_end = unit_end[:-1][inner], unit_start[1:][inner]
+    has = last >= first
+    edge_start = np.concatenate([seg_start, np.where(has, unit_end[np.maximum(last, 0)] if unit_end.size else 0, seg_end)])
+    edge_end = np.concatenate([np.where(has, unit_start[np.minimum(first, unit_start.size - 1)] if unit_start.size else 0,
+                                        seg_end), seg_end])
+    edge = np.flatnonzero(edge_end > edge_start)
+    edge = edge[np.argsort(edge_start[edge], kind="stable")]
+    edge_start, edge_end = edge_start[edge], edge_end[edge]
+    where = np.searchsorted(gap_start, edge_start)
+    return np.insert(gap_start, where, edge_start), np.insert(gap_end, where, edge_end)
 
 
 def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
@@ -370,9 +384,11 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
         unit_pfn, unit_order = bm_pfn, bm_order
     # Every usable page is inside a FREE, UNIT or BITMAP span (checked above), and
     # everything those spans do not keep is free: the free runs are the gaps between units.
-    free_start, free_end = _free_gaps(*usable_segments(memory), unit_pfn, unit_pfn + np.left_shift(1, unit_order))
-    unit_phys = unit_pfn.astype(np.uint64) << np.uint64(shift)
-    unit_order = unit_order.astype(np.uint8)
+    unit_order = unit_order.astype(np.uint8, copy=False)
+    uniform = unit_order.size and (unit_order == unit_order[0]).all()
+    unit_end = unit_pfn + ((1 << int(unit_order[0])) if uniform else np.left_shift(1, unit_order.astype(np.int64)))
+    free_start, free_end = _free_gaps(memory, unit_pfn, unit_end)
+    unit_phys = (unit_pfn << shift).view(np.uint64)
     metadata = np.sort(chunks.pages)
     check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
     return StreamWalk(free_start, free_end, start[is_skip], end[is_skip], unit_phys, unit_order, metadata,
