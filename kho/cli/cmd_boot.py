@@ -82,8 +82,9 @@ def run(args) -> int:
     timings = Table(title="stages")
     timings.add_column("stage")
     timings.add_column("seconds", justify="right")
+    timings.add_column("cpu seconds", justify="right")
     for stage, seconds in report["timings_s"].items():
-        timings.add_row(stage, f"{seconds:.4f}")
-    timings.add_row("total", f"{sum(report['timings_s'].values()):.4f}")
+        timings.add_row(stage, f"{seconds:.4f}", f"{report['cpu_s'][stage]:.4f}")
+    timings.add_row("total", f"{sum(report['timings_s'].values()):.4f}", f"{sum(report['cpu_s'].values()):.4f}")
     console.print(timings)
     return 0
