@@ -24,7 +24,7 @@ import time
 import msgpack
 import numpy as np
 
-from kho.encodings import ENCODINGS, get_encoding, load_all
+from kho.encodings import get_encoding, load_all
 from kho.encodings.chunklist import chunk_capacity, read_chunk_list, read_root_pointer
 from kho.encodings.instructions import OP_BITMAP, OP_SHIFT, RECORD, STREAM_HEADER, WORD, build_stream, stream_bytes, walk
 from kho.encodings.ranges_packed import CHUNK_MAGIC, PACKED_ENTRY
@@ -175,8 +175,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", nargs="*", help="encodings to run (default: every registered one)")
     args = parser.parse_args()
-    names = args.only or sorted(load_all())
-    unknown = set(names) - set(ENCODINGS)
+    registry = load_all()
+    names = args.only or sorted(registry)
+    unknown = set(names) - set(registry)
     if unknown:
         raise SystemExit(f"unknown encodings: {', '.join(sorted(unknown))}")
     machine, tracker = setup("random", args.seed)
