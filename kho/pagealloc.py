@@ -39,6 +39,7 @@ class PageAllocator:
         self._bank_first = np.array([s for s, _ in self._bank_pfn], dtype=np.uint64)
         self._used = [np.zeros(e - s, dtype=bool) for s, e in self._bank_pfn]
         self._hint: dict[int, tuple[int, int]] = {}  # order -> (bank index, pfn) where first-fit resumes
+        self._exhausted: set[int] = set()  # orders a full first-fit scan found none of, since the last free
         for phys, size in reserved:
             self.reserve(phys, size)
         if not use_scratch:
@@ -100,11 +101,15 @@ class PageAllocator:
     def alloc_pages(self, order: int = 0) -> int:
         """Allocate the lowest free block of ``2**order`` pages; its phys (bytes).  ENOMEM when none."""
         self._check_order(order)
+        if order in self._exhausted:
+            raise KHOError("ENOMEM", f"no free block of order {order}")
         phys = self._first_fit(order)
         if phys is None:
             self._hint.pop(order, None)
             phys = self._first_fit(order)
         if phys is None:
+            # Remember the failure until something is freed: a refused order costs one scan.
+            self._exhausted.add(order)
             raise KHOError("ENOMEM", f"no free block of order {order}")
         return phys
 
@@ -202,6 +207,7 @@ class PageAllocator:
         if not block.all():
             raise KHOError("EINVAL", f"freeing {phys:#x} order {order}: not allocated")
         block[:] = False
+        self._exhausted.clear()
         for o, (hb, hp) in list(self._hint.items()):
             if (bank, pfn) < (hb, hp):
                 self._hint[o] = (bank, pfn)
