@@ -12,6 +12,7 @@ from kho.nextkernel import intervals
 from kho.nextkernel.buddy import BuddyAllocator
 from kho.nextkernel.freelist import NORMAL, Segments, build_free_areas
 from kho.nextkernel.memmap import ALLOCATED, FREE, PRESERVED, RESERVED, MemMap
+from kho.nextkernel.restore import IncomingKHO
 
 
 def make_buddy(memory, reserved=(), units=(), seed=0):
@@ -138,7 +139,7 @@ def test_claim_pages_takes_free_pages_in_the_given_order():
 
 
 class BuddyMachine(RuleBasedStateMachine):
-    """Random alloc / free sequences keep the free-list invariants."""
+    """Random alloc / restore / free sequences keep the free-list invariants."""
 
     @initialize(seed=st.integers(0, 1000), data=st.data())
     def setup(self, seed, data):
@@ -147,8 +148,10 @@ class BuddyMachine(RuleBasedStateMachine):
         units = sorted({(p >> o << o, o) for p, o in units})
         units = [u for i, u in enumerate(units) if i == 0 or units[i - 1][0] + (1 << units[i - 1][1]) <= u[0]]
         self.alloc = make_buddy(mem, reserved=[(0, 8)], units=units, seed=seed)
+        self.kho = IncomingKHO(mem, self.alloc.memmap, None, np.array([p << 12 for p, _ in units], np.uint64),
+                               np.array([o for _, o in units], np.uint8))
+        self.preserved = [(p << 12, o) for p, o in units]
         self.owned = []
-        self.total = mem.nr_pages
 
     @rule(order=st.integers(0, 10))
     def alloc_one(self, order):
@@ -170,6 +173,13 @@ class BuddyMachine(RuleBasedStateMachine):
         self.owned += [(int(p), order) for p in got]
         assert self.alloc.nr_free_pages == before - (count << order)
 
+    @precondition(lambda self: self.preserved)
+    @rule(data=st.data())
+    def restore_one(self, data):
+        phys, order = self.preserved.pop(data.draw(st.integers(0, len(self.preserved) - 1)))
+        assert self.kho.restore_folio(phys) == order
+        self.owned.append((phys, order))  # restored memory is the caller's: it may free it
+
     @precondition(lambda self: self.owned)
     @rule(data=st.data())
     def free_one(self, data):
@@ -182,6 +192,8 @@ class BuddyMachine(RuleBasedStateMachine):
         check_free_lists(self.alloc)
         state = self.alloc.memmap.state
         assert np.count_nonzero(state == ALLOCATED) == sum(1 << o for _, o in self.owned)
+        assert np.count_nonzero(state == PRESERVED) == sum(1 << o for _, o in self.preserved)
+        assert self.kho.leaked()[0].tolist() == sorted(p for p, _ in self.preserved)
         assert self.alloc.nr_free_pages + self.alloc.nr_free_scratch_pages == np.count_nonzero(state == FREE)
 
 

@@ -175,7 +175,7 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
 
     Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
     no room for its image or memory map); a bad handover is logged and ignored.
-    O(units + free blocks) numpy work, O(pages) host memory.
+    O(pages + units) numpy work and about 10 bytes of host memory per page.
     """
     if path not in PATHS:
         raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
