@@ -12,8 +12,11 @@ page (one entry per run, however sparse the preserved pages inside it).
 :func:`load_image` checks everything (types, sizes, ranges, overlaps, the boot DTB against
 the recorded addresses, the encoding and its options) and raises
 :class:`~kho.errors.KHOFormatError` for any malformed, truncated or hostile file; what it
-allocates is bounded by the file's size (generated runs cost no memory).  It does not judge
-the KHO FDT or the map themselves: a damaged handover loads, and the next kernel decides.
+allocates is bounded by the file's size (generated runs cost no memory), with at most
+:data:`MAX_BANKS` banks, ``MAX_SCRATCH_AREAS`` scratch areas, a KHO FDT of at most a
+MAX_PAGE_ORDER block and a scratch array of at most ``MAX_SCRATCH_AREAS`` entries.  It does
+not judge the KHO FDT or the map themselves: a damaged handover loads, and
+:meth:`LoadedImage.decode` (strict or kernel-compatible) decides.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import msgpack
 import numpy as np
 
 from .devicetree import ChosenKHO, KHOFdt, parse_chosen
+from .devicetree.chosen import MAX_SCRATCH_AREAS
+from .devicetree.layout import KHO_SCRATCH_DTYPE
 from .encodings import DecodedMap, Encoding, get_encoding
 from .errors import KHOError, KHOFormatError
 from .handover import Handover
@@ -38,6 +43,8 @@ IMAGE_VERSION = 1
 IMAGE_KEYS = ("magic", "version", "page_size", "banks", "scratch", "encoding", "options", "fdt",
               "scratch_array", "boot_dtb", "pages", "generated")
 U64_MAX = (1 << 64) - 1
+#: Most RAM banks an image may describe (a bound on the work any reader does per bank).
+MAX_BANKS = 4096
 
 PathOrFile = str | os.PathLike | BinaryIO
 
@@ -61,20 +68,29 @@ class LoadedImage:
     def page_size(self) -> int:
         return self.memory.page_size
 
-    def chosen(self) -> ChosenKHO:
-        return parse_chosen(self.boot_dtb)
+    def chosen(self, *, strict: bool = True) -> ChosenKHO:
+        """The boot DTB's ``/chosen`` (``strict=False``: read as the kernel reads it)."""
+        return parse_chosen(self.boot_dtb, strict=strict)
 
     def get_encoding(self) -> Encoding:
         return get_encoding(self.encoding, self.memory.page_size, **self.options)
 
-    def kho_fdt(self) -> KHOFdt:
-        """The KHO FDT, checked as the next kernel checks it (KHOFormatError otherwise)."""
+    def kho_fdt(self, *, strict: bool = True) -> KHOFdt:
+        """The KHO FDT, checked as the next kernel checks it (KHOFormatError otherwise);
+        ``strict=False`` reads it as leniently as the kernel (see :meth:`KHOFdt.from_dtb`)."""
         return KHOFdt.from_dtb(self.memory.read(self.fdt_phys, self.fdt_size), self.get_encoding().compatible,
-                               page_size=self.memory.page_size)
+                               page_size=self.memory.page_size, strict=strict)
 
-    def decode(self) -> DecodedMap:
-        """The preserved units, decoded from the map the FDT points at."""
-        return self.get_encoding().decode(self.memory, self.kho_fdt().props)
+    def decode(self, *, strict: bool = True) -> DecodedMap:
+        """The preserved units, decoded from the map the FDT points at.  ``strict`` (default)
+        validates the map and the FDT's sub-nodes (each pointing into a preserved unit);
+        ``strict=False`` decodes as leniently as the kernel (spec/hardening.md)."""
+        fdt = self.kho_fdt(strict=strict)
+        encoding = self.get_encoding()
+        decoded = encoding.decode(self.memory, fdt.props) if strict else encoding.decode(self.memory, fdt.props, strict=False)
+        if strict:
+            fdt.check_subtrees(self.memory, decoded)
+        return decoded
 
 
 # -- saving ----------------------------------------------------------------------------------
@@ -207,6 +223,10 @@ def _unpack(data: bytes) -> dict:
 def _memory(top: dict) -> PhysicalMemory:
     page_size = _int(top["page_size"], "page_size")
     banks = []
+    if len(_list(top["banks"], "banks")) > MAX_BANKS:
+        raise KHOFormatError("image.banks", f"{len(top['banks'])} banks, more than {MAX_BANKS}")
+    if len(_list(top["scratch"], "scratch")) > MAX_SCRATCH_AREAS:
+        raise KHOFormatError("image.scratch", f"{len(top['scratch'])} scratch areas, more than {MAX_SCRATCH_AREAS}")
     for i, bank in enumerate(_list(top["banks"], "banks")):
         start, size, node = _list(bank, f"banks[{i}]", 3)
         banks.append(Bank(_int(start, f"banks[{i}].start"), _int(size, f"banks[{i}].size"), _int(node, f"banks[{i}].node", 0, 1 << 16)))
@@ -265,6 +285,8 @@ def load_image(path_or_file: PathOrFile) -> LoadedImage:
     name = _typed(top["encoding"], str, "encoding")
     options = _typed(top["options"], dict, "options")
     for key, value in options.items():
+        if not isinstance(key, str):
+            raise KHOFormatError("image.options", f"option name {key!r} is not a string")
         if not isinstance(value, (int, str)) or isinstance(value, bool):
             raise KHOFormatError("image.options", f"option {key!r} has a {type(value).__name__} value")
     try:
@@ -273,9 +295,12 @@ def load_image(path_or_file: PathOrFile) -> LoadedImage:
         raise KHOFormatError("image.encoding", err.message) from None
     fdt_phys, fdt_size = (_int(v, f"fdt[{i}]") for i, v in enumerate(_list(top["fdt"], "fdt", 2)))
     scratch_phys, scratch_size = (_int(v, f"scratch_array[{i}]") for i, v in enumerate(_list(top["scratch_array"], "scratch_array", 2)))
+    limits = {"fdt": memory.page_size << memory.geometry.max_order, "scratch_array": MAX_SCRATCH_AREAS * KHO_SCRATCH_DTYPE.itemsize}
     for phys, size, field in ((fdt_phys, fdt_size, "fdt"), (scratch_phys, scratch_size, "scratch_array")):
         if size == 0 or not memory.in_ram(phys, size):
             raise KHOFormatError(f"image.{field}", f"{phys:#x}+{size:#x} is empty or not inside one RAM bank")
+        if size > limits[field]:
+            raise KHOFormatError(f"image.{field}", f"{size} bytes, more than the {limits[field]} any handover uses")
     boot_dtb = _typed(top["boot_dtb"], bytes, "boot_dtb")
     chosen = parse_chosen(boot_dtb)
     if chosen != ChosenKHO(fdt_phys, fdt_size, scratch_phys, scratch_size):

@@ -26,8 +26,17 @@ from .layout import (
 #: Root ``compatible`` and ``model`` of the minimal boot DTB kho writes (QEMU's generic arm64 board).
 BOOT_COMPATIBLE = "linux,dummy-virt"
 BOOT_MODEL = "kho modelled machine"
-#: Largest cell count accepted for an address or a size (two cells = 64 bits).
+#: Largest cell count accepted for an address or a size in strict mode (two cells = 64 bits).
 MAX_CELLS = 2
+#: Root cell counts the kernel assumes when the root has none (OF_ROOT_NODE_*_CELLS_DEFAULT
+#: outside SPARC), used by the kernel-compatible reader; the strict reader uses the
+#: Devicetree Specification's defaults (2 and 1).
+KERNEL_DEFAULT_ADDRESS_CELLS = 1
+KERNEL_DEFAULT_SIZE_CELLS = 1
+#: Most entries a scratch-area array can hold: lowmem, global, and one per NUMA node
+#: (MAX_NUMNODES = 1 << NODES_SHIFT, at most 1024 on arm64).  A longer claimed array is
+#: refused before anything is read.
+MAX_SCRATCH_AREAS = 2 + 1024
 
 
 @dataclass(frozen=True)
@@ -63,19 +72,22 @@ def build_boot_dtb(fdt_phys: int, fdt_size: int, scratch_phys: int, scratch_size
     return to_dtb(tree)
 
 
-def _root_cells(root: fdt.Node, name: str, default: int) -> int:
+def _root_cells(root: fdt.Node, name: str, default: int, strict: bool) -> int:
+    """A root cell count: 1..MAX_CELLS when ``strict``, any positive count otherwise (the
+    kernel's ``of_read_number`` keeps the low 64 bits of a longer number)."""
     value = prop_bytes(root.get_property(name))
     if value is None:
         return default
     if len(value) != 4:
         raise KHOFormatError(f"dtb.{name}", f"property is {len(value)} bytes, not 4")
     cells = int.from_bytes(value, "big")
-    if not 1 <= cells <= MAX_CELLS:
+    if cells < 1 or (strict and cells > MAX_CELLS):
         raise KHOFormatError(f"dtb.{name}", f"{cells} cells (kho reads 1 or {MAX_CELLS})")
     return cells
 
 
 def _pair(chosen: fdt.Node, name: str, address_cells: int, size_cells: int) -> tuple[int, int]:
+    """The ``<address size>`` pair of property ``name``, each the low 64 bits of its cells."""
     value = prop_bytes(chosen.get_property(name))
     if value is None:
         raise KHOFormatError(f"chosen.{name}", "property missing")
@@ -83,15 +95,25 @@ def _pair(chosen: fdt.Node, name: str, address_cells: int, size_cells: int) -> t
     if len(value) != want:
         raise KHOFormatError(f"chosen.{name}", f"property is {len(value)} bytes, not one <address size> pair of {want}")
     split = 4 * address_cells
-    return int.from_bytes(value[:split], "big"), int.from_bytes(value[split:], "big")
+    low64 = (1 << 64) - 1
+    return int.from_bytes(value[:split], "big") & low64, int.from_bytes(value[split:], "big") & low64
 
 
-def parse_chosen(dtb: bytes) -> ChosenKHO:
-    """Read ``/chosen``'s KHO properties from a boot DTB (KHOFormatError when missing or malformed)."""
-    tree = parse_fdt(dtb, "dtb")
+def parse_chosen(dtb: bytes, *, strict: bool = True) -> ChosenKHO:
+    """Read ``/chosen``'s KHO properties from a boot DTB (KHOFormatError when missing or malformed).
+
+    ``strict=False`` reads as the kernel does: the blob through libfdt's lookups (see
+    :func:`~kho.devicetree.flat.parse_fdt`), the kernel's default cell counts (1 and 1)
+    when the root has none, and any cell count (the low 64 bits of each number kept).
+    Both modes require each property to be exactly one pair (the kernel ignores the
+    handover otherwise).  The kernel reads the size with ``#address-cells`` cells where
+    the property holds ``#size-cells``; kho reads ``#size-cells`` cells in both modes (the
+    same on arm64, 2 + 2)."""
+    tree = parse_fdt(dtb, "dtb", strict=strict)
     root = tree.root
-    address_cells = _root_cells(root, "#address-cells", DEFAULT_ADDRESS_CELLS)
-    size_cells = _root_cells(root, "#size-cells", DEFAULT_SIZE_CELLS)
+    defaults = (DEFAULT_ADDRESS_CELLS, DEFAULT_SIZE_CELLS) if strict else (KERNEL_DEFAULT_ADDRESS_CELLS, KERNEL_DEFAULT_SIZE_CELLS)
+    address_cells = _root_cells(root, "#address-cells", defaults[0], strict)
+    size_cells = _root_cells(root, "#size-cells", defaults[1], strict)
     chosen = root.get_subnode("chosen")
     if chosen is None:
         raise KHOFormatError("dtb.chosen", "the boot DTB has no /chosen node")
@@ -137,14 +159,23 @@ def write_scratch_array(memory: PhysicalMemory, phys: int, areas: Sequence[Scrat
     return len(data)
 
 
-def read_scratch_array(memory: PhysicalMemory, phys: int, size: int) -> list[ScratchArea]:
-    """Read and check the array: a whole, non-zero number of entries inside RAM, each area
-    non-empty, page-aligned, inside one RAM bank and disjoint from the others.  Kinds are
-    taken from ``memory.scratch`` where an area matches, else named by position (the kernel
-    writes lowmem, global, then one per node)."""
+def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: bool = True) -> list[ScratchArea]:
+    """Read and check the array.  Kinds are taken from ``memory.scratch`` where an area
+    matches, else named by position (the kernel writes lowmem, global, then one per node).
+
+    Both modes: at least one and at most :data:`MAX_SCRATCH_AREAS` entries, the array and
+    every non-empty area inside one RAM bank.  ``strict`` adds: ``size`` a whole number of
+    entries, every area non-empty, page-aligned and disjoint from the others (the array
+    itself may lie in one: kexec loads it as a segment, into scratch).  ``strict=False`` reads ``size // 16`` entries as the kernel does
+    (a partial tail is ignored) and drops empty areas (``memblock_add`` of nothing), taking
+    misaligned or overlapping areas as they are.  O(entries log entries)."""
     item = KHO_SCRATCH_DTYPE.itemsize
-    if size <= 0 or size % item:
+    count = size // item
+    if count == 0 or (strict and size % item):
         raise KHOFormatError("scratch.size", f"{size} bytes is not a whole, non-zero number of {item}-byte entries", phys)
+    if count > MAX_SCRATCH_AREAS:
+        raise KHOFormatError("scratch.size", f"{count} entries, more than the {MAX_SCRATCH_AREAS} a kernel can write", phys)
+    size = count * item
     if not memory.in_ram(phys, size):
         raise KHOFormatError("scratch.phys", f"{size} bytes outside RAM", phys)
     table = np.frombuffer(memory.read(phys, size), dtype=KHO_SCRATCH_DTYPE)
@@ -152,11 +183,15 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int) -> list[Scr
     areas = []
     for i, (addr, length) in enumerate(zip(table["addr"].tolist(), table["size"].tolist())):
         at = phys + i * item
-        if length == 0 or not memory.geometry.is_aligned(addr) or not memory.geometry.is_aligned(length):
+        if strict and (length == 0 or not memory.geometry.is_aligned(addr) or not memory.geometry.is_aligned(length)):
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is empty or not page-aligned", at)
+        if length == 0:
+            continue
         if not memory.in_ram(addr, length):
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not inside one RAM bank", at)
         areas.append(ScratchArea(addr, length, known.get((addr, length), scratch_kind(i))))
+    if not strict:
+        return areas
     ordered = sorted(areas, key=lambda a: a.addr)
     for left, right in zip(ordered, ordered[1:]):
         if left.end > right.addr:

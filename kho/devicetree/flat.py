@@ -79,20 +79,36 @@ def _header(data: bytes, what: str) -> dict[str, int]:
     return head
 
 
-def _cstring(data: bytes, start: int, end: int, field: str) -> str:
+def _cstring(data: bytes, start: int, end: int, field: str, strict: bool = True) -> str:
+    """The NUL-terminated string at ``start`` (before ``end``).  Strict: ASCII only.  Lenient:
+    any bytes, those outside printable ASCII shown as ``\\xNN`` (libfdt compares raw bytes,
+    so such a name can never match one KHO looks up)."""
     stop = data.find(b"\0", start, end)
     if stop < 0:
         raise KHOFormatError(field, "string is not NUL-terminated inside its block", start, where="offset")
+    raw = data[start:stop]
+    if not strict:
+        return "".join(chr(c) if 0x21 <= c <= 0x7E else f"\\x{c:02x}" for c in raw)
     try:
-        return data[start:stop].decode("ascii")
+        return raw.decode("ascii")
     except UnicodeDecodeError:
         raise KHOFormatError(field, "string is not ASCII", start, where="offset") from None
 
 
-def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
-    """Parse and fully check a flattened devicetree blob; field names start with ``what``.
+def parse_fdt(data: bytes, what: str = "fdt", *, strict: bool = True) -> fdt.FDT:
+    """Parse and check a flattened devicetree blob; field names start with ``what``.
 
     Trailing bytes after ``totalsize`` are ignored (a blob is often read from a whole page).
+
+    ``strict`` (default) checks the whole blob as libfdt's ``fdt_check_full`` does: valid
+    and unique node and property names, properties before sub-nodes, a terminated
+    reservation block, nothing but ``FDT_END`` after the root.  ``strict=False`` reads it as
+    the kernel's lookups (``fdt_getprop``, ``fdt_subnode_offset``) see it: any NUL-terminated
+    name, the first of duplicate nodes or properties, properties after a sub-node ignored
+    (libfdt's property iterator stops at the first sub-node), the reservation block and
+    whatever follows the root's ``FDT_END_NODE`` not needed.  Both modes refuse a bad
+    header, unknown tokens, strings or values running out of their block, and nesting
+    deeper than :data:`MAX_DEPTH`.  Names are kept in per-node sets: O(blob bytes) either way.
     """
     data = bytes(data)
     head = _header(data, what)
@@ -100,6 +116,8 @@ def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
     pos = head["off_mem_rsvmap"]
     while True:
         if pos + FDT_RESERVE_ENTRY.size > head["totalsize"]:
+            if not strict:
+                break
             raise KHOFormatError(f"{what}.mem_rsvmap", "the reservation block has no terminating entry", pos, where="offset")
         address, size = FDT_RESERVE_ENTRY.unpack_from(data, pos)
         pos += FDT_RESERVE_ENTRY.size
@@ -111,8 +129,9 @@ def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
     str_end = str_start + head["size_dt_strings"]
     pos = head["off_dt_struct"]
     end = pos + head["size_dt_struct"]
-    stack: list[fdt.Node] = []
-    has_subnodes: list[bool] = []
+    # One frame per open node: the node (None for a lenient duplicate being skipped), the
+    # names of its sub-nodes and properties, and whether a sub-node has been seen.
+    stack: list[tuple[fdt.Node | None, set[str], set[str], list[bool]]] = []
     root = None
     while True:
         if pos + FDT_TOKEN.size > end:
@@ -120,38 +139,42 @@ def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
         token = FDT_TOKEN.unpack_from(data, pos)[0]
         at = pos
         pos += FDT_TOKEN.size
-        if root is not None and not stack and token != FDT_END:
-            raise KHOFormatError(f"{what}.struct", f"token {token:#x} after the root node (only FDT_END may follow)", at, where="offset")
+        if root is not None and not stack:
+            if not strict:
+                break  # the kernel never looks past the root node
+            if token != FDT_END:
+                raise KHOFormatError(f"{what}.struct", f"token {token:#x} after the root node (only FDT_END may follow)", at, where="offset")
         if token == FDT_NOP:
             continue
         if token == FDT_BEGIN_NODE:
-            name = _cstring(data, pos, end, f"{what}.node.name")
-            pos = _align(pos + len(name) + 1, FDT_TAG_ALIGN)
+            name = _cstring(data, pos, end, f"{what}.node.name", strict)
+            pos = _align(data.index(b"\0", pos, end) + 1, FDT_TAG_ALIGN)
             if root is None:
-                if name:
+                if name and strict:
                     raise KHOFormatError(f"{what}.node.name", f"the root node is named {name!r}", at, where="offset")
                 root = tree.root
                 node = root
             else:
-                if not stack:
-                    raise KHOFormatError(f"{what}.struct", "a second root node", at, where="offset")
-                if not NODE_NAME.fullmatch(name):
-                    raise KHOFormatError(f"{what}.node.name", f"{name!r} is not a valid node name", at, where="offset")
-                parent = stack[-1]
-                if parent.get_subnode(name) is not None:
-                    raise KHOFormatError(f"{what}.node.name", f"duplicate node {name!r}", at, where="offset")
                 if len(stack) >= MAX_DEPTH:
                     raise KHOFormatError(f"{what}.struct", f"nodes nested deeper than {MAX_DEPTH}", at, where="offset")
-                node = fdt.Node(name)
-                parent.append(node)
-                has_subnodes[-1] = True
-            stack.append(node)
-            has_subnodes.append(False)
+                parent, node_names, _, has_subnodes = stack[-1]
+                if strict and not NODE_NAME.fullmatch(name):
+                    raise KHOFormatError(f"{what}.node.name", f"{name!r} is not a valid node name", at, where="offset")
+                has_subnodes[0] = True
+                if parent is None or name in node_names:
+                    if strict:
+                        raise KHOFormatError(f"{what}.node.name", f"duplicate node {name!r}", at, where="offset")
+                    node = None  # libfdt finds the first node of a name; this one is never seen
+                else:
+                    node_names.add(name)
+                    node = fdt.Node(name)
+                    node.set_parent(parent)
+                    parent.nodes.append(node)
+            stack.append((node, set(), set(), [False]))
         elif token == FDT_END_NODE:
             if not stack:
                 raise KHOFormatError(f"{what}.struct", "FDT_END_NODE outside any node", at, where="offset")
             stack.pop()
-            has_subnodes.pop()
         elif token == FDT_PROP:
             if not stack:
                 raise KHOFormatError(f"{what}.struct", "a property outside any node", at, where="offset")
@@ -165,15 +188,21 @@ def parse_fdt(data: bytes, what: str = "fdt") -> fdt.FDT:
             pos = _align(pos + length, FDT_TAG_ALIGN)
             if nameoff >= head["size_dt_strings"]:
                 raise KHOFormatError(f"{what}.prop.nameoff", f"name offset {nameoff} is outside the strings block", at, where="offset")
-            name = _cstring(data, str_start + nameoff, str_end, f"{what}.prop.name")
-            if not PROP_NAME.fullmatch(name):
-                raise KHOFormatError(f"{what}.prop.name", f"{name!r} is not a valid property name", at, where="offset")
-            node = stack[-1]
-            if has_subnodes[-1]:
-                raise KHOFormatError(f"{what}.prop", f"property {name!r} follows a sub-node", at, where="offset")
-            if node.get_property(name) is not None:
-                raise KHOFormatError(f"{what}.prop.name", f"duplicate property {name!r}", at, where="offset")
-            node.append(fdt.PropBytes(name, data=value) if length else fdt.Property(name))
+            name = _cstring(data, str_start + nameoff, str_end, f"{what}.prop.name", strict)
+            node, _, prop_names, has_subnodes = stack[-1]
+            if strict:
+                if not PROP_NAME.fullmatch(name):
+                    raise KHOFormatError(f"{what}.prop.name", f"{name!r} is not a valid property name", at, where="offset")
+                if has_subnodes[0]:
+                    raise KHOFormatError(f"{what}.prop", f"property {name!r} follows a sub-node", at, where="offset")
+                if name in prop_names:
+                    raise KHOFormatError(f"{what}.prop.name", f"duplicate property {name!r}", at, where="offset")
+            elif node is None or has_subnodes[0] or name in prop_names:
+                continue  # invisible to libfdt's lookups
+            prop_names.add(name)
+            prop = fdt.PropBytes(name, data=value) if length else fdt.Property(name)
+            prop.set_parent(node)
+            node.props.append(prop)
         elif token == FDT_END:
             if root is None or stack:
                 raise KHOFormatError(f"{what}.struct", "FDT_END inside a node or before the root", at, where="offset")
@@ -194,6 +223,12 @@ def prop_bytes(prop: fdt.Property | None) -> bytes | None:
     if isinstance(prop, fdt.PropWords):
         return b"".join(w.to_bytes(4, "big") for w in prop.data)
     return b""
+
+
+def kernel_string_list(value: bytes) -> list[str]:
+    """The strings libfdt's ``fdt_stringlist_contains`` can match in a value: every
+    NUL-terminated piece, any bytes (Latin-1 decoded); an unterminated tail never matches."""
+    return [part.decode("latin-1") for part in value.split(b"\0")[:-1]]
 
 
 def string_list(value: bytes) -> list[str] | None:

@@ -22,16 +22,21 @@ given (the later "kho-v3" revision).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import fdt
+import numpy as np
 
 from ..errors import KHOError, KHOFormatError
-from .flat import NODE_NAME, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
+from ..memory import PhysicalMemory
+from .flat import NODE_NAME, kernel_string_list, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
 from .layout import (
-    BLOB_SIZE_PROP, COMPATIBLE_PROP, MEMORY_MAP_PROP, SUBTREE_PROP_V1, SUBTREE_PROP_V2, U64_PROP, pack_u64,
-    unpack_u64_prop,
+    BLOB_SIZE_PROP, COMPATIBLE_PROP, FDT_HEADER, FDT_HEADER_FIELDS, MEMORY_MAP_PROP, SUBTREE_PROP_V1, SUBTREE_PROP_V2,
+    U64_PROP, pack_u64, unpack_u64_prop,
 )
+
+if TYPE_CHECKING:
+    from ..encodings.base import DecodedMap
 
 #: The ABIs the kernel defines; their root must carry a valid ``preserved-memory-map``.
 KERNEL_COMPATIBLES = ("kho-v1", "kho-v2")
@@ -158,14 +163,24 @@ class KHOFdt:
         return blob
 
     @classmethod
-    def from_dtb(cls, data: bytes, compatible: str | None = None, *, page_size: int = DEFAULT_PAGE_SIZE) -> "KHOFdt":
+    def from_dtb(cls, data: bytes, compatible: str | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
+                 strict: bool = True) -> "KHOFdt":
         """Parse and check a KHO FDT as the next kernel does: header, then ``compatible``
         (``compatible`` if given, else kho-v1/kho-v2 or any registered encoding's), then the
         ``preserved-memory-map`` property: 8 bytes and non-zero (required for kho-v1/v2,
-        checked whenever present).  KHOFormatError names the failing field."""
-        tree = parse_fdt(data, "fdt")
+        checked whenever present).  KHOFormatError names the failing field.
+
+        ``strict`` also requires what the kernel's writer guarantees: the whole blob valid
+        (:func:`~kho.devicetree.flat.parse_fdt`), a printable compatible string list, and a
+        kho-v1/kho-v2 blob within one page (``fdt_create(PAGE_SIZE)``).  ``strict=False``
+        reads it as the kernel does: libfdt's lookups on a blob that only has to pass
+        ``fdt_check_header``, ``fdt_node_check_compatible`` string matching, and a kho-v1
+        memory-map pointer of 0 accepted as "nothing preserved" (Linux 6.16; later kernels
+        and kho-v2 refuse 0)."""
+        tree = parse_fdt(data, "fdt", strict=strict)
         root = tree.root
-        names = string_list(prop_bytes(root.get_property(COMPATIBLE_PROP)) or b"")
+        raw_compatible = prop_bytes(root.get_property(COMPATIBLE_PROP)) or b""
+        names = string_list(raw_compatible) if strict else kernel_string_list(raw_compatible)
         if not names:
             raise KHOFormatError("fdt.compatible", "the root has no valid compatible string list")
         if compatible is not None:
@@ -190,14 +205,44 @@ class KHOFdt:
             chosen = found
         raw_map = prop_bytes(root.get_property(MEMORY_MAP_PROP))
         if raw_map is not None or chosen in KERNEL_COMPATIBLES:
-            if unpack_u64_prop(raw_map, f"fdt.{MEMORY_MAP_PROP}") == 0:
+            if unpack_u64_prop(raw_map, f"fdt.{MEMORY_MAP_PROP}") == 0 and (strict or chosen != "kho-v1"):
                 raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
+        total = FDT_HEADER.unpack_from(data)[FDT_HEADER_FIELDS.index("totalsize")] if len(data) >= FDT_HEADER.size else len(data)
+        if strict and chosen in KERNEL_COMPATIBLES and total > page_size:
+            raise KHOFormatError("fdt.header.totalsize", f"{total} bytes: the kernel builds its KHO FDT in one "
+                                                          f"{page_size}-byte page", 4, where="offset")
         out = cls.__new__(cls)
         out.compatible = chosen
         out.page_size = page_size
         out.max_size = max(len(data), page_size)
         out.tree = tree
         return out
+
+    def check_subtrees(self, memory: PhysicalMemory, decoded: DecodedMap | None = None) -> None:
+        """Strict checks of every sub-node against the machine (the kernel makes none: a bad
+        sub-node only fails its own ``kho_retrieve_subtree``): the pointer property present,
+        8 bytes, non-zero and inside RAM; ``blob-size``, when present, 8 bytes with the blob
+        inside RAM; no nested node; and, with ``decoded`` (the preserved units, sorted), the
+        pointed-to byte (and the whole blob) inside one preserved unit, since only preserved
+        memory survives the kexec.  KHOFormatError names ``fdt.<node>.<property>``.
+        O(sub-nodes log units)."""
+        for node in self.tree.root.nodes:
+            field = f"fdt.{node.name}.{self.subtree_prop}"
+            if node.nodes:
+                raise KHOFormatError(f"fdt.{node.name}", f"sub-tree node holds node {node.nodes[0].name!r}")
+            phys = unpack_u64_prop(prop_bytes(node.get_property(self.subtree_prop)), field)
+            raw_size = prop_bytes(node.get_property(BLOB_SIZE_PROP))
+            size = 1 if raw_size is None else unpack_u64_prop(raw_size, f"fdt.{node.name}.{BLOB_SIZE_PROP}")
+            if phys == 0:
+                raise KHOFormatError(field, "the pointer is 0")
+            if size == 0 or not memory.in_ram(phys, size):
+                raise KHOFormatError(field if raw_size is None else f"fdt.{node.name}.{BLOB_SIZE_PROP}",
+                                     f"{size} bytes outside RAM", phys)
+            if decoded is not None:
+                i = int(np.searchsorted(decoded.phys, np.uint64(phys), side="right")) - 1
+                end = -1 if i < 0 else int(decoded.phys[i]) + (memory.page_size << int(decoded.order[i]))
+                if phys + size > end:
+                    raise KHOFormatError(field, f"{size} bytes not inside one preserved unit", phys)
 
     def to_dts(self) -> str:
         """The tree as DTS text: strings quoted, other values as bytes with their LE u64 in a comment."""

@@ -11,9 +11,18 @@ Contract:
   page from ``allocator`` (so metadata never lands in scratch or on preserved memory),
   and returns an :class:`EncodedMap`: the root FDT properties to set (``compatible`` is
   set by the caller from :attr:`Encoding.compatible`) and the metadata pages written.
-* ``decode(memory, props)`` reads them back from the root FDT properties and memory
-  and returns a :class:`DecodedMap`.  Malformed data raises
+* ``decode(memory, props, *, strict=True)`` reads them back from the root FDT properties
+  and memory and returns a :class:`DecodedMap`.  Malformed data raises
   :class:`~kho.errors.KHOFormatError`, never another exception.
+* ``strict=True`` (the default) checks everything kho guarantees about a map it wrote:
+  units inside RAM, naturally aligned, at most MAX_PAGE_ORDER, disjoint and outside the
+  scratch areas; metadata outside scratch and outside preserved memory; the layout the
+  writer produces.  ``strict=False`` is the *kernel-compatible* mode: it accepts what a
+  real kernel's reader accepts (overlapping or repeated units, units in scratch, orders
+  above MAX_PAGE_ORDER, the layout variations a kernel may write) for reading maps a real
+  kernel wrote.  Both modes stay safe for the host: pointers are followed only inside
+  RAM, cycles and shared nodes are refused, every count is bounded by its page and all
+  work and memory by the input's size.  spec/hardening.md lists every difference.
 * Encodings that keep folio orders decode to exactly the units preserved.  Those that
   do not (``ranges``) decode to the greedy split of their merged ranges, with
   ``exact_orders = False``.
@@ -71,6 +80,8 @@ class DecodedMap:
     ``phys`` (uint64, ascending) and ``order`` (uint8) are the preserved units;
     ``exact_orders`` is False when the encoding lost folio orders and the units are the
     greedy split of merged ranges.  ``metadata_pages`` lists the pages the decoder read.
+    A kernel-compatible (``strict=False``) decode may return overlapping or repeated units
+    (``phys`` then ascends non-strictly) and orders above MAX_PAGE_ORDER.
     """
 
     phys: np.ndarray
@@ -112,8 +123,9 @@ class Encoding(ABC):
         """Write the tracker's units into memory and/or FDT properties."""
 
     @abstractmethod
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Read the map back (strict validation; KHOFormatError on malformed data)."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Read the map back; KHOFormatError on malformed data.  ``strict=False`` decodes as
+        leniently as the Linux reader does (see the module docstring)."""
 
 
 #: name -> Encoding subclass

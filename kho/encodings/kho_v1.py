@@ -47,6 +47,9 @@ CHUNK_ENTRY_DTYPE = np.dtype([("phys_start", "<u8"), ("bitmap", "<u8")])
 BITMAP_BYTES_6_16 = PRESERVE_BITS_6_16 // 8
 #: The highest physical address bit + 1 a unit may use (52-bit physical addresses).
 PHYS_ADDR_BITS = 52
+#: Bitmaps (or kho-v2 nodes) read and expanded at a time while decoding: bounds the
+#: decoder's temporary memory (1024 page bitmaps = 4 MiB, 32 MiB expanded) whatever counts the input claims.
+DECODE_BATCH = 1024
 
 
 def chunk_capacity(page_size: int) -> int:
@@ -105,8 +108,10 @@ def read_pages(memory: PhysicalMemory, phys: np.ndarray) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
 
 
-def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: int, field: str) -> None:
-    """KHOFormatError unless every ``phys`` is ``align``-aligned with ``[phys, phys+size)`` inside RAM.  O(n)."""
+def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: int, field: str, *, strict: bool = True) -> None:
+    """KHOFormatError unless every ``phys`` is ``align``-aligned with ``[phys, phys+size)`` inside
+    one RAM bank and, when ``strict``, outside every scratch area (the next kernel's early
+    allocations come from scratch and could overwrite metadata there before it is read).  O(n)."""
     phys = np.asarray(phys, dtype=np.uint64)
     bad = (phys & np.uint64(align - 1)) != 0
     if bad.any():
@@ -116,6 +121,11 @@ def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: i
     if outside.any():
         at = int(phys[np.argmax(outside)])
         raise KHOFormatError(field, f"pointer to {size} bytes outside RAM", at)
+    if strict:
+        in_scratch = memory.overlaps_scratch_array(phys, np.uint64(size))
+        if in_scratch.any():
+            at = int(phys[np.argmax(in_scratch)])
+            raise KHOFormatError(field, "metadata inside a scratch area", at)
 
 
 def check_distinct(phys: np.ndarray, field: str, what: str) -> None:
@@ -128,25 +138,50 @@ def check_distinct(phys: np.ndarray, field: str, what: str) -> None:
         raise KHOFormatError(field, f"{what} reached twice", int(ordered[1:][dup][0]))
 
 
-def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarray, page_shift: int) -> tuple[np.ndarray, np.ndarray]:
+def max_unit_order(memory: PhysicalMemory, strict: bool) -> int:
+    """The largest order a decoded unit may have: MAX_PAGE_ORDER when ``strict``; else the
+    largest unit that fits in the 52-bit physical address space (a kernel reads and
+    reserves units above MAX_PAGE_ORDER, which only its restore refuses)."""
+    return memory.geometry.max_order if strict else PHYS_ADDR_BITS - memory.page_shift
+
+
+def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarray, page_shift: int,
+                       where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The units marked in bitmaps: bit ``b`` of bitmap ``k`` is unit number
     ``first_unit[k] + b`` of ``order[k]`` (its phys is that number << (order + page_shift)).
 
     ``maps`` is ``uint8[n, bytes]`` (bit ``b`` in byte ``b // 8``, LSB first), ``first_unit``
-    a multiple of the bitmap's bits below 2**52.  Returns ``(phys uint64, order uint8)``, one
-    ascending run per order group.  O(bitmap bits) numpy, one pass per distinct order.
+    (int64, below 2**52) the unit number of bit 0.  A unit whose address would not fit in
+    52 bits raises KHOFormatError (located at ``where[k]``, the bitmap's phys, when given)
+    instead of wrapping around 64 bits.  Returns ``(phys uint64, order uint8)``, one
+    ascending run per order group.  Only non-zero bytes are expanded: O(bitmap bytes +
+    set bits) numpy work and memory, one pass per distinct order.
     """
     nbits = maps.shape[1] * 8
     bits_log2 = nbits.bit_length() - 1
     phys_parts, order_parts = [], []
     for o in np.unique(order).tolist():
         sel = np.flatnonzero(order == o)
-        flat = np.flatnonzero(np.unpackbits(maps[sel].reshape(-1), bitorder="little"))
+        raw = maps[sel].reshape(-1)
+        nonzero = np.flatnonzero(raw)
+        if nonzero.size == raw.size:
+            flat = np.flatnonzero(np.unpackbits(raw, bitorder="little"))
+        else:
+            pos = np.flatnonzero(np.unpackbits(raw[nonzero], bitorder="little"))
+            flat = (nonzero[pos >> 3] << 3) | (pos & 7)
         # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2
         offset = first_unit[sel].astype(np.int64) - (np.arange(sel.size, dtype=np.int64) << bits_log2)
-        flat += offset[flat >> bits_log2]
-        phys_parts.append(flat.view(np.uint64) << np.uint64(o + page_shift))
-        order_parts.append(np.full(flat.size, o, dtype=np.uint8))
+        unit = flat + offset[flat >> bits_log2]
+        room = PHYS_ADDR_BITS - o - page_shift
+        if unit.size and (room < 0 or int(unit.max()) >> room):
+            i = int(np.argmax(unit >= (1 << max(room, 0)))) if room >= 0 else 0
+            at = None if where is None else int(np.asarray(where)[sel][int(flat[i]) >> bits_log2])
+            raise KHOFormatError("unit", f"unit number {int(unit[i]):#x} of order {o} is beyond the "
+                                         f"{PHYS_ADDR_BITS}-bit physical address space", at)
+        phys = unit.view(np.uint64)
+        phys <<= np.uint64(o + page_shift)
+        phys_parts.append(phys)
+        order_parts.append(np.full(unit.size, o, dtype=np.uint8))
     if not phys_parts:
         return np.empty(0, np.uint64), np.empty(0, np.uint8)
     if len(phys_parts) == 1:
@@ -154,26 +189,39 @@ def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarr
     return np.concatenate(phys_parts), np.concatenate(order_parts)
 
 
-def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, metadata: np.ndarray) -> DecodedMap:
-    """Sort decoded units by address and validate them: order within MAX_PAGE_ORDER, no two
-    overlapping, each inside one RAM bank and outside every scratch area.  Returns the
-    DecodedMap.
+def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, metadata: np.ndarray, *,
+                 strict: bool = True, metadata_field: str = "metadata") -> DecodedMap:
+    """Sort decoded units by address, validate them and return the DecodedMap.
+
+    Both modes: every unit inside one RAM bank, its order at most :func:`max_unit_order`.
+    ``strict`` adds: order at most MAX_PAGE_ORDER, no two units overlapping (nor repeated),
+    none meeting a scratch area, and no metadata page (``metadata``, phys) inside a unit
+    (``metadata_field`` names it in the error).
 
     ``phys`` may arrive as a few ascending runs (per order): the stable sort merges them.
     Validation: O(n) numpy for overlaps, then O((banks + areas) log n) binary searches
-    (sorted, disjoint units have ascending ends).
+    (sorted, disjoint units have ascending ends); the lenient RAM check is O(n log banks).
     """
     phys = np.asarray(phys, dtype=np.uint64)
     order = np.asarray(order, dtype=np.uint8)
     if phys.size > 1 and not bool(np.all(phys[1:] > phys[:-1])):
         sort = np.argsort(phys, kind="stable")
         phys, order = phys[sort], order[sort]
-    max_order = memory.geometry.max_order
+    metadata = np.unique(np.asarray(metadata, dtype=np.uint64))
+    limit = max_unit_order(memory, strict)
     if phys.size:
         top = int(order.max())
-        if top > max_order:
-            i = int(np.argmax(order > max_order))
-            raise KHOFormatError("unit.order", f"order {int(order[i])} is above MAX_PAGE_ORDER {max_order}", int(phys[i]))
+        if top > limit:
+            i = int(np.argmax(order > limit))
+            what = f"above MAX_PAGE_ORDER {limit}" if strict else f"too large for the {PHYS_ADDR_BITS}-bit physical address space"
+            raise KHOFormatError("unit.order", f"order {int(order[i])} is {what}", int(phys[i]))
+        if not strict:
+            sizes = np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64))
+            outside = ~memory.in_ram_array(phys, sizes)
+            if outside.any():
+                i = int(np.argmax(outside))
+                raise KHOFormatError("unit", f"unit of order {int(order[i])} is outside RAM", int(phys[i]))
+            return DecodedMap(phys, order, True, metadata)
         if top == int(order.min()):
             sizes = np.uint64(memory.page_size << top)
             overlap = phys[1:] - phys[:-1] < sizes
@@ -201,7 +249,15 @@ def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, me
             i = int(np.searchsorted(phys, area.end)) - 1
             if i >= 0 and end_of(i) > area.addr:
                 raise KHOFormatError("unit", f"unit of order {int(order[i])} overlaps the {area.kind} scratch area", int(phys[i]))
-    return DecodedMap(phys, order, True, np.unique(np.asarray(metadata, dtype=np.uint64)))
+        if metadata.size:
+            i = np.searchsorted(phys, metadata, side="right").astype(np.int64) - 1
+            j = np.maximum(i, 0)
+            inside = (i >= 0) & (metadata < phys[j] + np.left_shift(np.uint64(memory.page_size), order[j].astype(np.uint64)))
+            if inside.any():
+                k = int(np.argmax(inside))
+                raise KHOFormatError(metadata_field, f"metadata page lies inside the preserved unit at {int(phys[j[k]]):#x}",
+                                     int(metadata[k]))
+    return DecodedMap(phys, order, True, metadata)
 
 
 def alloc_pages_all_or_nothing(allocator: PageAllocator, count: int) -> np.ndarray:
@@ -227,10 +283,11 @@ def alloc_pages_all_or_nothing(allocator: PageAllocator, count: int) -> np.ndarr
     return np.array(pages, dtype=np.uint64)
 
 
-def map_pointer(props: Mapping[str, bytes]) -> int:
-    """The root ``preserved-memory-map`` pointer: present, 8 bytes, non-zero (KHOFormatError otherwise)."""
+def map_pointer(props: Mapping[str, bytes], *, allow_zero: bool = False) -> int:
+    """The root ``preserved-memory-map`` pointer: present, 8 bytes and non-zero unless
+    ``allow_zero`` (KHOFormatError otherwise)."""
     value = unpack_u64_prop(props.get(MEMORY_MAP_PROP), f"fdt.{MEMORY_MAP_PROP}")
-    if value == 0:
+    if value == 0 and not allow_zero:
         raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
     return value
 
@@ -314,63 +371,109 @@ class KhoV1(Encoding):
                           np.sort(pages), self.page_size, self.options())
 
     # -- decode ------------------------------------------------------------------------------
-    def walk_chunks(self, memory: PhysicalMemory, first: int) -> tuple[np.ndarray, np.ndarray]:
+    def walk_chunks(self, memory: PhysicalMemory, first: int, *, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Follow the chunk list from ``first``; returns (chunk phys uint64[c], chunk records).
 
-        Every pointer must be page-aligned and in RAM, no chunk may be reached twice, each
-        ``order`` at most MAX_PAGE_ORDER and ``num_elms`` at most the capacity.  O(chunks).
+        Both modes: every pointer page-aligned and in RAM, no chunk reached twice (so the walk
+        ends after at most one visit per stored page: a chunk that is not stored reads as
+        zeros and ends the list), ``num_elms`` at most the page's capacity, ``order`` at most
+        :func:`max_unit_order`.  ``strict`` adds the kernel writer's layout: chunks outside
+        scratch, orders ascending along the list, and a chunk followed by one of the same
+        order full.  O(chunks).
         """
         ps = self.page_size
         seen: set[int] = set()
         phys_list, records = [], []
         phys = first
+        top = max_unit_order(memory, strict)
         while phys:
             field = "chunk.next" if phys_list else f"fdt.{MEMORY_MAP_PROP}"
-            check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field)
+            check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field, strict=strict)
             if phys in seen:
                 raise KHOFormatError("chunk.next", "the chunk list loops back to a chunk already read", phys)
             seen.add(phys)
             record = np.frombuffer(memory.read(phys, ps), dtype=self.chunk)[0]
             hdr = record["hdr"]
-            if int(hdr["order"]) > memory.geometry.max_order:
-                raise KHOFormatError("chunk.order", f"order {int(hdr['order'])} is above MAX_PAGE_ORDER {memory.geometry.max_order}", phys)
-            if int(hdr["num_elms"]) > self.capacity:
-                raise KHOFormatError("chunk.num_elms", f"{int(hdr['num_elms'])} entries in a chunk of {self.capacity}", phys)
+            order, count = int(hdr["order"]), int(hdr["num_elms"])
+            if order > top:
+                limit = "MAX_PAGE_ORDER" if strict else "the largest order of the physical address space"
+                raise KHOFormatError("chunk.order", f"order {order} is above {limit} {top}", phys)
+            if count > self.capacity:
+                raise KHOFormatError("chunk.num_elms", f"{count} entries in a chunk of {self.capacity}", phys)
+            if strict and records:
+                prev = records[-1]["hdr"]
+                if order < int(prev["order"]):
+                    raise KHOFormatError("chunk.order", f"order {order} follows order {int(prev['order'])}: "
+                                                        "the kernel writes orders ascending", phys)
+                if order == int(prev["order"]) and int(prev["num_elms"]) != self.capacity:
+                    raise KHOFormatError("chunk.num_elms", f"{int(prev['num_elms'])} entries, yet the next chunk has the "
+                                                           f"same order (only a full chunk is followed by one)", phys_list[-1])
             phys_list.append(phys)
             records.append(record)
             phys = int(hdr["next"])
         return np.array(phys_list, dtype=np.uint64), np.array(records, dtype=self.chunk)
 
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Read the chunk list and bitmaps back: O(chunks + bitmaps) Python + O(bitmap bits) numpy."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Read the chunk list and bitmaps back.
+
+        Both modes: the chunk walk of :meth:`walk_chunks`; each ``phys_start`` below 2**52
+        and aligned to its unit size; bitmap pointers aligned to the bitmap size and in RAM;
+        no bitmap read twice and no chunk page used as a bitmap page; units as
+        :func:`finish_units` checks them.  ``strict`` adds: a non-zero map pointer,
+        ``phys_start`` aligned to the span a bitmap covers and ascending within an order
+        (so never repeated), bitmaps outside scratch.  Lenient, a zero map pointer is the
+        empty map, as Linux 6.16 reads it.  Bitmaps are expanded :data:`DECODE_BATCH` at a
+        time.  O(chunks + bitmaps) Python + O(bitmap bytes + set bits) numpy.
+        """
         if memory.page_size != self.page_size:
             raise KHOError("EINVAL", f"kho-v1 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
-        chunk_phys, chunks = self.walk_chunks(memory, map_pointer(props))
+        first = map_pointer(props, allow_zero=not strict)
+        if not first:
+            return DecodedMap(np.empty(0, np.uint64), np.empty(0, np.uint8), True, np.empty(0, np.uint64))
+        chunk_phys, chunks = self.walk_chunks(memory, first, strict=strict)
         counts = chunks["hdr"]["num_elms"].astype(np.int64)
         used = np.arange(self.capacity)[None, :] < counts[:, None]
         entries = chunks["entries"][used]
         entry_order = np.repeat(chunks["hdr"]["order"].astype(np.int64), counts)
         entry_chunk = np.repeat(chunk_phys, counts)
+        entry_at = entry_chunk + np.uint64(CHUNK_HEADER_DTYPE.itemsize) + (
+            np.flatnonzero(used.reshape(-1)) % self.capacity).astype(np.uint64) * np.uint64(CHUNK_ENTRY_DTYPE.itemsize)
         start = entries["phys_start"]
         bitmap = entries["bitmap"]
-        span = np.left_shift(np.uint64(self.preserve_bits), (entry_order + self.shift).astype(np.uint64))
-        high = start >= np.uint64(1 << PHYS_ADDR_BITS)
-        if high.any():
-            raise KHOFormatError("chunk.phys_start", f"{int(start[np.argmax(high)]):#x} is beyond the 52-bit physical address space", int(entry_chunk[np.argmax(high)]))
-        misaligned = (start & (span - np.uint64(1))) != 0
-        if misaligned.any():
-            i = int(np.argmax(misaligned))
-            raise KHOFormatError("chunk.phys_start", f"{int(start[i]):#x} is not a multiple of the {int(span[i]):#x} bytes a bitmap covers", int(entry_chunk[i]))
-        key = (start << np.uint64(8)) | entry_order.astype(np.uint64)  # unique per (phys_start, order)
-        check_distinct(key, "chunk.phys_start", "a bitmap of the same order and start address")
-        check_pointers(memory, bitmap, self.bitmap_bytes, self.bitmap_bytes, "chunk.bitmap")
-        check_distinct(bitmap, "chunk.bitmap", "a bitmap")
-        check_distinct(np.concatenate([chunk_phys, np.unique(bitmap & ~np.uint64(self.page_size - 1))]), "chunk.bitmap", "a chunk page used as a bitmap page")
 
-        pages, where = np.unique(bitmap & ~np.uint64(self.page_size - 1), return_inverse=True)
-        raw = read_pages(memory, pages).reshape(-1, self.bitmap_bytes)
+        def fail(mask: np.ndarray, field: str, message) -> None:
+            if mask.any():
+                i = int(np.argmax(mask))
+                raise KHOFormatError(field, message(i), int(entry_at[i]))
+
+        fail(start >= np.uint64(1 << PHYS_ADDR_BITS), "chunk.phys_start",
+             lambda i: f"{int(start[i]):#x} is beyond the {PHYS_ADDR_BITS}-bit physical address space")
+        shift = (entry_order + (self.shift + self.preserve_bits.bit_length() - 1 if strict else self.shift)).astype(np.uint64)
+        align = np.left_shift(np.uint64(1), shift)
+        what = "the span a bitmap covers" if strict else "the unit size"
+        fail((start & (align - np.uint64(1))) != 0, "chunk.phys_start",
+             lambda i: f"{int(start[i]):#x} is not a multiple of {int(align[i]):#x} bytes, {what}")
+        if strict:
+            same = entry_order[1:] == entry_order[:-1]
+            fail(np.concatenate([[False], same & (start[1:] <= start[:-1])]), "chunk.phys_start",
+                 lambda i: f"{int(start[i]):#x} does not follow {int(start[i - 1]):#x}: a bitmap's start ascends within an order")
+        check_pointers(memory, bitmap, self.bitmap_bytes, self.bitmap_bytes, "chunk.bitmap", strict=strict)
+        check_distinct(bitmap, "chunk.bitmap", "a bitmap")
+        bitmap_page = bitmap & ~np.uint64(self.page_size - 1)
+        check_distinct(np.concatenate([chunk_phys, np.unique(bitmap_page)]), "chunk.bitmap", "a chunk page used as a bitmap page")
+
         per_page = self.page_size // self.bitmap_bytes
         slot = ((bitmap & np.uint64(self.page_size - 1)) // np.uint64(self.bitmap_bytes)).astype(np.int64)
-        maps = raw[where.reshape(-1) * per_page + slot]
-        phys, order = units_from_bitmaps(maps, start >> (entry_order + self.shift).astype(np.uint64), entry_order, self.shift)
-        return finish_units(memory, phys, order, np.concatenate([chunk_phys, pages]))
+        first_unit = (start >> (entry_order + self.shift).astype(np.uint64)).astype(np.int64)
+        phys_parts, order_parts = [], []
+        for b in range(0, bitmap.size, DECODE_BATCH):
+            part = slice(b, b + DECODE_BATCH)
+            pages, where = np.unique(bitmap_page[part], return_inverse=True)
+            maps = read_pages(memory, pages).reshape(-1, self.bitmap_bytes)[where.reshape(-1) * per_page + slot[part]]
+            phys, order = units_from_bitmaps(maps, first_unit[part], entry_order[part], self.shift, bitmap[part])
+            phys_parts.append(phys)
+            order_parts.append(order)
+        phys = np.concatenate(phys_parts) if phys_parts else np.empty(0, np.uint64)
+        order = np.concatenate(order_parts) if order_parts else np.empty(0, np.uint8)
+        metadata = np.concatenate([chunk_phys, np.unique(bitmap_page)])
+        return finish_units(memory, phys, order, metadata, strict=strict, metadata_field="chunk.bitmap")

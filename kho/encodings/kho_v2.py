@@ -49,8 +49,8 @@ from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
 from .kho_v1 import (
-    alloc_pages_all_or_nothing, check_distinct, check_pointers, finish_units, map_pointer, read_pages, tracker_bitmaps,
-    units_from_bitmaps,
+    DECODE_BATCH, alloc_pages_all_or_nothing, check_distinct, check_pointers, finish_units, map_pointer, max_unit_order,
+    read_pages, tracker_bitmaps, units_from_bitmaps,
 )
 
 #: Bits in a physical address (phys_addr_t / unsigned long).
@@ -184,45 +184,66 @@ class KhoV2(Encoding):
                           np.sort(pages), self.page_size, self.options())
 
     # -- decode ------------------------------------------------------------------------------
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Walk the tree level by level.  Every pointer must be page-aligned and in RAM, no
-        page may be reached twice, no key may encode an order above MAX_PAGE_ORDER.
-        O(nodes) page reads + O(leaf bits) numpy."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Walk the tree level by level, :data:`DECODE_BATCH` nodes at a time.
+
+        Both modes: a non-zero root pointer (the kernel refuses 0 too); every pointer
+        page-aligned and in RAM; no page reached twice (a kernel never shares a node, and a
+        shared one would let a few pages stand for 512**5 leaf visits); no table slot or leaf
+        key encoding no order or an order too large for the physical address space; units as
+        :func:`finish_units` checks them.  ``strict`` adds: orders at most MAX_PAGE_ORDER,
+        nodes outside scratch, and the unit checks of :func:`finish_units`.
+        O(nodes) page reads + O(leaf bytes + set bits) numpy.
+        """
         if memory.page_size != self.page_size:
             raise KHOError("EINVAL", f"kho-v2 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
         g = self.geometry
         ps = self.page_size
         root = map_pointer(props)
-        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{MEMORY_MAP_PROP}")
+        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{MEMORY_MAP_PROP}", strict=strict)
         node_phys = np.array([root], np.uint64)
         node_prefix = np.zeros(1, np.uint64)
         visited = [node_phys]
-        # A valid key is below 2**(ORDER0 + 1) and at least 2**(ORDER0 - MAX_PAGE_ORDER).
+        # A valid key is below 2**(ORDER0 + 1): its order bit is at most ORDER0 (order 0).
         key_limit_log2 = g.order0_log2 + 1
         for level in range(g.root_level, 0, -1):
-            tables = read_pages(memory, node_phys).view("<u8")
-            rows, slots = np.nonzero(tables)
-            child_phys = tables[rows, slots].astype(np.uint64)
-            child_prefix = (node_prefix[rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
-            limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
-            if limit_log2 < KEY_BITS:
-                high = child_prefix >= np.uint64(1 << max(limit_log2, 0))
-                if high.any():
-                    i = int(np.argmax(high))
-                    raise KHOFormatError("radix.table", f"slot {int(slots[i])} at level {level} holds keys of no valid order",
-                                         int(node_phys[rows[i]]) + 8 * int(slots[i]))
+            child_phys, child_prefix = [], []
+            for b in range(0, node_phys.size, DECODE_BATCH):
+                tables = read_pages(memory, node_phys[b:b + DECODE_BATCH]).view("<u8")
+                rows, slots = np.nonzero(tables)
+                prefix = (node_prefix[b:b + DECODE_BATCH][rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
+                limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
+                if limit_log2 < KEY_BITS:
+                    high = prefix >= np.uint64(1 << max(limit_log2, 0))
+                    if high.any():
+                        i = int(np.argmax(high))
+                        raise KHOFormatError("radix.table", f"slot {int(slots[i])} at level {level} holds keys of no valid order",
+                                             int(node_phys[b + rows[i]]) + 8 * int(slots[i]))
+                child_phys.append(tables[rows, slots].astype(np.uint64))
+                child_prefix.append(prefix)
+            node_phys = np.concatenate(child_phys) if child_phys else np.empty(0, np.uint64)
+            node_prefix = np.concatenate(child_prefix) if child_prefix else np.empty(0, np.uint64)
             field = "radix.leaf" if level == 1 else "radix.node"
-            check_pointers(memory, child_phys, ps, ps, field)
-            visited.append(child_phys)
+            check_pointers(memory, node_phys, ps, ps, field, strict=strict)
+            visited.append(node_phys)
             check_distinct(np.concatenate(visited), field, "a radix tree page")
-            node_phys, node_prefix = child_phys, child_prefix
         leaf_phys, leaf_key = node_phys, node_prefix
         top = _bit_length(leaf_key) + g.bitmap_log2
         order = g.order0_log2 - top + 1
-        bad = (leaf_key == 0) | (order < 0) | (order > memory.geometry.max_order)
+        limit = max_unit_order(memory, strict)
+        bad = (leaf_key == 0) | (order < 0) | (order > limit)
         if bad.any():
             i = int(np.argmax(bad))
-            raise KHOFormatError("radix.key", f"leaf key {int(leaf_key[i]):#x} encodes no order in 0..{memory.geometry.max_order}", int(leaf_phys[i]))
-        first_unit = (leaf_key ^ (np.uint64(1) << (top - 1).astype(np.uint64))) << np.uint64(g.bitmap_log2)
-        phys, unit_order = units_from_bitmaps(read_pages(memory, leaf_phys), first_unit, order, g.page_shift)
-        return finish_units(memory, phys, unit_order, np.concatenate(visited))
+            raise KHOFormatError("radix.key", f"leaf key {int(leaf_key[i]):#x} encodes no order in 0..{limit}", int(leaf_phys[i]))
+        # the leaf key without its order bit, times the bits of a leaf: the unit number of bit 0
+        first_unit = ((leaf_key ^ (np.uint64(1) << (top - 1 - g.bitmap_log2).astype(np.uint64))) << np.uint64(g.bitmap_log2)).astype(np.int64)
+        phys_parts, order_parts = [], []
+        for b in range(0, leaf_phys.size, DECODE_BATCH):
+            part = slice(b, b + DECODE_BATCH)
+            phys, unit_order = units_from_bitmaps(read_pages(memory, leaf_phys[part]), first_unit[part], order[part],
+                                                  g.page_shift, leaf_phys[part])
+            phys_parts.append(phys)
+            order_parts.append(unit_order)
+        phys = np.concatenate(phys_parts) if phys_parts else np.empty(0, np.uint64)
+        unit_order = np.concatenate(order_parts) if order_parts else np.empty(0, np.uint8)
+        return finish_units(memory, phys, unit_order, np.concatenate(visited), strict=strict, metadata_field="radix.node")
