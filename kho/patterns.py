@@ -63,7 +63,7 @@ def mixed_orders(alloc: PageAllocator, pages: int, rng: np.random.Generator):
     orders = orders[:keep]
     rest = pages - int(np.left_shift(1, orders).sum())
     parts_p, parts_o = [], []
-    for order in range(max_order + 1):
+    for order in range(max_order, -1, -1):  # largest first, so small folios don't fragment big blocks
         n = int(np.count_nonzero(orders == order)) + (rest if order == 0 else 0)
         if n:
             parts_p.append(alloc.alloc_many(n, order))
