@@ -454,24 +454,33 @@ class Tracker:
                 yield order, index, bitmap
 
     def units_array(self) -> tuple[np.ndarray, np.ndarray]:
-        """All preserved units as ``(phys uint64, order uint8)`` arrays sorted by address.  O(units + bitmap bytes)."""
+        """All preserved units as ``(phys uint64, order uint8)`` arrays sorted by address.
+
+        Walks each order's XArray once: one unpack and one ``flatnonzero`` per order, a
+        merge only when several orders are present.  O(units + bitmap bits).
+        """
+        shift = self.memory.page_shift
+        bits_shift = self._bits_shift
         phys_parts, order_parts = [], []
         for order, phys_bits in self.orders.items():
             items = list(phys_bits.items())
             if not items:
                 continue
-            indices = np.array([i for i, _ in items], dtype=np.uint64)
-            bits = np.unpackbits(np.stack([b for _, b in items]), axis=1, bitorder="little")
-            rows, cols = np.nonzero(bits)
-            key = indices[rows] * np.uint64(self.preserve_bits) + cols.astype(np.uint64)
-            phys_parts.append(key << np.uint64(self.memory.page_shift + order))
+            index = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
+            pos = np.flatnonzero(np.unpackbits(np.concatenate([bitmap for _, bitmap in items]), bitorder="little"))
+            if index[-1] - index[0] == index.size - 1:  # consecutive bitmaps: one offset for all
+                key = pos + (int(index[0]) << bits_shift)
+            else:
+                key = (index[pos >> bits_shift] << bits_shift) | (pos & ((1 << bits_shift) - 1))
+            phys_parts.append((key << (shift + order)).view(np.uint64))
             order_parts.append(np.full(key.size, order, dtype=np.uint8))
         if not phys_parts:
             return np.empty(0, np.uint64), np.empty(0, np.uint8)
+        if len(phys_parts) == 1:
+            return phys_parts[0], order_parts[0]
         phys = np.concatenate(phys_parts)
-        orders = np.concatenate(order_parts)
         sort = np.argsort(phys, kind="stable")
-        return phys[sort], orders[sort]
+        return phys[sort], np.concatenate(order_parts)[sort]
 
     def units(self) -> list[tuple[int, int]]:
         """All preserved units as sorted ``(phys, order)`` pairs."""
