@@ -86,8 +86,7 @@ class LoadedImage:
         validates the map and the FDT's sub-nodes (each pointing into a preserved unit);
         ``strict=False`` decodes as leniently as the kernel (spec/hardening.md)."""
         fdt = self.kho_fdt(strict=strict)
-        encoding = self.get_encoding()
-        decoded = encoding.decode(self.memory, fdt.props) if strict else encoding.decode(self.memory, fdt.props, strict=False)
+        decoded = self.get_encoding().decode(self.memory, fdt.props, strict=strict)
         if strict:
             fdt.check_subtrees(self.memory, decoded)
         return decoded

@@ -25,15 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--dts", action="store_true", help="print the KHO FDT as DTS")
     how.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--lenient", action="store_true",
+                   help="read the FDT and decode the map as leniently as the Linux kernel does (spec/hardening.md)")
     p.set_defaults(func=run)
 
 
-def summary(path: str) -> tuple[dict, str]:
-    """The dump of image ``path`` as a JSON-friendly dict, and the KHO FDT as DTS."""
+def summary(path: str, strict: bool = True) -> tuple[dict, str]:
+    """The dump of image ``path`` as a JSON-friendly dict, and the KHO FDT as DTS;
+    ``strict=False`` reads it as leniently as the kernel does."""
     image = load_image(path)
     memory = image.memory
-    fdt = image.kho_fdt()
-    decoded = image.get_encoding().decode(memory, fdt.props)
+    fdt = image.kho_fdt(strict=strict)
+    decoded = image.decode(strict=strict)
     orders, counts = np.unique(decoded.order, return_counts=True)
     per_order = [{"order": int(o), "units": int(c), "pages": int(c) << int(o)} for o, c in zip(orders, counts)]
     ps = memory.page_size
@@ -71,7 +74,7 @@ def _size(n: int) -> str:
 
 
 def run(args) -> int:
-    report, dts = summary(args.image)
+    report, dts = summary(args.image, strict=not args.lenient)
     if args.dts:
         emit([dts])
         return 0

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Decode the preserved-memory map of a handover image and print one "
                                    "'0xPHYS ORDER' line per unit, sorted by address.")
     p.add_argument("image", metavar="IMAGE", help="handover image (.kho)")
+    p.add_argument("--lenient", action="store_true",
+                   help="decode as leniently as the Linux kernel does (for maps a real kernel wrote: overlapping units, "
+                        "units in scratch, orders above MAX_PAGE_ORDER; see spec/hardening.md)")
     p.set_defaults(func=run)
 
 
@@ -30,6 +33,6 @@ def unit_lines(phys: np.ndarray, order: np.ndarray) -> Iterator[str]:
 
 
 def run(args) -> int:
-    decoded = load_image(args.image).decode()
+    decoded = load_image(args.image).decode(strict=not args.lenient)
     emit(unit_lines(decoded.phys, decoded.order))
     return 0

@@ -163,8 +163,9 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: 
     """Read and check the array.  Kinds are taken from ``memory.scratch`` where an area
     matches, else named by position (the kernel writes lowmem, global, then one per node).
 
-    Both modes: at least one and at most :data:`MAX_SCRATCH_AREAS` entries, the array and
-    every non-empty area inside one RAM bank.  ``strict`` adds: ``size`` a whole number of
+    Both modes: at least one and at most :data:`MAX_SCRATCH_AREAS` entries, at least one
+    non-empty area (the next kernel's early allocations need one), the array and every
+    non-empty area inside one RAM bank.  ``strict`` adds: ``size`` a whole number of
     entries, every area non-empty, page-aligned and disjoint from the others (the array
     itself may lie in one: kexec loads it as a segment, into scratch).  ``strict=False`` reads ``size // 16`` entries as the kernel does
     (a partial tail is ignored) and drops empty areas (``memblock_add`` of nothing), taking
@@ -190,6 +191,8 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: 
         if not memory.in_ram(addr, length):
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not inside one RAM bank", at)
         areas.append(ScratchArea(addr, length, known.get((addr, length), scratch_kind(i))))
+    if not areas:
+        raise KHOFormatError("scratch.size", f"{count} entries, none of them a non-empty area", phys)
     if not strict:
         return areas
     ordered = sorted(areas, key=lambda a: a.addr)

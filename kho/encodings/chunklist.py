@@ -136,12 +136,17 @@ def read_root_pointer(props: Mapping[str, bytes], name: str = MEMORY_MAP_PROP) -
     return value
 
 
-def check_pointer(memory: PhysicalMemory, phys: int, size: int, align: int, field: str, location: int | None) -> None:
-    """KHOFormatError unless ``[phys, phys+size)`` is ``align``-aligned and inside one RAM bank."""
+def check_pointer(memory: PhysicalMemory, phys: int, size: int, align: int, field: str, location: int | None,
+                  *, strict: bool = True) -> None:
+    """KHOFormatError unless ``[phys, phys+size)`` is ``align``-aligned and inside one RAM bank
+    and, when ``strict``, outside every scratch area (metadata there could be overwritten by
+    the next kernel's early allocations before it is read)."""
     if phys % align:
         raise KHOFormatError(field, f"pointer {phys:#x} is not {align}-byte aligned", location)
     if not memory.in_ram(phys, size):
         raise KHOFormatError(field, f"pointer {phys:#x} is outside RAM", location)
+    if strict and memory.overlaps_scratch(phys, size):
+        raise KHOFormatError(field, f"pointer {phys:#x} points into a scratch area", location)
 
 
 def read_pages(memory: PhysicalMemory, pages: np.ndarray) -> np.ndarray:
@@ -205,10 +210,12 @@ class ChunkList:
         return int(self.pages[chunk]) + CHUNK_HEADER.itemsize + (entry - first) * self.entry_size
 
 
-def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: int, field: str) -> ChunkList:
-    """Follow a chunk list from ``head``, strictly: every pointer page-aligned and in RAM,
-    the magic right, ``count`` at most the page's capacity, no chunk visited twice (so the
-    walk ends after at most one visit per RAM page).  KHOFormatError names ``field``.
+def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: int, field: str, *,
+                    strict: bool = True) -> ChunkList:
+    """Follow a chunk list from ``head``: every pointer page-aligned and in RAM (and outside
+    scratch when ``strict``), the magic right, ``count`` at most the page's capacity, no
+    chunk visited twice (so the walk ends after at most one visit per stored page: a page
+    never written reads as zeros, whose magic is wrong).  KHOFormatError names ``field``.
     O(chunks) reads."""
     ps = memory.page_size
     cap = chunk_capacity(ps, entry_size)
@@ -216,7 +223,7 @@ def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: i
     pages, counts, parts = [], [], []
     phys, where = head, None
     while phys:
-        check_pointer(memory, phys, ps, ps, f"{field}.next" if pages else f"fdt.{MEMORY_MAP_PROP}", where)
+        check_pointer(memory, phys, ps, ps, f"{field}.next" if pages else f"fdt.{MEMORY_MAP_PROP}", where, strict=strict)
         if phys in seen:
             raise KHOFormatError(f"{field}.next", f"chunk {phys:#x} is reached twice (the list loops)", where)
         seen.add(phys)
@@ -238,18 +245,24 @@ def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: i
 # -- checks on decoded units --------------------------------------------------------------
 def usable_segments(memory: PhysicalMemory) -> tuple[np.ndarray, np.ndarray]:
     """RAM minus the scratch areas: sorted, disjoint ``[start, end)`` pfn intervals (int64),
-    one or more per bank (two intervals never merge across a bank boundary).  O(banks + areas)."""
+    one or more per bank (two intervals never merge across a bank boundary).  Banks and
+    areas are both sorted and disjoint, so one merge-like pass does it: O(banks + areas)."""
     shift = memory.page_shift
     starts, ends = [], []
     areas = [(a.addr >> shift, a.end >> shift) for a in memory.scratch]
+    first = 0  # the first area that may still meet the current or a later bank
     for bank in memory.banks:
         pos, end = bank.start >> shift, bank.end >> shift
-        for a_start, a_end in areas:
-            if a_start < end and a_end > pos:
-                if a_start > pos:
-                    starts.append(pos)
-                    ends.append(a_start)
-                pos = max(pos, a_end)
+        while first < len(areas) and areas[first][1] <= pos:
+            first += 1
+        i = first
+        while i < len(areas) and areas[i][0] < end:
+            a_start, a_end = areas[i]
+            if a_start > pos:
+                starts.append(pos)
+                ends.append(a_start)
+            pos = max(pos, a_end)
+            i += 1
         if pos < end:
             starts.append(pos)
             ends.append(end)
@@ -265,12 +278,18 @@ def in_usable(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray
 
 
 def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, field: str,
-                locate: Callable[[int], int | None] = lambda i: None) -> None:
+                locate: Callable[[int], int | None] = lambda i: None, *, strict: bool = True) -> None:
     """KHOFormatError unless every unit ``(phys, order)`` (sorted by phys; orders and
-    alignment already checked by the caller) lies inside one RAM bank, meets no scratch
-    area and does not overlap the next unit.  ``locate(i)`` gives the phys where unit
-    ``i`` was read, for the error.  O(n log segments) numpy work."""
+    alignment already checked by the caller) lies inside one RAM bank and, when ``strict``,
+    meets no scratch area and does not overlap the next unit.  ``locate(i)`` gives the phys
+    where unit ``i`` was read, for the error.  O(n log segments) numpy work."""
     if not phys.size:
+        return
+    if not strict:
+        outside = ~memory.in_ram_array(phys, np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64)))
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise KHOFormatError(field, f"unit {int(phys[i]):#x} order {int(order[i])}: outside RAM", locate(i))
         return
     shift = memory.page_shift
     start = phys.view(np.int64) >> shift

@@ -317,16 +317,19 @@ def _free_gaps(memory: PhysicalMemory, unit_start: np.ndarray, unit_end: np.ndar
     return np.insert(gap_start, where, edge_start), np.insert(gap_end, where, edge_end)
 
 
-def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
+def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> StreamWalk:
     """Read the stream from ``preserved-memory-map`` and walk it once, vectorized.
 
     Strict: every record field, the exact tiling of ``[first bank start, last bank end)``,
     FREE/UNIT/BITMAP spans inside one bank and outside scratch, SKIP spans exactly holes
     or inside one scratch area, bitmap word counts and padding, and the stream's pages
-    outside preserved units; KHOFormatError names the field and phys.  O(records +
-    bitmap bits) numpy work plus one read per chunk page.
+    outside scratch and outside preserved units; KHOFormatError names the field and phys.
+    ``strict=False`` only lets the stream's own pages lie in scratch or in preserved
+    units: the records must tile RAM exactly for the walk to mean anything, so no kernel
+    could read them more leniently.  O(records + bitmap bits) numpy work plus one read
+    per chunk page.
     """
-    chunks = read_chunk_list(memory, read_root_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk")
+    chunks = read_chunk_list(memory, read_root_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk", strict=strict)
     stream = _Stream(memory, chunks)
     head, arg = stream.records["head"].astype(np.uint64), stream.records["arg"].astype(np.uint64)
     op = (head >> np.uint64(OP_SHIFT)).astype(np.int64)
@@ -390,7 +393,8 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes]) -> StreamWalk:
     free_start, free_end = _free_gaps(memory, unit_pfn, unit_end)
     unit_phys = (unit_pfn << shift).view(np.uint64)
     metadata = np.sort(chunks.pages)
-    check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
+    if strict:
+        check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
     return StreamWalk(free_start, free_end, start[is_skip], end[is_skip], unit_phys, unit_order, metadata,
                       stream.nr_records, stream.nr_words)
 
@@ -414,8 +418,8 @@ class Instructions(Encoding):
         props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
         """:func:`walk`, keeping the units."""
         check_page_size(self.page_size, memory)
-        walked = walk(memory, props)
+        walked = walk(memory, props, strict=strict)
         return DecodedMap(walked.unit_phys, walked.unit_order, exact_orders=True, metadata_pages=walked.metadata_pages)

@@ -40,6 +40,7 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
+from .kho_v1 import max_unit_order
 from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
 from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer, check_units,
                         magic_of, read_pages, read_root_pointer, tracker_units)
@@ -133,13 +134,17 @@ def _node_phys(pages: np.ndarray, index: np.ndarray, page_size: int) -> np.ndarr
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _read_nodes(memory: PhysicalMemory, phys: np.ndarray, field: str, where: np.ndarray) -> np.ndarray:
-    """The nodes at ``phys`` (uint64), validated as pointers (256-aligned, in RAM); ``where``
-    is the phys of the slot each pointer was read from (0 for the root property)."""
-    bad = (phys % np.uint64(MAPLE_NODE_BYTES) != 0) | ~memory.in_ram_array(phys, np.full(phys.size, MAPLE_NODE_BYTES, np.uint64))
+def _read_nodes(memory: PhysicalMemory, phys: np.ndarray, field: str, where: np.ndarray, strict: bool = True) -> np.ndarray:
+    """The nodes at ``phys`` (uint64), validated as pointers (256-aligned, in RAM, and outside
+    scratch when ``strict``); ``where`` is the phys of the slot each pointer was read from (0
+    for the root property)."""
+    size = np.full(phys.size, MAPLE_NODE_BYTES, np.uint64)
+    bad = (phys % np.uint64(MAPLE_NODE_BYTES) != 0) | ~memory.in_ram_array(phys, size)
+    if strict:
+        bad |= memory.overlaps_scratch_array(phys, size)
     if bad.any():
         i = int(np.argmax(bad))
-        check_pointer(memory, int(phys[i]), MAPLE_NODE_BYTES, MAPLE_NODE_BYTES, field, int(where[i]) or None)
+        check_pointer(memory, int(phys[i]), MAPLE_NODE_BYTES, MAPLE_NODE_BYTES, field, int(where[i]) or None, strict=strict)
     ps = memory.page_size
     page_phys = phys & ~np.uint64(ps - 1)
     pages, inverse = np.unique(page_phys, return_inverse=True)
@@ -198,9 +203,12 @@ def _children(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndarra
     return slots[used_slot], slot_phys[used_slot], child_lo[used_slot], child_hi[used_slot]
 
 
-def _leaf_units(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndarray, memory: PhysicalMemory):
-    """Validate leaves covering ``[lo, hi]``; their units ``(phys, order)`` in order, and a
-    function giving the phys of the slot unit ``i`` was read from."""
+def _leaf_units(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndarray, memory: PhysicalMemory,
+                max_order: int | None = None):
+    """Validate leaves covering ``[lo, hi]`` with unit orders at most ``max_order`` (default
+    MAX_PAGE_ORDER); their units ``(phys, order)`` in order, and a function giving the phys
+    of the slot unit ``i`` was read from."""
+    max_order = memory.geometry.max_order if max_order is None else max_order
     count = nodes["count"].astype(np.int64)
     piv, slots = nodes["pivot"], nodes["slot"]
     pos = np.arange(MAPLE_SLOTS)
@@ -211,8 +219,8 @@ def _leaf_units(nodes: np.ndarray, phys: np.ndarray, lo: np.ndarray, hi: np.ndar
         (~used_piv & (piv != 0), "pivot", "unused pivot is not 0"),
         (~used_slot & (slots != 0), "slot", "unused slot is not 0"),
         (used_slot & ((slots & np.uint64(1)) == 0), "slot", "not a value entry"),
-        (used_slot & (order > np.uint64(memory.geometry.max_order)), "slot",
-         f"order above MAX_PAGE_ORDER {memory.geometry.max_order}"),
+        (used_slot & (order > np.uint64(max_order)), "slot",
+         f"order above {'MAX_PAGE_ORDER ' if max_order == memory.geometry.max_order else ''}{max_order}"),
     ):
         if mask.any():
             _fail(mask, phys, field, message)
@@ -254,19 +262,19 @@ def _check_unique(child: np.ndarray, where: np.ndarray) -> None:
         raise KHOFormatError("maple.slot", f"node {int(child[i]):#x} is reached twice", int(where[i]))
 
 
-def _root(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.ndarray, np.ndarray, int]:
+def _root(memory: PhysicalMemory, props: Mapping[str, bytes], strict: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     root = np.array([read_root_pointer(props)], dtype=np.uint64)
-    node = _read_nodes(memory, root, f"fdt.{MEMORY_MAP_PROP}", np.zeros(1, np.uint64))
+    node = _read_nodes(memory, root, f"fdt.{MEMORY_MAP_PROP}", np.zeros(1, np.uint64), strict)
     level = int(node["level"][0])
     if int(node["magic"][0]) == NODE_MAGIC and level > MAX_LEVEL:
         raise KHOFormatError("maple.level", f"root level {level} is above {MAX_LEVEL}", int(root[0]))
     return root, node, level
 
 
-def decode_tree(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def decode_tree(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Read and validate the whole tree, one level at a time: units ``(phys, order)``,
     node phys (sorted), height.  O(nodes) numpy work plus one read per node page."""
-    phys, nodes, level = _root(memory, props)
+    phys, nodes, level = _root(memory, props, strict)
     height = level + 1
     lo = np.zeros(1, dtype=np.uint64)
     hi = np.full(1, KEY_MAX, dtype=np.uint64)
@@ -274,16 +282,16 @@ def decode_tree(memory: PhysicalMemory, props: Mapping[str, bytes]) -> tuple[np.
     while True:
         _check_header(nodes, phys, level, root=len(all_phys) == 1)
         if level == 0:
-            unit_phys, order, locate = _leaf_units(nodes, phys, lo, hi, memory)
+            unit_phys, order, locate = _leaf_units(nodes, phys, lo, hi, memory, max_unit_order(memory, strict))
             break
         child, where, lo, hi = _children(nodes, phys, lo, hi)
         _check_unique(child, where)
         level -= 1
-        nodes = _read_nodes(memory, child, "maple.slot", where)
+        nodes = _read_nodes(memory, child, "maple.slot", where, strict)
         phys = child
         all_phys.append(phys)
     node_phys = np.concatenate(all_phys)
-    check_units(memory, unit_phys, order, "maple.leaf", locate)
+    check_units(memory, unit_phys, order, "maple.leaf", locate, strict=strict)
     return unit_phys, order, np.sort(node_phys), height
 
 
@@ -343,12 +351,18 @@ class Maple(Encoding):
         return MapleEncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(root)}, np.sort(pages),
                                self.page_size, height=len(level_sizes), nr_nodes=int(nodes.size))
 
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Validate every node level by level; the units in address order."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Validate every node level by level; the units in address order.
+
+        The tree's shape is checked in both modes (it is what orders the units).
+        ``strict`` adds: orders at most MAX_PAGE_ORDER, units and nodes outside scratch,
+        nodes outside the preserved units.  ``strict=False`` allows orders up to the
+        physical address space and skips those placement checks."""
         check_page_size(self.page_size, memory)
-        phys, order, node_phys, _ = decode_tree(memory, props)
+        phys, order, node_phys, _ = decode_tree(memory, props, strict=strict)
         pages = np.unique(node_phys & ~np.uint64(memory.page_size - 1))
-        check_metadata_disjoint(memory, pages, phys, order, "maple.node")
+        if strict:
+            check_metadata_disjoint(memory, pages, phys, order, "maple.node")
         return DecodedMap(phys, order, exact_orders=True, metadata_pages=pages)
 
     def lookup(self, memory: PhysicalMemory, props: Mapping[str, bytes], phys: int) -> tuple[int, int] | None:

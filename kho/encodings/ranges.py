@@ -141,8 +141,28 @@ def split_runs(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int) -> tu
     return out_pfn, out_order
 
 
-def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, metadata_pages: np.ndarray) -> DecodedMap:
-    """The :class:`DecodedMap` of validated runs: merged again, greedily split, orders lost."""
+def union_runs(start_pfn: np.ndarray, end_pfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of non-empty ``[start, end)`` pfn runs in any order, overlaps allowed, as
+    sorted, disjoint runs (overlapping runs merged; touching ones left for
+    :func:`merge_runs`).  O(n log n) numpy work."""
+    if not start_pfn.size:
+        return start_pfn, end_pfn
+    sort = np.argsort(start_pfn, kind="stable")
+    start, end = start_pfn[sort], np.maximum.accumulate(end_pfn[sort])
+    new = np.ones(start.size, dtype=bool)
+    new[1:] = start[1:] >= end[:-1]
+    firsts = np.flatnonzero(new)
+    lasts = np.append(firsts[1:], start.size) - 1
+    return start[firsts], end[lasts]
+
+
+def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, metadata_pages: np.ndarray,
+                *, strict: bool = True) -> DecodedMap:
+    """The :class:`DecodedMap` of validated runs: merged again, greedily split, orders lost.
+    Strict runs arrive sorted and disjoint; lenient ones may come in any order and overlap,
+    and are reduced to their union first (reserving a range twice reserves it once)."""
+    if not strict:
+        start_pfn, end_pfn = union_runs(start_pfn, end_pfn)
     start, end = merge_runs(memory, start_pfn, end_pfn)
     pfn, order = split_runs(start, end, memory.geometry.max_order)
     phys = pfn.astype(np.uint64) << np.uint64(memory.page_shift)
@@ -150,11 +170,11 @@ def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarr
 
 
 def check_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, field: str,
-               locate: Callable[[int], int], where: str = "phys") -> None:
+               locate: Callable[[int], int], where: str = "phys", *, strict: bool = True) -> None:
     """KHOFormatError unless every non-empty ``[start, end)`` pfn run (int64) lies inside
-    one RAM bank, outside scratch, sorted and disjoint.  ``locate(i)`` says where run ``i``
-    was read (a phys, or an offset in a property with ``where="offset"``) for the error.
-    O(n log segments) numpy work."""
+    one RAM bank and, when ``strict``, outside scratch, sorted and disjoint.  ``locate(i)``
+    says where run ``i`` was read (a phys, or an offset in a property with
+    ``where="offset"``) for the error.  O(n log segments) numpy work."""
     shift = memory.page_shift
 
     def fail(mask: np.ndarray, message: str) -> None:
@@ -162,6 +182,12 @@ def check_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarra
         addr, length = int(start_pfn[i]) << shift, int(end_pfn[i] - start_pfn[i]) << shift
         raise KHOFormatError(field, f"range {addr:#x}+{length:#x}: {message}", locate(i), where=where)
 
+    if not strict:
+        addr = start_pfn.astype(np.uint64) << np.uint64(shift)
+        outside = ~memory.in_ram_array(addr, (end_pfn - start_pfn).astype(np.uint64) << np.uint64(shift))
+        if outside.any():
+            fail(outside, "outside RAM or across a RAM bank boundary")
+        return
     if not in_usable(memory, start_pfn, end_pfn).all():
         addr = start_pfn.astype(np.uint64) << np.uint64(shift)
         length = (end_pfn - start_pfn).astype(np.uint64) << np.uint64(shift)
@@ -198,8 +224,14 @@ class Ranges(Encoding):
         return RangesEncodedMap(self.name, self.compatible, props, np.empty(0, np.uint64), self.page_size,
                                 nr_ranges=int(start.size), fdt_min_bytes=fdt_min_bytes(self.compatible, props))
 
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Validate the ranges, then split them greedily.  O(ranges + units) numpy work."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Validate the ranges, then split them greedily.  O(ranges log ranges + units) numpy work.
+
+        Both modes: a whole number of 16-byte entries, each page-aligned, not wrapping, inside
+        one RAM bank.  ``strict`` adds: no empty range, sorted, disjoint, outside scratch.
+        ``strict=False`` reads the property as early KHO's kernel did (one memblock_reserve
+        per range): empty ranges are skipped, order and overlaps do not matter (the union is
+        split), scratch is not checked."""
         check_page_size(self.page_size, memory)
         raw = props.get(MEM_PROPERTY)
         if raw is None:
@@ -209,6 +241,12 @@ class Ranges(Encoding):
         table = np.frombuffer(bytes(raw), dtype=RANGE)
         addr, length = table["addr"].astype(np.uint64), table["len"].astype(np.uint64)
         field = f"fdt.{MEM_PROPERTY}"
+        if not strict:
+            keep = length != 0
+            offsets = np.flatnonzero(keep) * RANGE.itemsize
+            addr, length = addr[keep], length[keep]
+        else:
+            offsets = np.arange(addr.size) * RANGE.itemsize
         for mask, message in (
             (length == 0, "empty"),
             (((addr | length) & np.uint64(memory.page_size - 1)) != 0, "not page-aligned"),
@@ -216,8 +254,8 @@ class Ranges(Encoding):
         ):
             if mask.any():
                 i = int(np.argmax(mask))
-                raise KHOFormatError(field, f"range {int(addr[i]):#x}+{int(length[i]):#x}: {message}", i * RANGE.itemsize, where="offset")
+                raise KHOFormatError(field, f"range {int(addr[i]):#x}+{int(length[i]):#x}: {message}", int(offsets[i]), where="offset")
         start = (addr >> np.uint64(memory.page_shift)).view(np.int64)
         end = start + (length >> np.uint64(memory.page_shift)).view(np.int64)
-        check_runs(memory, start, end, field, lambda i: i * RANGE.itemsize, "offset")
-        return decode_runs(memory, start, end, np.empty(0, np.uint64))
+        check_runs(memory, start, end, field, lambda i: int(offsets[i]), "offset", strict=strict)
+        return decode_runs(memory, start, end, np.empty(0, np.uint64), strict=strict)

@@ -74,19 +74,29 @@ class RangesPacked(Encoding):
         props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
-    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes]) -> DecodedMap:
-        """Walk the chunks, validate every entry, split greedily.  O(chunks + units)."""
+    def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
+        """Walk the chunks, validate every entry, split greedily.  O(chunks + units log units).
+
+        Both modes: the chunk list checks of :func:`read_chunk_list`, every range inside
+        one RAM bank.  ``strict`` adds: no zero-length entry, entries sorted and disjoint,
+        outside scratch, chunks outside scratch and outside the preserved ranges.
+        ``strict=False`` skips zero-length entries and reserves the union of the rest."""
         check_page_size(self.page_size, memory)
-        chunks = read_chunk_list(memory, read_root_pointer(props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "ranges-packed.chunk")
+        chunks = read_chunk_list(memory, read_root_pointer(props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "ranges-packed.chunk",
+                                 strict=strict)
         entries = chunks.payload.view(PACKED_ENTRY).astype(np.uint64)
         start = (entries >> np.uint64(LENGTH_BITS)).view(np.int64)
         end = start + (entries & np.uint64(LENGTH_MASK)).view(np.int64)
         zero = end == start
+        index = np.arange(entries.size)
         if zero.any():
-            i = int(np.argmax(zero))
-            raise KHOFormatError("ranges-packed.entry", f"entry {int(entries[i]):#018x} has length 0", chunks.location(i))
-        check_runs(memory, start, end, "ranges-packed.entry", chunks.location)
+            if strict:
+                i = int(np.argmax(zero))
+                raise KHOFormatError("ranges-packed.entry", f"entry {int(entries[i]):#018x} has length 0", chunks.location(i))
+            index, start, end = index[~zero], start[~zero], end[~zero]
+        check_runs(memory, start, end, "ranges-packed.entry", lambda i: chunks.location(int(index[i])), strict=strict)
         metadata = np.sort(chunks.pages)
-        decoded = decode_runs(memory, start, end, metadata)
-        check_metadata_disjoint(memory, metadata, decoded.phys, decoded.order, "ranges-packed.chunk")
+        decoded = decode_runs(memory, start, end, metadata, strict=strict)
+        if strict:
+            check_metadata_disjoint(memory, metadata, decoded.phys, decoded.order, "ranges-packed.chunk")
         return decoded
