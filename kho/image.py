@@ -32,6 +32,7 @@ from .devicetree import ChosenKHO, KHOFdt, parse_chosen
 from .devicetree.chosen import MAX_SCRATCH_AREAS
 from .devicetree.layout import KHO_SCRATCH_DTYPE
 from .encodings import DecodedMap, Encoding, get_encoding
+from .encodings.ranges import union_runs
 from .errors import KHOError, KHOFormatError
 from .handover import Handover
 from .memory import Bank, PhysicalMemory, ScratchArea
@@ -96,11 +97,12 @@ class LoadedImage:
 
 
 def _unit_ranges(decoded: DecodedMap, page_shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """Preserved units as merged ``[start, end)`` pfn ranges (int64, ascending)."""
+    """Preserved units (which may overlap: a kernel-like tracker allows double preservation)
+    as their union, in disjoint ``[start, end)`` pfn ranges (int64, ascending)."""
     if not len(decoded):
         return np.empty(0, np.int64), np.empty(0, np.int64)
     start = (decoded.phys >> np.uint64(page_shift)).astype(np.int64)
-    end = start + np.left_shift(1, decoded.order.astype(np.int64))
+    start, end = union_runs(start, start + np.left_shift(1, decoded.order.astype(np.int64)))
     new = np.ones(start.size, dtype=bool)
     new[1:] = start[1:] != end[:-1]
     first = np.flatnonzero(new)
@@ -125,7 +127,7 @@ def image_map(handover: Handover) -> dict:
     memory = handover.memory
     shift = memory.page_shift
     encoding = get_encoding(handover.encoding, memory.page_size, **handover.options)
-    decoded = encoding.decode(memory, handover.encoded.props)
+    decoded = encoding.decode(memory, handover.encoded.props, strict=False)  # everything the next kernel keeps
     starts, ends = _unit_ranges(decoded, shift)
     keep = (handover.pages_to_keep() >> np.uint64(shift)).astype(np.int64)
     stored = np.fromiter((pfn for pfn, _ in memory.stored_pages()), dtype=np.int64)

@@ -88,7 +88,7 @@ def _cstring(data: bytes, start: int, end: int, field: str, strict: bool = True)
         raise KHOFormatError(field, "string is not NUL-terminated inside its block", start, where="offset")
     raw = data[start:stop]
     if not strict:
-        return "".join(chr(c) if 0x21 <= c <= 0x7E else f"\\x{c:02x}" for c in raw)
+        return "".join(chr(c) if 0x20 <= c <= 0x7E else f"\\x{c:02x}" for c in raw)
     try:
         return raw.decode("ascii")
     except UnicodeDecodeError:

@@ -221,7 +221,7 @@ class KHOFdt:
     def check_subtrees(self, memory: PhysicalMemory, decoded: DecodedMap | None = None) -> None:
         """Strict checks of every sub-node against the machine (the kernel makes none: a bad
         sub-node only fails its own ``kho_retrieve_subtree``): the pointer property present,
-        8 bytes, non-zero and inside RAM; ``blob-size``, when present, 8 bytes with the blob
+        8 bytes and inside RAM (0 is a valid address: a blob may be the page at 0); ``blob-size``, when present, 8 bytes with the blob
         inside RAM; no nested node; and, with ``decoded`` (the preserved units, sorted), the
         pointed-to byte (and the whole blob) inside one preserved unit, since only preserved
         memory survives the kexec.  KHOFormatError names ``fdt.<node>.<property>``.
@@ -233,8 +233,6 @@ class KHOFdt:
             phys = unpack_u64_prop(prop_bytes(node.get_property(self.subtree_prop)), field)
             raw_size = prop_bytes(node.get_property(BLOB_SIZE_PROP))
             size = 1 if raw_size is None else unpack_u64_prop(raw_size, f"fdt.{node.name}.{BLOB_SIZE_PROP}")
-            if phys == 0:
-                raise KHOFormatError(field, "the pointer is 0")
             if size == 0 or not memory.in_ram(phys, size):
                 raise KHOFormatError(field if raw_size is None else f"fdt.{node.name}.{BLOB_SIZE_PROP}",
                                      f"{size} bytes outside RAM", phys)
