@@ -96,6 +96,17 @@ def test_kho_v1_bitmaps_are_expanded_in_bounded_memory():
     assert len(decoded) == 0 and peak < 64 << 20, peak
 
 
+def test_one_range_over_all_of_ram_splits_in_bounded_rounds():
+    """A 16-byte ``ranges`` entry spanning 16 TiB took one numpy round per unit of the
+    greedy split (4 million rounds, minutes); whole MAX_PAGE_ORDER blocks are now laid out
+    at once."""
+    memory = PhysicalMemory.single_bank(16 << 40)
+    props = {"mem": (PS).to_bytes(8, "little") + ((16 << 40) - 2 * PS).to_bytes(8, "little")}
+    with time_limit(30):
+        decoded = get_encoding("ranges", PS).decode(memory, props)
+    assert len(decoded) == (16 << 40) // (4 << 20) + 18 and decoded.order.max() == 10
+
+
 def test_many_sibling_nodes_parse_in_linear_time():
     """The FDT reader looked up duplicate names with the fdt package's linear scans:
     quadratic in the number of siblings.  20,000 siblings now parse well within the limit."""

@@ -1,11 +1,13 @@
-"""A strict reader and a writer of flattened devicetree blobs, on the ``fdt`` package's objects.
+"""A checking reader and a writer of flattened devicetree blobs, on the ``fdt`` package's objects.
 
 The ``fdt`` package builds and serializes trees (kho uses it to write every blob) but its
 parser trusts its input (no bounds checks, no ``FDT_NOP``).  :func:`parse_fdt` replaces
-it: it checks the header as libfdt's ``fdt_check_header`` does and walks the whole
-structure block as ``fdt_check_full`` does (nesting, names, string offsets, lengths),
-skipping ``FDT_NOP`` tokens, and raises :class:`~kho.errors.KHOFormatError` naming the
-field and the byte offset of the first problem.  Property values are kept raw
+it: it checks the header as libfdt's ``fdt_check_header`` does and walks the structure
+block, skipping ``FDT_NOP`` tokens, and raises :class:`~kho.errors.KHOFormatError` naming
+the field and the byte offset of the first problem.  Strict (default), it checks the
+whole blob as ``fdt_check_full`` does (nesting, names, string offsets, lengths, order);
+``strict=False`` reads it the way the kernel's libfdt lookups see it (see
+:func:`parse_fdt` and spec/hardening.md).  Property values are kept raw
 (:class:`fdt.PropBytes`), so a blob read and written again keeps every byte of every value.
 
 Cost: O(blob bytes); at most :data:`MAX_DEPTH` levels of nesting.

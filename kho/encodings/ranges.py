@@ -110,34 +110,58 @@ def split_runs(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int) -> tu
 
     Each unit has ``order = min(ctz(pfn), floor(log2(pages left)), max_order)``, as
     kho_preserve_pages splits (capped at MAX_PAGE_ORDER).  Returns ``(pfn int64, order
-    uint8)`` sorted by pfn.  Single-page runs are placed directly; longer ones take one
-    numpy round per unit of the longest run, each round writing its units at their final
-    positions: O(units) work, no sort.
+    uint8)`` sorted by pfn.  A run holding whole ``2**max_order``-page blocks is cut into
+    its head (up to the first block boundary), its blocks and its tail: the greedy split of
+    the head and the tail alone is the same as within the run, and every block is one unit
+    of ``max_order``, laid out with one ``arange``.  The short pieces take one numpy round
+    per unit of the longest (at most about ``2 * max_order`` rounds), each round writing its
+    units at their final positions: O(units) work, no sort, however long a run claims to be.
     """
     start = np.asarray(start_pfn, dtype=np.int64)
     end = np.asarray(end_pfn, dtype=np.int64)
+    block = 1 << max_order
+    aligned = (start + (block - 1)) & -block
+    blocks = np.where(aligned < end, (end - aligned) >> max_order, 0)
+    # Three pieces a run, in address order: head (or the whole short run), blocks, tail.
+    body_end = aligned + (blocks << max_order)
+    long = blocks > 0
+    piece_start = np.stack([start, aligned, body_end], axis=1).reshape(-1)
+    piece_end = np.stack([np.where(long, aligned, end), body_end, np.where(long, end, body_end)], axis=1).reshape(-1)
+    is_body = np.tile([False, True, False], start.size)
+    keep = piece_end > piece_start
+    piece_start, piece_end, is_body = piece_start[keep], piece_end[keep], is_body[keep]
+    body = np.flatnonzero(is_body)
+    short = np.flatnonzero(~is_body)
+
+    counts = np.ones(piece_start.size, dtype=np.int64)
+    counts[body] = (piece_end[body] - piece_start[body]) >> max_order
     rounds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    active = np.flatnonzero(end - start > 1)
-    cur = start[active]
-    counts = np.ones(start.size, dtype=np.int64)
+    active = short[piece_end[short] - piece_start[short] > 1]
+    cur = piece_start[active]
     counts[active] = 0
     while active.size:
         low_bit = cur & -cur
         tz = np.where(cur == 0, max_order, _floor_log2(np.maximum(low_bit, 1)))
-        order = np.minimum(np.minimum(tz, _floor_log2(end[active] - cur)), max_order)
+        order = np.minimum(np.minimum(tz, _floor_log2(piece_end[active] - cur)), max_order)
         rounds.append((active, cur, order))
         counts[active] += 1
         cur = cur + np.left_shift(1, order)
-        more = cur < end[active]
+        more = cur < piece_end[active]
         active, cur = active[more], cur[more]
     offsets = np.cumsum(counts) - counts
     out_pfn = np.empty(int(offsets[-1] + counts[-1]) if counts.size else 0, dtype=np.int64)
     out_order = np.zeros(out_pfn.size, dtype=np.uint8)
-    out_pfn[offsets] = start  # single pages, and the first unit of every longer run (overwritten below)
+    out_pfn[offsets[short]] = piece_start[short]  # single pages, and the first unit of every longer piece (overwritten below)
     for r, (idx, pfn, order) in enumerate(rounds):
         pos = offsets[idx] + r
         out_pfn[pos] = pfn
         out_order[pos] = order
+    if body.size:
+        n = counts[body]
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        pos = np.repeat(offsets[body], n) + within
+        out_pfn[pos] = np.repeat(piece_start[body], n) + (within << max_order)
+        out_order[pos] = max_order
     return out_pfn, out_order
 
 
