@@ -13,10 +13,10 @@ What runs (each part can be chosen with ``--only``):
   mode at 1 and 8 GiB against the model.
 
 Writes ``<part>.json``, ``<part>.md`` and the PNG plots, then ``README.md`` (the index).
-About 30 minutes on 2 cores for everything; ``--quick`` runs a tiny matrix (seconds) to
-check the pipeline.
+About 7 minutes on 2 cores for everything; ``--quick`` runs a tiny matrix (seconds) to
+check the pipeline; ``--replot`` only redraws from the JSON already written.
 
-Usage: python bench/run_all.py [--out bench/results] [--only PART ...] [--runs N] [--quick]
+Usage: python bench/run_all.py [--out bench/results] [--only PART ...] [--runs N] [--quick] [--replot]
 """
 
 from __future__ import annotations
@@ -52,6 +52,36 @@ def write(out: str, doc: dict) -> str:
     return stem
 
 
+def plot_encodings(out: str, doc: dict) -> None:
+    """The encodings plots: sizes over the matrix's RAM, time over the sweep (and the scale
+    run's 1 TiB point from ``scale.json`` when it is there)."""
+    points, config = doc["results"], doc["config"]
+    matrix, sweep = config["matrix"], config["sweep"]
+    stem = os.path.join(out, "encodings")
+    plots.bytes_vs_share([p for p in points if p["ram_bytes"] in matrix["rams"]], stem + "_bytes_vs_share.png")
+    sweep_points = [p for p in report.measured(points) if p["pattern"] == sweep["pattern"] and p["share"] == sweep["share"]]
+    scale_path = os.path.join(out, report.FILES["scale"])
+    if os.path.exists(scale_path):
+        extra = as_point(report.load(scale_path, "scale")["results"])
+        if extra is not None and extra["pattern"] == sweep["pattern"] and extra["share"] == sweep["share"]:
+            sweep_points.append(extra)
+    plots.time_vs_scale(sweep_points, stem + "_time_vs_scale.png")
+
+
+def replot(out: str) -> None:
+    """Markdown and plots again from the JSON documents in ``out`` (nothing is measured)."""
+    for kind, name in report.FILES.items():
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        doc = report.load(path, kind)
+        write(out, doc)
+        if kind == "encodings":
+            plot_encodings(out, doc)
+        elif kind == "reboot":
+            plots.reboot_tradeoff(doc["results"], os.path.join(out, "reboot_tradeoff.png"))
+
+
 def run_encodings(out: str, matrix: dict, sweep: dict, runs: int, seed: int, show: bool) -> None:
     names = benc.check_encodings(None)
     grid = [benc.Point(p, ram, s) for p in matrix["patterns"] for ram in matrix["rams"] for s in matrix["shares"]]
@@ -63,15 +93,9 @@ def run_encodings(out: str, matrix: dict, sweep: dict, runs: int, seed: int, sho
         points = benc.run_points(grid + swept, names, runs, seed=seed, step=step)
         points += benc.run_points(single, names, 1, seed=seed, step=step)
     config = {"matrix": matrix, "sweep": sweep, "encodings": names, "runs": runs, "seed": seed}
-    stem = write(out, report.document("encodings", config, points))
-    plots.bytes_vs_share([p for p in points if p["ram_bytes"] in matrix["rams"]], stem + "_bytes_vs_share.png")
-    sweep_points = [p for p in report.measured(points) if p["pattern"] == sweep["pattern"] and p["share"] == sweep["share"]]
-    scale_path = os.path.join(out, report.FILES["scale"])
-    if os.path.exists(scale_path):
-        extra = as_point(report.load(scale_path, "scale")["results"])
-        if extra is not None and extra["share"] == sweep["share"]:
-            sweep_points.append(extra)
-    plots.time_vs_scale(sweep_points, stem + "_time_vs_scale.png")
+    doc = report.document("encodings", config, points)
+    write(out, doc)
+    plot_encodings(out, doc)
 
 
 def run_reboot(out: str, spec: dict, show: bool) -> None:
@@ -88,11 +112,16 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a tiny matrix, to check the pipeline")
+    parser.add_argument("--replot", action="store_true", help="only rewrite markdown, plots and index from the JSON in --out")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     load_all()
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        replot(args.out)
+        print(f"replotted {args.out}; index {report.write_index(args.out)}")
+        return 0
     show = sys.stderr.isatty()
     if "sizes" in args.only:
         write(args.out, report.document("sizes", {"seed": args.seed}, design.design_sizes(args.seed)))

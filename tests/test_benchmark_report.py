@@ -131,3 +131,15 @@ def test_index(tmp_path, points, reboot):
     text = open(report.write_index(out)).read()
     assert "## encodings" in text and "## reboot" in text and "## scale" not in text
     assert "[`reboot_tradeoff.png`](reboot_tradeoff.png)" in text
+
+
+RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "results")
+
+
+@pytest.mark.parametrize("kind", sorted(report.FILES))
+def test_committed_results_load_and_render(kind):
+    path = os.path.join(RESULTS, report.FILES[kind])
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not written yet (python bench/run_all.py)")
+    doc = report.load(path, kind)
+    assert well_formed(report.markdown(doc))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import KHOError
-from .report import fmt_bytes, fmt_ram, measured
+from .report import DESIGN_BUDGET, fmt_bytes, fmt_ram, measured
 
 #: Line style per boot path.
 PATH_STYLE = {"memblock": "-", "instructions": "--"}
@@ -43,6 +43,12 @@ def _colors(names: Sequence[str]) -> dict[str, tuple]:
     return {name: cmap(i % 10) for i, name in enumerate(sorted(names))}
 
 
+def _markers(names: Sequence[str]) -> dict[str, str]:
+    """A fixed marker per encoding name (in sorted name order), so that lines that coincide
+    stay distinguishable."""
+    return {name: "os^Dvp*X"[i % 8] for i, name in enumerate(sorted(names))}
+
+
 def _encodings(points: Sequence[dict]) -> list[str]:
     return sorted({e["encoding"] for p in points for e in p["encodings"]})
 
@@ -57,12 +63,12 @@ def _bytes_axis(ax) -> None:
     ax.yaxis.set_minor_locator(FixedLocator([]))
 
 
-def _seconds_axis(ax) -> None:
-    """A log y axis in seconds with ticks at 1, 2, 5 times powers of ten."""
+def _seconds_axis(ax, multipliers: Sequence[int] = (1, 2, 5)) -> None:
+    """A log y axis in seconds with ticks at ``multipliers`` times powers of ten."""
     from matplotlib.ticker import FixedLocator, FuncFormatter
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator([m * 10.0 ** e for e in range(-6, 4) for m in (1, 2, 5)]))
+    ax.yaxis.set_major_locator(FixedLocator([m * 10.0 ** e for e in range(-6, 4) for m in multipliers]))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} s"))
     ax.yaxis.set_minor_locator(FixedLocator([]))
 
@@ -93,7 +99,7 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
     ram, chosen = max(by_ram.items(), key=lambda kv: (len(kv[1]), kv[0]))
     patterns = list(dict.fromkeys(p["pattern"] for p in chosen))
     names = _encodings(chosen)
-    colors = _colors(names)
+    colors, markers = _colors(names), _markers(names)
     cols = min(3, len(patterns) + 1)
     rows = -(-(len(patterns) + 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
@@ -110,8 +116,9 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
                     hollow.append(e["handover"] not in (None, "ok"))
             ax.plot(xs, ys, "-", color=colors[name], lw=1.6)
             for x, y, h in zip(xs, ys, hollow):
-                ax.plot(x, y, "o", ms=5, color=colors[name], mfc="white" if h else colors[name])
+                ax.plot(x, y, markers[name], ms=5, color=colors[name], mfc="white" if h else colors[name])
         ax.axhline(FDT_PAGE, color="grey", ls=":", lw=1)
+        ax.axhline(DESIGN_BUDGET, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
         shares = [p["share"] * 100 for p in pts]
         ax.set_xticks(shares)
@@ -123,9 +130,10 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
     for ax in flat[len(patterns):]:
         ax.axis("off")
     legend_ax = flat[len(patterns)]
-    handles = [plt.Line2D([], [], color=colors[n], marker="o", lw=1.6, label=n) for n in names]
+    handles = [plt.Line2D([], [], color=colors[n], marker=markers[n], lw=1.6, label=n) for n in names]
     handles += [plt.Line2D([], [], color="grey", marker="o", mfc="white", lw=0, label="handover impossible"),
-                plt.Line2D([], [], color="grey", ls=":", label="one FDT page (4 KiB)")]
+                plt.Line2D([], [], color="grey", ls=":", label="one FDT page (4 KiB)"),
+                plt.Line2D([], [], color="grey", ls="--", label="512 KiB (design discussion)")]
     legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("map bytes (log)")
@@ -150,7 +158,7 @@ def time_vs_scale(points: Sequence[dict], path: str) -> str:
     chosen = max(groups.values(), key=len)
     pts = [chosen[ram] for ram in sorted(chosen)]
     names = _encodings(pts)
-    colors = _colors(names)
+    colors, markers = _colors(names), _markers(names)
     rams = [p["ram_bytes"] for p in pts]
     panels = (("encode", lambda e: {"": e["encode_s"]}), ("decode", lambda e: {"": e["decode_s"]}),
               ("free-list rebuild (next kernel)", lambda e: {k: v["rebuild_s"] for k, v in e["paths"].items()}))
@@ -165,14 +173,14 @@ def time_vs_scale(points: Sequence[dict], path: str) -> str:
                     xs.append(p["ram_bytes"])
                     ys.append(secs)
             for key, (xs, ys) in series.items():
-                ax.plot(xs, ys, PATH_STYLE.get(key, "-"), marker="o", ms=4, color=colors[name], lw=1.6)
+                ax.plot(xs, ys, PATH_STYLE.get(key, "-"), marker=markers[name], ms=4, color=colors[name], lw=1.6)
         _log2_ram_axis(ax, rams)
-        _seconds_axis(ax)
+        _seconds_axis(ax, (1,))
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_xlabel("RAM")
     axes[0].set_ylabel("median wall clock (log)")
-    handles = [plt.Line2D([], [], color=colors[n], marker="o", lw=1.6, label=n) for n in names]
+    handles = [plt.Line2D([], [], color=colors[n], marker=markers[n], lw=1.6, label=n) for n in names]
     handles += [plt.Line2D([], [], color="grey", ls=s, label=f"{k} path") for k, s in PATH_STYLE.items()]
     fig.legend(handles=handles, fontsize=8, loc="center right", frameon=False)
     p0 = pts[0]
@@ -230,7 +238,7 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
     _bytes_axis(right)
     right.set_xlabel("RAM")
     right.set_ylabel("memory cost (log)")
-    right.set_title(f"Memory cost, {fmt_bytes(image)} image (dashed: reserved forever)", fontsize=10)
+    right.set_title(f"Memory cost, {fmt_ram(image)} image (dashed: reserved forever)", fontsize=10)
     right.grid(True, which="major", alpha=0.3)
     right.legend(fontsize=8)
     fig.suptitle("Relocation trade-off: MMU off vs MMU-on transitional tables vs a reserved region", fontsize=12)
