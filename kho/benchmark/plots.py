@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import KHOError
-from .report import DESIGN_BUDGET, fmt_bytes, fmt_ram, measured
+from .design import BUDGET as DESIGN_BUDGET
+from .report import fmt_bytes, fmt_ram, measured
 
 #: Line style per boot path.
 PATH_STYLE = {"memblock": "-", "instructions": "--"}
 DPI = 100
-#: The kernel's KHO root FDT: one 4 KiB page.
-FDT_PAGE = 4096
 
 
 def _pyplot():
@@ -98,6 +97,7 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
         by_ram.setdefault(p["ram_bytes"], []).append(p)
     ram, chosen = max(by_ram.items(), key=lambda kv: (len(kv[1]), kv[0]))
     patterns = list(dict.fromkeys(p["pattern"] for p in chosen))
+    page_size = chosen[0]["page_size"]
     names = _encodings(chosen)
     colors, markers = _colors(names), _markers(names)
     cols = min(3, len(patterns) + 1)
@@ -117,7 +117,7 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
             ax.plot(xs, ys, "-", color=colors[name], lw=1.6)
             for x, y, h in zip(xs, ys, hollow):
                 ax.plot(x, y, markers[name], ms=5, color=colors[name], mfc="white" if h else colors[name])
-        ax.axhline(FDT_PAGE, color="grey", ls=":", lw=1)
+        ax.axhline(page_size, color="grey", ls=":", lw=1)  # the kernel's KHO root FDT: one page
         ax.axhline(DESIGN_BUDGET, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
         shares = [p["share"] * 100 for p in pts]
@@ -132,7 +132,7 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
     legend_ax = flat[len(patterns)]
     handles = [plt.Line2D([], [], color=colors[n], marker=markers[n], lw=1.6, label=n) for n in names]
     handles += [plt.Line2D([], [], color="grey", marker="o", mfc="white", lw=0, label="handover impossible"),
-                plt.Line2D([], [], color="grey", ls=":", label="one FDT page (4 KiB)"),
+                plt.Line2D([], [], color="grey", ls=":", label=f"one FDT page ({fmt_ram(page_size)})"),
                 plt.Line2D([], [], color="grey", ls="--", label="512 KiB (design discussion)")]
     legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=9)
     for ax in axes[:, 0]:

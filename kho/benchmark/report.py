@@ -20,12 +20,11 @@ import os
 from typing import Sequence
 
 from ..errors import KHOError
+from .design import BUDGET as DESIGN_BUDGET
 from .environment import machine_info
 
 SCHEMA = "kho-bench/1"
 KINDS = ("encodings", "reboot", "scale", "sizes")
-#: The metadata budget the design discussion measured encodings against (bytes).
-DESIGN_BUDGET = 512 << 10
 #: File names in a results directory, by kind (JSON; the markdown and plots share the stem).
 FILES = {"sizes": "sizes.json", "encodings": "encodings.json", "reboot": "reboot.json", "scale": "scale.json"}
 
