@@ -107,6 +107,19 @@ def check(fn, data, field, modes, *args):
 
 # -- the flattened blob ----------------------------------------------------------------------
 
+def test_overlapping_blocks_are_strict_only():
+    """The strings block laid over the structure block (or a reservation block running into
+    it, as a fuzzer found): libfdt's header check allows it, the strict reader does not."""
+    good = blob(*GOOD)
+    head = list(struct.unpack(">10I", good[:40]))
+    head[3] = head[2]  # off_dt_strings = off_dt_struct
+    data = struct.pack(">10I", *head) + good[40:]
+    with pytest.raises(KHOFormatError) as err:
+        parse_fdt(data)
+    assert err.value.field.startswith("fdt.header.off_dt_s") and "overlaps" in str(err.value)
+    assert parse_fdt(data, strict=False).root is not None  # names now come from the structure block
+
+
 def test_good_blob_parses_in_both_modes():
     for strict in (True, False):
         tree = parse_fdt(blob(*GOOD), strict=strict)

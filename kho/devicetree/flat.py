@@ -129,6 +129,12 @@ def parse_fdt(data: bytes, what: str = "fdt", *, strict: bool = True) -> fdt.FDT
 
     str_start = head["off_dt_strings"]
     str_end = str_start + head["size_dt_strings"]
+    if strict:  # the three blocks must not overlap (libfdt reads the reservations until their terminator)
+        blocks = sorted([(head["off_mem_rsvmap"], pos, "mem_rsvmap"), (str_start, str_end, "off_dt_strings"),
+                         (head["off_dt_struct"], head["off_dt_struct"] + head["size_dt_struct"], "off_dt_struct")])
+        for (_, left_end, left), (right_start, right_end, right) in zip(blocks, blocks[1:]):
+            if right_end > right_start and left_end > right_start:
+                raise KHOFormatError(f"{what}.header.{right}", f"the block overlaps the {left} block", right_start, where="offset")
     pos = head["off_dt_struct"]
     end = pos + head["size_dt_struct"]
     # One frame per open node: the node (None for a lenient duplicate being skipped), the
