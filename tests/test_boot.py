@@ -83,7 +83,7 @@ def test_both_paths_give_identical_free_lists_and_partition_ram(params):
     assert np.array_equal(mb.memmap.state, ins.memmap.state)
     assert np.array_equal(mb.memmap.info, ins.memmap.info)
     assert mb.memblock.reserve_calls == units[0].size + ins.memblock.reserve_calls
-    assert len(ins.memblock.reserved) <= 4  # scratch array, image, memory maps: no unit
+    assert len(ins.memblock.reserved) <= 5  # page 0, scratch array, image, memory maps: no unit
 
 
 def test_memblock_path_reserves_units_noinit_and_keeps_early_allocations_in_scratch():
@@ -93,7 +93,7 @@ def test_memblock_path_reserves_units_noinit_and_keeps_early_allocations_in_scra
     noinit = regions[(regions["flags"] & MemblockFlag.RSRV_NOINIT) != 0]
     covered = int(noinit["size"].sum())
     assert covered == int(np.sum(np.left_shift(4096, units[1].astype(np.int64))))
-    assert nk.memblock.reserve_calls == units[0].size + 3  # + scratch array, image, one memory map
+    assert nk.memblock.reserve_calls == units[0].size + 4  # + scratch array, image, one memory map, page 0
     image_phys, image_size = nk.image
     assert any(a.addr <= image_phys and image_phys + image_size <= a.end for a in machine.memory.scratch)
     flagged = {p for r in nk.memblock.memory.regions if r["flags"] & MemblockFlag.KHO_SCRATCH
@@ -163,9 +163,10 @@ def test_corrupted_handover_falls_back_without_preserved_memory(what, path):
         nk.restore_folio(int(units[0][0]))
     assert err.value.errno_name == "ENOENT"
     check_partition(nk, (np.empty(0, np.uint64), np.empty(0, np.uint8)))
-    # only the kernel's own memory (and, once the handover was accepted, the scratch array) is reserved
+    # only the kernel's own memory, page 0 (NULL) and, once the handover was accepted, the
+    # scratch array are reserved
     reserved = nk.memmap.count(RESERVED)
-    assert reserved in (2 * (IMAGE >> 12), 2 * (IMAGE >> 12) + 1)
+    assert reserved in (2 * (IMAGE >> 12) + 1, 2 * (IMAGE >> 12) + 2)
 
 
 def test_boot_without_kho_properties_is_a_plain_boot():
@@ -229,3 +230,14 @@ def test_chained_kexec_preserves_again_with_the_buddy_allocator(path):
     assert np.array_equal(nk2.kho.unit_phys, second_units[0]) and np.array_equal(nk2.kho.unit_order, second_units[1])
     assert memory.read(first, 12) == b"generation 1"
     check_partition(nk2, second_units)
+
+
+@pytest.mark.parametrize("path", ["memblock", "instructions"])
+def test_page_zero_is_never_handed_out(path):
+    """Phys 0 is NULL in every KHO structure: a next kernel that handed out page 0 let the
+    workload of a later generation put it in a vmalloc chunk list, where it ended the list."""
+    machine, handover, units = make_handover()
+    nk = boot(machine.memory, handover.boot_dtb(), path, kernel_image=IMAGE)
+    assert nk.memmap.state[0] == RESERVED
+    everything = nk.allocator.alloc_many(nk.allocator.nr_free_pages, 0)
+    assert 0 not in everything.tolist()

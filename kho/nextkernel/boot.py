@@ -219,6 +219,11 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
     for node in sorted({b.node for b in memory.banks}):
         pages = sum(b.size for b in memory.banks if b.node == node) >> shift
         mb.phys_alloc(-(-pages * STRUCT_PAGE_BYTES // ps) * ps, ps, nid=node)
+    if memory.banks[0].start == 0:
+        # Phys 0 is NULL in every KHO structure (chunk and vmalloc lists, radix tables), so the
+        # page there is never handed out, as x86 reserves its first page (arm64 RAM seldom
+        # starts at 0).  A preserved unit there still reaches its owner: restore is unaffected.
+        mb.reserve(0, ps)
     memmap = MemMap(memory)
     segments = Segments.from_memory(memory)
     stages.done("memblock")
