@@ -295,3 +295,16 @@ def test_bounded_reads_for_a_wide_tree():
     pages = {C[0]: patch(bytes(PS), 0, C[1]), C[1]: table.tobytes()}
     for strict in (True, False):
         assert len(decode("kho-v2", pages, strict=strict)) == 0
+
+
+def test_v1_unit_past_52_bits_never_wraps():
+    """Order 40 is the largest a unit can have; its unit number 1 would start at 2**52.
+    Strict refuses the order; lenient computes the address exactly and refuses the unit
+    (shifted in 64 bits it would have wrapped onto RAM from unit 4096 on)."""
+    pages = with_pages(v1_pages(), pages={C[1]: chunk(0, 40, [(0, B[1])]), B[1]: bitmap(1, 4096)})
+    with pytest.raises(KHOFormatError) as err:
+        decode("kho-v1", pages)
+    assert err.value.field == "chunk.order"
+    with pytest.raises(KHOFormatError) as err:
+        decode("kho-v1", pages, strict=False)
+    assert err.value.field == "unit" and "52-bit" in str(err.value) and err.value.location == B[1]

@@ -169,15 +169,19 @@ def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarr
         else:
             pos = np.flatnonzero(np.unpackbits(raw[nonzero], bitorder="little"))
             flat = (nonzero[pos >> 3] << 3) | (pos & 7)
-        # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2
-        offset = first_unit[sel].astype(np.int64) - (np.arange(sel.size, dtype=np.int64) << bits_log2)
-        unit = flat + offset[flat >> bits_log2]
         room = PHYS_ADDR_BITS - o - page_shift
-        if unit.size and (room < 0 or int(unit.max()) >> room):
-            i = int(np.argmax(unit >= (1 << max(room, 0)))) if room >= 0 else 0
-            at = None if where is None else int(np.asarray(where)[sel][int(flat[i]) >> bits_log2])
-            raise KHOFormatError("unit", f"unit number {int(unit[i]):#x} of order {o} is beyond the "
-                                         f"{PHYS_ADDR_BITS}-bit physical address space", at)
+        firsts = first_unit[sel].astype(np.int64)
+        if flat.size and (room < 0 or int(firsts.max()) + nbits > 1 << room):  # some bitmap reaches past 2**52
+            unit = firsts[flat >> bits_log2] + (flat & (nbits - 1))
+            high = unit >= (1 << room) if room >= 0 else np.ones(unit.size, dtype=bool)
+            if high.any():
+                i = int(np.argmax(high))
+                at = None if where is None else int(np.asarray(where)[sel][int(flat[i]) >> bits_log2])
+                raise KHOFormatError("unit", f"unit number {int(unit[i]):#x} of order {o} is beyond the "
+                                             f"{PHYS_ADDR_BITS}-bit physical address space", at)
+        # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2, in place
+        unit = flat
+        unit += (firsts - (np.arange(sel.size, dtype=np.int64) << bits_log2))[flat >> bits_log2]
         phys = unit.view(np.uint64)
         phys <<= np.uint64(o + page_shift)
         phys_parts.append(phys)
