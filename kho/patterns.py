@@ -39,13 +39,16 @@ def random_pages(alloc: PageAllocator, pages: int, rng: np.random.Generator):
 
 
 def contiguous_runs(alloc: PageAllocator, pages: int, rng: np.random.Generator):
-    """Runs of 1..1024 pages (mean ~512) at a random offset inside random 4 MiB-aligned blocks."""
+    """Runs of 1..1024 pages (mean ~512) at a random offset inside random 4 MiB-aligned blocks,
+    one run a block."""
     max_order = min(10, alloc.memory.geometry.max_order)
     block = 1 << max_order
-    lengths = rng.integers(1, block + 1, size=max(1, 2 * pages // block + 1))
+    # Twice the expected number of runs (mean length ~block/2), more until they cover ``pages``.
+    lengths = rng.integers(1, block + 1, size=4 * pages // block + 16)
+    while int(lengths.sum()) < pages:
+        lengths = np.concatenate([lengths, rng.integers(1, block + 1, size=lengths.size)])
     lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), pages)) + 1]
-    lengths[-1] -= int(lengths.sum()) - pages
-    lengths = lengths[lengths > 0]
+    lengths[-1] -= int(lengths.sum()) - pages  # the cut stays within (0, block]
     starts = alloc.alloc_many(lengths.size, max_order) >> np.uint64(alloc.memory.page_shift)
     rng.shuffle(starts)
     offsets = (rng.random(lengths.size) * (block - lengths + 1)).astype(np.int64)

@@ -42,3 +42,13 @@ def test_pattern_errors():
     assert info.value.errno_name == "ENOMEM"
     with pytest.raises(KHOError):
         generate("random", m.allocator, 100)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_runs_stay_inside_allocated_blocks(seed):
+    """Regression: when the drawn lengths fell short of the total, the last run grew past its
+    4 MiB block into memory the allocator had not handed out."""
+    machine = Machine.boot(1 << 30, seed=seed)
+    phys, orders = generate("runs", machine.allocator, 100 << 20, seed=seed)
+    pages = np.concatenate([p + np.arange(1 << int(o), dtype=np.uint64) * np.uint64(4096) for p, o in zip(phys, orders)])
+    assert machine.allocator.claim_pages(pages).size == 0  # every page was allocated already
