@@ -241,3 +241,23 @@ def test_page_zero_is_never_handed_out(path):
     assert nk.memmap.state[0] == RESERVED
     everything = nk.allocator.alloc_many(nk.allocator.nr_free_pages, 0)
     assert 0 not in everything.tolist()
+
+
+def test_a_claimed_fdt_size_beyond_a_max_order_block_is_not_read():
+    machine, handover, _ = make_handover()
+    dtb = build_boot_dtb(handover.fdt_phys, 1 << 40, handover.scratch_phys, handover.scratch_size)
+    nk = boot(machine.memory, dtb, "memblock", kernel_image=IMAGE)
+    assert not nk.revived and "larger than" in nk.messages[0]
+
+
+def test_lenient_boot_accepts_double_preservation_like_linux():
+    machine = Machine.boot(64 << 20, kho_scratch="4M,4M,4M", kernel_image=IMAGE, seed=1)
+    kho = KHO(machine.memory, machine.allocator, "kho-v2", strict=False)
+    folio = machine.allocator.alloc_pages(2)
+    kho.tracker.preserve_folio(folio, 2)
+    kho.tracker.preserve_folio(folio + 4096, 0)  # inside the order-2 folio: the kernel accepts it
+    dtb = kho.finalize().boot_dtb()
+    strict = boot(machine.memory, dtb, "memblock", kernel_image=IMAGE)
+    assert not strict.revived and "overlap" in strict.messages[0]
+    lenient = boot(machine.memory, dtb, "memblock", kernel_image=IMAGE, strict=False)
+    assert lenient.revived and lenient.restore_folio(folio) == 2

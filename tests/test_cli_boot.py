@@ -68,3 +68,20 @@ def test_usage_errors_exit_2(images):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_lenient_flag_boots_what_only_a_kernel_would_accept(tmp_path, capsys):
+    from kho.handover import KHO
+    from kho.image import save_image
+    from kho.machine import Machine
+
+    machine = Machine.boot(64 << 20, kho_scratch="4M,4M,4M", kernel_image=1 << 20, seed=1)
+    kho = KHO(machine.memory, machine.allocator, "kho-v1", strict=False)
+    folio = machine.allocator.alloc_pages(3)
+    kho.tracker.preserve_folio(folio, 3)
+    kho.tracker.preserve_folio(folio, 0)  # double preservation, as the kernel allows
+    path = tmp_path / "double.kho"
+    save_image(path, kho.finalize())
+    strict = run_json(capsys, str(path), "--kernel-image", "1M")
+    lenient = run_json(capsys, str(path), "--kernel-image", "1M", "--lenient")
+    assert not strict["revived"] and lenient["revived"]

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(images written with --abi {INSTRUCTIONS_ENCODING})")
     p.add_argument("--kernel-image", type=size_arg, default=DEFAULT_KERNEL_IMAGE, metavar="SIZE",
                    help=f"size of the next kernel's image (default {DEFAULT_KERNEL_IMAGE >> 20}M)")
+    p.add_argument("--lenient", action="store_true",
+                   help="decode the handover as leniently as the Linux kernel does (see spec/hardening.md)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -40,7 +42,8 @@ def run(args) -> int:
     if args.path == "instructions" and image.encoding != INSTRUCTIONS_ENCODING:
         raise KHOError("EINVAL", f"--path instructions reads an instruction stream; {args.image} holds a "
                                  f"{image.encoding} map (serialize it with --abi {INSTRUCTIONS_ENCODING})")
-    nk = boot(image.memory, image.boot_dtb, args.path, encoding_options=image.options, kernel_image=args.kernel_image)
+    nk = boot(image.memory, image.boot_dtb, args.path, encoding_options=image.options, kernel_image=args.kernel_image,
+              strict=not args.lenient)
     report = {"image": args.image, "abi": image.encoding, **nk.report()}
     if args.json:
         emit([json.dumps(report, indent=2), "\n"])

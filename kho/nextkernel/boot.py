@@ -151,27 +151,33 @@ def _chosen(boot_dtb: bytes):
         raise
 
 
-def _read_handover(memory: PhysicalMemory, chosen, path: str):
+def _read_handover(memory: PhysicalMemory, chosen, path: str, strict: bool):
     """Stage 1: the checked KHO FDT and the scratch areas, or KHOError with the reason to
-    disable revival."""
+    disable revival.  The FDT read is bounded: at most a MAX_PAGE_ORDER block (the largest
+    KHO FDT kho writes; the kernel's is one page), whatever size ``/chosen`` claims."""
+    limit = memory.page_size << memory.geometry.max_order
+    if chosen.fdt_size > limit:
+        raise KHOError("EINVAL", f"KHO FDT of {chosen.fdt_size:#x} bytes is larger than {limit:#x}")
     try:
         blob = memory.read(chosen.fdt_phys, chosen.fdt_size)
     except KHOError:
         raise KHOError("EINVAL", f"failed to memremap FDT ({chosen.fdt_phys:#x}+{chosen.fdt_size:#x})") from None
     expected = get_encoding(INSTRUCTIONS_ENCODING, memory.page_size).compatible if path == "instructions" else None
-    fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size)
-    areas = read_scratch_array(memory, chosen.scratch_phys, chosen.scratch_size)
+    fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size, strict=strict)
+    areas = read_scratch_array(memory, chosen.scratch_phys, chosen.scratch_size, strict=strict)
     return fdt, areas
 
 
 def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
-         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0) -> NextKernel:
+         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0,
+         strict: bool = True) -> NextKernel:
     """Boot the next kernel on ``memory`` with ``boot_dtb`` (see the module docstring).
 
     ``encoding_options``: the options the map was written with (e.g. kho-v1's bitmap size:
     a kernel knows its own), from the handover image.  ``kernel_image``: bytes of the next
     kernel's image, at ``image_phys`` (default: placed top-down in memblock, from scratch
-    when KHO is revived).  ``seed``: the buddy allocator's random allocations.
+    when KHO is revived).  ``seed``: the buddy allocator's random allocations.  ``strict``:
+    False decodes the handover as leniently as Linux does (spec/hardening.md).
 
     Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
     no room for its image or memory map); a bad handover is logged and ignored.
@@ -192,7 +198,7 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
         messages.append("no KHO handover in /chosen")
     else:
         try:
-            handover = _read_handover(memory, chosen, path)
+            handover = _read_handover(memory, chosen, path, strict)
         except KHOError as err:
             disable(err.message)
     stages.done("handover")
@@ -234,12 +240,12 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
     if handover:
         try:  # decoders and the walker check the units: sorted, disjoint, in RAM, outside scratch
             if path == "memblock":
-                decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props)
+                decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props, strict=strict)
                 unit_phys, unit_order = decoded.phys, decoded.order
             else:
                 from ..encodings.instructions import walk
 
-                stream = walk(memory, fdt.props)
+                stream = walk(memory, fdt.props, strict=strict)
                 unit_phys, unit_order = stream.unit_phys, stream.unit_order
                 runs = (stream.free_start_pfn, stream.free_end_pfn)
         except KHOError as err:
