@@ -11,7 +11,6 @@ from kho.encodings.chunklist import read_chunk_list
 from kho.encodings.instructions import CHUNK_MAGIC as STREAM_CHUNK_MAGIC, STREAM_HEADER
 from kho.encodings.maple import MAPLE_NODE, lookup
 from kho.encodings.ranges import RANGE
-from kho.encodings.ranges_packed import CHUNK_MAGIC as PACKED_CHUNK_MAGIC
 from kho.errors import KHOFormatError
 from kho.memory import Bank, PhysicalMemory, ScratchArea
 from kho.pagealloc import PageAllocator

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kho.encodings import get_encoding
-from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list, tracker_units
+from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list
 from kho.encodings.maple import MAPLE_NODE, lookup
 from kho.encodings.ranges import RANGE, fdt_min_bytes, split_runs
 from kho.encodings.ranges_packed import CHUNK_MAGIC, LENGTH_BITS, MAX_RUN_PAGES
@@ -238,15 +238,3 @@ def test_encode_refuses_a_page_size_mismatch(name):
     memory, alloc, tracker = setup()
     with pytest.raises(KHOError):
         get_encoding(name, 16384).encode(tracker, alloc)
-
-
-@pytest.mark.parametrize("preserve_bits", ["page", 4096])
-def test_tracker_units_is_units_array(preserve_bits):
-    memory, alloc, _ = setup(((0, 256 * MiB), (1024 * MiB, 64 * MiB)))
-    tracker = Tracker(memory, preserve_bits)
-    assert [a.size for a in tracker_units(tracker)] == [0, 0]
-    for order in (10, 5, 2, 0, 0):
-        tracker.preserve_many(alloc.alloc_many(300 >> (order // 2), order), order)  # sparse XArray indices too
-    tracker.unpreserve_folio(*tracker.units()[0])  # an emptied bitmap stays in the XArray
-    for got, want in zip(tracker_units(tracker), tracker.units_array()):
-        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -273,3 +273,25 @@ class TrackerVsSet(RuleBasedStateMachine):
 
 TestTrackerVsSet = TrackerVsSet.TestCase
 TestTrackerVsSet.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+
+
+@pytest.mark.parametrize("preserve_bits", ["page", 4096])
+def test_units_array_against_what_was_preserved(preserve_bits):
+    """Several orders, sparse XArray indices in two banks with a hole, an emptied bitmap."""
+    from kho.pagealloc import PageAllocator
+
+    memory = PhysicalMemory([Bank(0, 256 * MiB), Bank(1024 * MiB, 64 * MiB)])
+    alloc = PageAllocator(memory, seed=3)
+    tracker = Tracker(memory, preserve_bits)
+    assert [a.size for a in tracker.units_array()] == [0, 0]
+    expected = set()
+    for order in (10, 5, 2, 0, 0):
+        phys = alloc.alloc_many(300 >> (order // 2), order)
+        tracker.preserve_many(phys, order)
+        expected |= {(p, order) for p in phys.tolist()}
+    first = min(expected)
+    tracker.unpreserve_folio(*first)  # its bitmap stays in the XArray, maybe empty
+    expected.discard(first)
+    phys, orders = tracker.units_array()
+    assert phys.dtype == np.uint64 and orders.dtype == np.uint8
+    assert list(zip(phys.tolist(), orders.tolist())) == sorted(expected)

@@ -174,7 +174,6 @@ def measure_encoding(name: str, machine: Machine, tracker: Tracker, phys: np.nda
     reader = get_encoding(name, ps, **encoded.options)
     for run in range(runs):
         step(f"{name}: decode {run + 1}/{runs}")
-        decoded = None
         decoded, wall, cpu = _timed(lambda: reader.decode(machine.memory, encoded.props))
         dec_times.append((wall, cpu))
     survive = _check_decoded(name, machine.memory, decoded, phys, order)

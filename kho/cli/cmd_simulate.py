@@ -131,7 +131,7 @@ def _print_result(result: sim.Result, out: Console) -> None:
                       f"{t.relocation_share:.1%}", f"{result.speedup(mode):.2f}x",
                       style="bold" if mode == c.relocation else None)
     out.print(table)
-    note = f"* simulated; the others modelled for the same segments.  Speedup is the whole reboot against MMU off"
+    note = "* simulated; the others modelled for the same segments.  Speedup is the whole reboot against MMU off"
     if c.checks:
         p = result.profile.profile
         bare = {m: reboot_timeline(p, m, moved).total_s for m in result.timelines}

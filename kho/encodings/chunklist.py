@@ -18,7 +18,6 @@ little-endian (the native order of arm64 and x86 kernels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Callable, Mapping
 
 import numpy as np
@@ -26,7 +25,6 @@ import numpy as np
 from ..devicetree.layout import MEMORY_MAP_PROP, unpack_u64_prop
 from ..errors import KHOError, KHOFormatError
 from ..memory import PhysicalMemory
-from ..tracker import Tracker
 
 #: ``struct { u64 next; u32 count; u32 magic; }`` at the start of every chunk page.
 CHUNK_HEADER = np.dtype([("next", "<u8"), ("count", "<u4"), ("magic", "<u4")])
@@ -49,33 +47,6 @@ def check_page_size(encoding_page_size: int, memory: PhysicalMemory) -> None:
 
 
 # -- the tracker's units ------------------------------------------------------------------
-def tracker_units(tracker: Tracker) -> tuple[np.ndarray, np.ndarray]:
-    """Every preserved unit ``(phys uint64, order uint8)`` sorted by phys, read straight from
-    the tracker's per-order bitmaps (its XArrays, walked once): one unpack and one
-    ``flatnonzero`` per order, a merge only when several orders are present.  Same result
-    as :meth:`Tracker.units_array`, a few times faster.  O(units + bitmap bits)."""
-    shift = tracker.memory.page_shift
-    bits_shift = tracker.preserve_bits.bit_length() - 1
-    phys_parts, order_parts = [], []
-    for order, group in groupby(tracker.bitmaps(), key=lambda item: item[0]):
-        items = list(group)
-        index = np.fromiter((i for _, i, _ in items), dtype=np.int64, count=len(items))
-        pos = np.flatnonzero(np.unpackbits(np.concatenate([bitmap for _, _, bitmap in items]), bitorder="little"))
-        if index[-1] - index[0] == index.size - 1:  # consecutive bitmaps: one offset for all
-            key = pos + (int(index[0]) << bits_shift)
-        else:
-            key = (index[pos >> bits_shift] << bits_shift) | (pos & ((1 << bits_shift) - 1))
-        phys_parts.append((key << (shift + order)).view(np.uint64))
-        order_parts.append(np.full(key.size, order, dtype=np.uint8))
-    if not phys_parts:
-        return np.empty(0, np.uint64), np.empty(0, np.uint8)
-    if len(phys_parts) == 1:
-        return phys_parts[0], order_parts[0]
-    phys = np.concatenate(phys_parts)
-    sort = np.argsort(phys, kind="stable")
-    return phys[sort], np.concatenate(order_parts)[sort]
-
-
 # -- allocation ---------------------------------------------------------------------------
 #: Largest block :func:`alloc_pages_bulk` asks for: 16 pages, which even a fragmented
 #: allocator usually has (bigger blocks save little, and every refused order costs the

@@ -51,7 +51,7 @@ from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
 from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
 from .chunklist import (ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of, read_chunk_list,
-                        read_root_pointer, tracker_units, usable_segments, write_chunk_list)
+                        read_root_pointer, usable_segments, write_chunk_list)
 
 #: The stream header (24 bytes).
 STREAM_HEADER = np.dtype([("magic", "<u4"), ("version", "<u2"), ("page_shift", "<u2"),
@@ -413,7 +413,7 @@ class Instructions(Encoding):
         inside FREE ranges), so it is built first and the pages allocated after."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        records, words = build_stream(memory, *tracker_units(tracker))
+        records, words = build_stream(memory, *tracker.units_array())
         pages = write_chunk_list(memory, allocator, stream_bytes(memory, records, words), WORD.itemsize, CHUNK_MAGIC)
         props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)

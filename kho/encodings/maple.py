@@ -43,7 +43,7 @@ from .base import DecodedMap, EncodedMap, Encoding, register
 from .kho_v1 import max_unit_order
 from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
 from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer, check_units,
-                        magic_of, read_pages, read_root_pointer, tracker_units)
+                        magic_of, read_pages, read_root_pointer)
 
 #: Number of slots in a node and of pivots (inclusive range ends).
 MAPLE_SLOTS = 16
@@ -334,7 +334,7 @@ class Maple(Encoding):
         """Build the levels bottom-up in numpy, then write the node pages.  O(units)."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        phys, order = tracker_units(tracker)
+        phys, order = tracker.units_array()
         nodes, level_sizes = build_nodes(phys, order, self.page_size)
         per_page = self.page_size // MAPLE_NODE_BYTES
         pages = alloc_pages_bulk(allocator, -(-nodes.size // per_page))

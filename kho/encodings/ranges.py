@@ -28,7 +28,7 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import check_page_size, in_usable, tracker_units
+from .chunklist import check_page_size, in_usable
 
 #: ``struct { u64 addr; u64 len; }``, bytes, little-endian.
 RANGE = np.dtype([("addr", "<u8"), ("len", "<u8")])
@@ -239,7 +239,7 @@ class Ranges(Encoding):
         """O(units) numpy work; writes no page."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        phys, order = tracker_units(tracker)
+        phys, order = tracker.units_array()
         start, end = merge_units(memory, phys, order)
         table = np.empty(start.size, dtype=RANGE)
         table["addr"] = start.astype(np.uint64) << np.uint64(memory.page_shift)

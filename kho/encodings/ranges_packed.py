@@ -29,8 +29,7 @@ from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
 from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from .chunklist import (check_metadata_disjoint, check_page_size, magic_of, read_chunk_list, read_root_pointer,
-                        tracker_units, write_chunk_list)
+from .chunklist import (check_metadata_disjoint, check_page_size, magic_of, read_chunk_list, read_root_pointer, write_chunk_list)
 from .ranges import check_runs, decode_runs, merge_units
 
 #: One entry: ``pfn << LENGTH_BITS | nr_pages``.
@@ -69,7 +68,7 @@ class RangesPacked(Encoding):
         """O(units) numpy work plus one write per chunk page."""
         memory = tracker.memory
         check_page_size(self.page_size, memory)
-        entries = pack_runs(*merge_units(memory, *tracker_units(tracker)))
+        entries = pack_runs(*merge_units(memory, *tracker.units_array()))
         pages = write_chunk_list(memory, allocator, entries.astype(PACKED_ENTRY).view(np.uint8), PACKED_ENTRY.itemsize, CHUNK_MAGIC)
         props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
