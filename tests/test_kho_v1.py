@@ -9,34 +9,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kho.encodings import get_encoding
 from kho.encodings.kho_v1 import KhoV1, chunk_capacity
 from kho.errors import KHOError, KHOFormatError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
+from kho.memory import PhysicalMemory, ScratchArea
 from kho.pagealloc import PageAllocator
 from kho.tracker import Tracker
 
-MiB = 1 << 20
-PS = 4096
-MAP = "preserved-memory-map"
-
-
-class ScriptedAllocator:
-    """Hands out a fixed list of pages in order (the allocator protocol KHO encoders use)."""
-
-    def __init__(self, pages):
-        self.pages = list(pages)
-        self.freed = []
-
-    def alloc_pages(self, order=0):
-        assert order == 0
-        if not self.pages:
-            raise KHOError("ENOMEM", "script exhausted")
-        return self.pages.pop(0)
-
-    def free_pages(self, phys, order=0):
-        self.freed.append(phys)
-
-
-def u64(value):
-    return struct.pack("<Q", value)
+from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, u64
 
 
 def chunk_page(next_phys, order, entries, page_size=PS, num_elms=None):
@@ -127,29 +104,6 @@ def test_a_full_chunk_starts_a_new_one():
 
 
 # -- round trips ------------------------------------------------------------------------------
-
-@st.composite
-def machines_and_units(draw):
-    """1-3 banks with holes (sizes/gaps in 4 MiB), units of every order, page 0 and the top of RAM likely."""
-    nbanks = draw(st.integers(1, 3))
-    banks, pos = [], draw(st.sampled_from([0, 0, 4 * MiB]))
-    for i in range(nbanks):
-        size = draw(st.integers(2, 6)) * 4 * MiB
-        banks.append(Bank(pos, size, i % 2))
-        pos += size + draw(st.integers(0, 3)) * 4 * MiB
-    memory = PhysicalMemory(banks)
-    top = banks[-1].end
-    candidates = draw(st.lists(st.tuples(
-        st.one_of(st.just(0), st.just(top - PS), st.just(banks[0].end - PS), st.integers(0, top - 1)),
-        st.integers(0, 10)), min_size=1, max_size=40))
-    # units of mixed orders back to back (each aligned up to its order) from a random page of bank 0
-    pos = draw(st.integers(0, banks[0].size // PS - 1)) * PS + banks[0].start
-    for order in draw(st.lists(st.integers(0, 10), max_size=12)):
-        size = PS << order
-        pos = -(-pos // size) * size
-        candidates.append((pos, order))
-        pos += size
-    return memory, candidates
 
 
 def preserve_candidates(tracker, candidates):
