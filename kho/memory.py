@@ -185,7 +185,16 @@ class PhysicalMemory:
             i += 1
 
     def read(self, phys: int, size: int) -> bytes:
-        """``size`` bytes from ``phys`` (may span pages; must stay inside one bank).  O(size)."""
+        """``size`` bytes from ``phys`` (may span pages; must stay inside one bank).  O(size).
+
+        Fast path: a read within one explicitly stored page is a slice of it (a stored page
+        always overrides generated content, and was range-checked when written).
+        """
+        offset = phys & (self.page_size - 1)
+        if 0 < size and offset + size <= self.page_size:
+            page = self._pages.get(phys >> self.page_shift)
+            if page is not None and phys >= 0:
+                return page if size == self.page_size else page[offset:offset + size]
         self.check_range(phys, size, "read")
         if size == 0:
             return b""

@@ -3,6 +3,7 @@ order, holes, long runs, tall maple trees, the FDT size of ranges, and the order
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list
@@ -116,6 +117,21 @@ def test_split_runs_matches_the_kernel_split():
     expected = [u for s, e in zip(start.tolist(), end.tolist()) for u in greedy_split(s, e - s, 10)]
     assert list(zip(pfn.tolist(), order.tolist())) == expected
     assert split_runs(np.array([0]), np.array([5000]), 10)[1].tolist() == [10, 10, 10, 10, 9, 8, 7, 3]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 3000)), max_size=30), st.sampled_from([0, 3, 10]))
+@settings(deadline=None, max_examples=150)
+def test_split_runs_property(gaps_and_lengths, max_order):
+    """Short runs only, long runs only, or both (the two code paths), against the kernel's loop."""
+    start, end, pos = [], [], 0
+    for gap, length in gaps_and_lengths:
+        pos += gap
+        start.append(pos)
+        end.append(pos + length)
+        pos += length + 1
+    pfn, order = split_runs(np.array(start, dtype=np.int64), np.array(end, dtype=np.int64), max_order)
+    expected = [u for s, e in zip(start, end) for u in greedy_split(s, e - s, max_order)]
+    assert list(zip(pfn.tolist(), order.tolist())) == expected
 
 
 def test_ranges_loses_orders_and_a_folio_restore_fails():
