@@ -61,31 +61,28 @@ BUILTIN = {"stingray": (STINGRAY_MEASUREMENTS, {"cached_copy": float(STINGRAY_ME
 _RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*/\s*s\s*")
 _TIME = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|µs|ns)?\s*")
 _SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SCALE |= {unit.lower(): factor for unit, factor in _SCALE.items()}  # suffixes in either case
 _TIME_SCALE = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
-def _is_float(text) -> bool:
-    """True for a plain decimal number such as ``1e8`` or ``0.29``."""
+def _parse_quantity(value, pattern: re.Pattern, scale: dict, what: str, examples: str) -> float:
+    """A plain number (int, float or decimal text such as ``1e8``), or text matching
+    ``pattern`` whose groups are a number and a unit key of ``scale``; KHOError(EINVAL) else."""
+    if isinstance(value, bool):
+        raise KHOError("EINVAL", f"invalid {what} {value!r}")
     try:
-        float(str(text))
-    except ValueError:
-        return False
-    return True
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    match = pattern.fullmatch(str(value))
+    if not match:
+        raise KHOError("EINVAL", f"invalid {what} {value!r} (examples: {examples})")
+    return float(match.group(1)) * scale[match.group(2)]
 
 
 def parse_rate(value) -> float:
     """Bytes per second from a number (``1e8``) or a string like ``2857M/s``, ``2.8GiB/s`` (binary suffixes)."""
-    if isinstance(value, bool):
-        raise KHOError("EINVAL", f"invalid rate {value!r}")
-    if isinstance(value, (int, float)):
-        rate = float(value)
-    elif _is_float(value):
-        rate = float(value)
-    else:
-        match = _RATE.fullmatch(str(value))
-        if not match:
-            raise KHOError("EINVAL", f"invalid rate {value!r} (examples: 2857M/s, 1.5GiB/s, 106000000)")
-        rate = float(match.group(1)) * _SCALE[match.group(2).upper()]
+    rate = _parse_quantity(value, _RATE, _SCALE, "rate", "2857M/s, 1.5GiB/s, 106000000")
     if not rate > 0 or rate == float("inf"):
         raise KHOError("EINVAL", f"a rate must be positive and finite, not {value!r}")
     return rate
@@ -93,17 +90,7 @@ def parse_rate(value) -> float:
 
 def parse_time(value) -> float:
     """Seconds from a number or a string like ``0.29``, ``290ms``, ``22us``."""
-    if isinstance(value, bool):
-        raise KHOError("EINVAL", f"invalid time {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif _is_float(value):
-        seconds = float(value)
-    else:
-        match = _TIME.fullmatch(str(value))
-        if not match:
-            raise KHOError("EINVAL", f"invalid time {value!r} (examples: 0.29, 290ms, 22us)")
-        seconds = float(match.group(1)) * _TIME_SCALE[match.group(2)]
+    seconds = _parse_quantity(value, _TIME, _TIME_SCALE, "time", "0.29, 290ms, 22us")
     if not (seconds >= 0 and seconds != float("inf")):
         raise KHOError("EINVAL", f"a time must be finite and >= 0, not {value!r}")
     return seconds
