@@ -31,6 +31,14 @@ class ScriptedAllocator:
         self.freed.append(phys)
 
 
+def memory_with(pages, overrides=None):
+    """A 16 MiB machine holding ``pages`` (phys -> bytes), some replaced by ``overrides``."""
+    memory = PhysicalMemory.single_bank(16 * MiB)
+    for phys, page in {**pages, **(overrides or {})}.items():
+        memory.write(phys, page)
+    return memory
+
+
 def u64(value):
     """``value`` as 8 little-endian bytes (the KHO FDT's native-endian u64 on arm64/x86)."""
     return struct.pack("<Q", value)

@@ -13,7 +13,7 @@ from kho.memory import PhysicalMemory, ScratchArea
 from kho.pagealloc import PageAllocator
 from kho.tracker import Tracker
 
-from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, u64
+from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
 
 
 def chunk_page(next_phys, order, entries, page_size=PS, num_elms=None):
@@ -178,12 +178,7 @@ def test_page_size_mismatch():
 # -- bad input ------------------------------------------------------------------------------------
 
 def golden_memory(overrides=None):
-    memory = PhysicalMemory.single_bank(16 * MiB)
-    pages = golden_pages(PS)
-    pages.update(overrides or {})
-    for phys, page in pages.items():
-        memory.write(phys, page)
-    return memory
+    return memory_with(golden_pages(PS), overrides)
 
 
 def decode_error(memory, props=None, enc=None):

@@ -11,7 +11,7 @@ from kho.memory import PhysicalMemory, ScratchArea
 from kho.pagealloc import PageAllocator
 from kho.tracker import Tracker
 
-from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, u64
+from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
 
 
 def table(slots):
@@ -68,12 +68,7 @@ GOLDEN_UNITS = [(0x0, 0), (0x5000, 0), (0x100000, 2)]
 
 
 def golden_memory(overrides=None):
-    memory = PhysicalMemory.single_bank(16 * MiB)
-    pages = dict(GOLDEN)
-    pages.update(overrides or {})
-    for phys, page in pages.items():
-        memory.write(phys, page)
-    return memory
+    return memory_with(GOLDEN, overrides)
 
 
 def test_golden_tree_decodes():
