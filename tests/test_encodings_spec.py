@@ -56,18 +56,23 @@ def prop_line(props, name):
     return f"{name}: " + " ".join(f"{b:02x}" for b in props[name])
 
 
+def first_chunk_example(name, magic):
+    """The root property and the used part of the first chunk of a chunk-list encoding."""
+    memory, alloc, tracker = machine()
+    encoded = get_encoding(name).encode(tracker, alloc)
+    head = int.from_bytes(encoded.props["preserved-memory-map"], "little")
+    chunk = read_chunk_list(memory, head, 8, magic, "spec")
+    used = CHUNK_HEADER.itemsize + int(chunk.counts[0]) * 8
+    return "\n".join([prop_line(encoded.props, "preserved-memory-map"), *hexdump(memory.read(head, used), head)])
+
+
 def examples() -> dict[str, str]:
     out = {}
     memory, alloc, tracker = machine()
     encoded = get_encoding("ranges").encode(tracker, alloc)
     out["ranges"] = "\n".join(["mem (offsets in the property):", *hexdump(encoded.props["mem"], 0)])
 
-    memory, alloc, tracker = machine()
-    encoded = get_encoding("ranges-packed").encode(tracker, alloc)
-    head = int.from_bytes(encoded.props["preserved-memory-map"], "little")
-    chunk = read_chunk_list(memory, head, 8, PACKED_MAGIC, "spec")
-    used = CHUNK_HEADER.itemsize + int(chunk.counts[0]) * 8
-    out["ranges-packed"] = "\n".join([prop_line(encoded.props, "preserved-memory-map"), *hexdump(memory.read(head, used), head)])
+    out["ranges-packed"] = first_chunk_example("ranges-packed", PACKED_MAGIC)
 
     memory, alloc, tracker = machine()
     encoded = get_encoding("maple").encode(tracker, alloc)
@@ -78,12 +83,7 @@ def examples() -> dict[str, str]:
     lines += ["its first leaf:", *hexdump(memory.read(first_leaf, MAPLE_NODE_BYTES), first_leaf)]
     out["maple"] = "\n".join(lines)
 
-    memory, alloc, tracker = machine()
-    encoded = get_encoding("instructions").encode(tracker, alloc)
-    head = int.from_bytes(encoded.props["preserved-memory-map"], "little")
-    chunk = read_chunk_list(memory, head, 8, STREAM_MAGIC, "spec")
-    used = CHUNK_HEADER.itemsize + int(chunk.counts[0]) * 8
-    out["instructions"] = "\n".join([prop_line(encoded.props, "preserved-memory-map"), *hexdump(memory.read(head, used), head)])
+    out["instructions"] = first_chunk_example("instructions", STREAM_MAGIC)
     return out
 
 
