@@ -235,9 +235,11 @@ def test_maple_full_leaf_takes_its_end_from_the_parent():
 
 def test_metadata_never_on_page_zero():
     memory, alloc, tracker = setup(((0, 4 * MiB),))
-    pages = alloc_pages_bulk(alloc, 3)
+    pages = alloc_pages_bulk(alloc, 3, 4096)
     assert 0 not in pages.tolist() and pages.size == 3
     assert alloc.is_free(0, 4096)  # page 0 went back to the allocator
+    one_by_one = alloc_pages_bulk(alloc, 3, 4096, max_order=0)  # the kernel ABIs' way
+    assert one_by_one.tolist() == [pages[-1] + 4096 * i for i in range(1, 4)]
     assert CHUNK_HEADER.itemsize == 16
 
 
@@ -245,7 +247,7 @@ def test_alloc_pages_bulk_is_all_or_nothing():
     memory, alloc, _ = setup(((0, 1 * MiB),))
     free = alloc.nr_free_pages
     with pytest.raises(KHOError) as err:
-        alloc_pages_bulk(alloc, free + 1)
+        alloc_pages_bulk(alloc, free + 1, 4096)
     assert err.value.errno_name == "ENOMEM" and alloc.nr_free_pages == free
 
 

@@ -54,20 +54,20 @@ def check_page_size(encoding_page_size: int, memory: PhysicalMemory) -> None:
 BULK_ORDER = 4
 
 
-def alloc_pages_bulk(allocator, count: int) -> np.ndarray:
-    """Allocate ``count`` pages; their phys (uint64, in allocation order).
+def alloc_pages_bulk(allocator, count: int, page_size: int, max_order: int = BULK_ORDER) -> np.ndarray:
+    """Allocate ``count`` pages of ``page_size`` bytes; their phys (uint64, in allocation order).
 
-    Asks for blocks of up to :data:`BULK_ORDER`, no larger than the remaining count,
+    Asks for blocks of up to ``max_order`` (0: page by page, in the allocator's order, as
+    the kernel ABIs allocate), no larger than the remaining count,
     stepping down on ENOMEM and never up again, so that ``count`` pages cost about
     ``count / 16`` calls.  Only ``alloc_pages``/``free_pages`` are used.
     Page 0 is never returned (phys 0 means NULL in every pointer): if a block holds it, one
     more page is taken and page 0 freed.  All or nothing: on ENOMEM every block taken is
     freed again.
     """
-    memory = allocator.memory
-    ps = memory.page_size
+    ps = page_size
     blocks: list[tuple[int, int]] = []
-    order = min(BULK_ORDER, memory.geometry.max_order)
+    order = max_order  # at most BULK_ORDER, below every MAX_PAGE_ORDER
     remaining = count
     try:
         while remaining:
@@ -148,7 +148,7 @@ def write_chunk_list(memory: PhysicalMemory, allocator, payload: np.ndarray, ent
     cap = chunk_capacity(ps, entry_size)
     entries = payload.size // entry_size
     nchunks = max(1, -(-entries // cap))
-    pages = alloc_pages_bulk(allocator, nchunks)
+    pages = alloc_pages_bulk(allocator, nchunks, memory.page_size)
     buf = np.zeros((nchunks, ps), dtype=np.uint8)
     header = np.zeros(nchunks, dtype=CHUNK_HEADER)
     header["next"][:-1] = pages[1:]

@@ -38,6 +38,7 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import PRESERVE_BITS_6_16, Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
+from .chunklist import alloc_pages_bulk
 
 #: ``struct khoser_mem_chunk_hdr``.
 CHUNK_HEADER_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])
@@ -264,29 +265,6 @@ def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, me
     return DecodedMap(phys, order, True, metadata)
 
 
-def alloc_pages_all_or_nothing(allocator: PageAllocator, count: int) -> np.ndarray:
-    """``count`` order-0 pages from ``allocator.alloc_pages`` (phys uint64, in allocation
-    order); on failure every page taken is freed again and the error re-raised.
-
-    The page at physical address 0 is never used: a pointer 0 means "none" in every KHO
-    layout.  If the allocator hands it out, it is held until the others are allocated and
-    then given back.  O(count).
-    """
-    pages: list[int] = []
-    held: list[int] = []
-    try:
-        while len(pages) < count:
-            phys = allocator.alloc_pages(0)
-            (held if phys == 0 else pages).append(phys)
-    except KHOError:
-        for phys in pages + held:
-            allocator.free_pages(phys, 0)
-        raise
-    for phys in held:
-        allocator.free_pages(phys, 0)
-    return np.array(pages, dtype=np.uint64)
-
-
 def map_pointer(props: Mapping[str, bytes], *, allow_zero: bool = False) -> int:
     """The root ``preserved-memory-map`` pointer: present, 8 bytes and non-zero unless
     ``allow_zero`` (KHOFormatError otherwise)."""
@@ -343,7 +321,7 @@ class KhoV1(Encoding):
         nr_bitmaps = sum(idx.size for _, idx, _ in groups)
         per_page = self.page_size // self.bitmap_bytes
         nr_bitmap_pages = -(-nr_bitmaps // per_page)
-        pages = alloc_pages_all_or_nothing(allocator, nr_chunks + nr_bitmap_pages)
+        pages = alloc_pages_bulk(allocator, nr_chunks + nr_bitmap_pages, self.page_size, max_order=0)
         chunk_phys, bitmap_pages = pages[:nr_chunks], pages[nr_chunks:]
 
         chunks = np.zeros(nr_chunks, dtype=self.chunk)

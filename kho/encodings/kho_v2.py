@@ -48,8 +48,9 @@ from ..memory import PhysicalMemory
 from ..pagealloc import PageAllocator
 from ..tracker import Tracker
 from .base import DecodedMap, EncodedMap, Encoding, register
+from .chunklist import alloc_pages_bulk
 from .kho_v1 import (
-    DECODE_BATCH, alloc_pages_all_or_nothing, check_distinct, check_pointers, finish_units, map_pointer, max_unit_order,
+    DECODE_BATCH, check_distinct, check_pointers, finish_units, map_pointer, max_unit_order,
     read_pages, tracker_bitmaps, units_from_bitmaps,
 )
 
@@ -164,7 +165,7 @@ class KhoV2(Encoding):
         prefixes[g.root_level] = np.zeros(1, np.uint64)  # the root always exists
         counts = [p.size for p in prefixes]
         order_of_alloc = list(range(g.root_level, -1, -1))
-        pages = alloc_pages_all_or_nothing(allocator, sum(counts))
+        pages = alloc_pages_bulk(allocator, sum(counts), self.page_size, max_order=0)
         phys_of: dict[int, np.ndarray] = {}
         first = 0
         for level in order_of_alloc:

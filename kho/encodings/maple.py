@@ -337,7 +337,7 @@ class Maple(Encoding):
         phys, order = tracker.units_array()
         nodes, level_sizes = build_nodes(phys, order, self.page_size)
         per_page = self.page_size // MAPLE_NODE_BYTES
-        pages = alloc_pages_bulk(allocator, -(-nodes.size // per_page))
+        pages = alloc_pages_bulk(allocator, -(-nodes.size // per_page), self.page_size)
         internal = nodes[level_sizes[0]:]
         slots = internal["slot"]
         used = np.arange(MAPLE_SLOTS) < internal["count"][:, None]
