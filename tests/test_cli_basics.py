@@ -35,3 +35,8 @@ def test_bad_input_is_one_line_exit_3(capsys):
 def test_usage_error_exit_2():
     result = subprocess.run([sys.executable, "-m", "kho.cli.main", "track", "--ram", "lots"], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_track_refuses_an_order_above_max_page_order(capsys):
+    assert main(["track", "--ram", "1G", "--order", "11"]) == 3
+    assert "MAX_PAGE_ORDER" in capsys.readouterr().err

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     machine = Machine.boot(args.ram, args.page_size, args.kho_scratch, args.seed)
+    max_order = machine.memory.geometry.max_order
+    if not 0 <= args.order <= max_order:
+        raise KHOError("EINVAL", f"--order {args.order} is outside 0..{max_order} (MAX_PAGE_ORDER)")
     preserve = args.preserve_random if args.preserve_random is not None else args.ram // 4
     unit = args.page_size << args.order
     if preserve % unit:
