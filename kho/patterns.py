@@ -54,7 +54,7 @@ def contiguous_runs(alloc: PageAllocator, pages: int, rng: np.random.Generator):
     offsets = (rng.random(lengths.size) * (block - lengths + 1)).astype(np.int64)
     first = starts.astype(np.int64) + offsets
     pfn, orders = greedy_split_array(first, first + lengths, alloc.memory.geometry.max_order)
-    return _sorted(pfn << np.uint64(alloc.memory.page_shift), orders)
+    return _sorted(pfn.astype(np.uint64) << np.uint64(alloc.memory.page_shift), orders)
 
 
 def mixed_orders(alloc: PageAllocator, pages: int, rng: np.random.Generator):

@@ -214,7 +214,7 @@ class Tracker:
             raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
         first = phys >> self.memory.page_shift
         pfn, order = greedy_split_array(np.array([first]), np.array([first + nr_pages]), self.memory.geometry.max_order)
-        return pfn << np.uint64(self.memory.page_shift), order
+        return pfn.astype(np.uint64) << np.uint64(self.memory.page_shift), order
 
     def preserve_pages(self, phys: int, nr_pages: int) -> None:
         """Preserve ``nr_pages`` pages from ``phys`` with the greedy split (kho_preserve_pages)."""

@@ -8,12 +8,12 @@ from hypothesis import given, settings, strategies as st
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list
 from kho.encodings.maple import MAPLE_NODE, lookup
-from kho.encodings.ranges import RANGE, fdt_min_bytes, split_runs
+from kho.encodings.ranges import RANGE, fdt_min_bytes
 from kho.encodings.ranges_packed import CHUNK_MAGIC, LENGTH_BITS, MAX_RUN_PAGES
 from kho.errors import KHOError
 from kho.memory import Bank, PhysicalMemory, ScratchArea
 from kho.pagealloc import PageAllocator
-from kho.pages import greedy_split
+from kho.pages import greedy_split, greedy_split_array
 from kho.tracker import Tracker
 
 MiB = 1 << 20
@@ -113,10 +113,10 @@ def test_split_runs_matches_the_kernel_split():
     rng = np.random.default_rng(3)
     start = np.sort(rng.choice(1 << 20, 500, replace=False))[::2].astype(np.int64)
     end = np.minimum(start + rng.integers(1, 5000, start.size), np.append(start[1:], 1 << 21))
-    pfn, order = split_runs(start, end, 10)
+    pfn, order = greedy_split_array(start, end, 10)
     expected = [u for s, e in zip(start.tolist(), end.tolist()) for u in greedy_split(s, e - s, 10)]
     assert list(zip(pfn.tolist(), order.tolist())) == expected
-    assert split_runs(np.array([0]), np.array([5000]), 10)[1].tolist() == [10, 10, 10, 10, 9, 8, 7, 3]
+    assert greedy_split_array(np.array([0]), np.array([5000]), 10)[1].tolist() == [10, 10, 10, 10, 9, 8, 7, 3]
 
 
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 3000)), max_size=30), st.sampled_from([0, 3, 10]))
@@ -129,7 +129,7 @@ def test_split_runs_property(gaps_and_lengths, max_order):
         start.append(pos)
         end.append(pos + length)
         pos += length + 1
-    pfn, order = split_runs(np.array(start, dtype=np.int64), np.array(end, dtype=np.int64), max_order)
+    pfn, order = greedy_split_array(np.array(start, dtype=np.int64), np.array(end, dtype=np.int64), max_order)
     expected = [u for s, e in zip(start, end) for u in greedy_split(s, e - s, max_order)]
     assert list(zip(pfn.tolist(), order.tolist())) == expected
 
