@@ -17,12 +17,12 @@ import argparse
 import json
 import time
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
-from kho.machine import Machine
-from kho.memory import PhysicalMemory
-from kho.pagealloc import PageAllocator
+from kho.memory.physical import PhysicalMemory
 from kho.sizes import parse_size
-from kho.tracker import Tracker
 
 CASES = [
     ("kho-v1", {"bitmap_bytes": "page"}, "page"),

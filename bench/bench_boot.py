@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from kho.handover import KHO
-from kho.machine import Machine
+from kho.currentkernel.machine import Machine
+from kho.handover.outgoing import KHO
 from kho.nextkernel.boot import boot
 from kho.sizes import parse_size
 

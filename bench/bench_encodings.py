@@ -24,13 +24,22 @@ import time
 import msgpack
 import numpy as np
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding, load_all
 from kho.encodings.chunklist import chunk_capacity, read_chunk_list, read_root_pointer
-from kho.encodings.instructions import OP_BITMAP, OP_SHIFT, RECORD, STREAM_HEADER, WORD, build_stream, stream_bytes, walk
+from kho.encodings.instructions import (
+    OP_BITMAP,
+    OP_SHIFT,
+    RECORD,
+    STREAM_HEADER,
+    WORD,
+    build_stream,
+    stream_bytes,
+    walk,
+)
 from kho.encodings.ranges_packed import CHUNK_MAGIC, PACKED_ENTRY
-from kho.machine import Machine
-from kho.patterns import generate
-from kho.tracker import Tracker
+from kho.simulation.preserved_sets import generate
 
 RAM = 64 << 30
 PRESERVED = 16 << 30

@@ -19,9 +19,9 @@ import json
 import statistics
 import time
 
-from kho import simulate as S
 from kho.kexec import transpgd
 from kho.kexec.profiles import load_profile
+from kho.simulation import simulate as S
 
 GIB, MIB = 1 << 30, 1 << 20
 

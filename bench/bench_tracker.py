@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from kho.memory import PhysicalMemory
-from kho.tracker import Tracker
+from kho.currentkernel.tracker import Tracker
+from kho.memory.physical import PhysicalMemory
 
 RAM = 64 << 30
 UNITS = 4 << 20

@@ -31,7 +31,7 @@ from kho.benchmark import reboot as breboot
 from kho.benchmark.progress import progress
 from kho.benchmark.scale import as_point
 from kho.encodings import load_all
-from kho.patterns import PATTERNS
+from kho.simulation.preserved_sets import PATTERNS
 
 GIB, MIB = 1 << 30, 1 << 20
 PARTS = ("sizes", "encodings", "reboot")

@@ -1,11 +1,11 @@
 """kho: a model of Linux Kexec HandOver (KHO)."""
 
-from .errors import KHOError, KHOFormatError
-from .memory import Bank, PhysicalMemory, ScratchArea
-from .pagealloc import PageAllocator
-from .pages import PageGeometry
-from .tracker import Tracker
-from .xarray import XArray
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.currentkernel.xarray import XArray
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.geometry import PageGeometry
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 __version__ = "0.1.0"
 

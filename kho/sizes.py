@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import KHOError
+from kho.errors import KHOError
 
 _BINARY_SUFFIX = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _USER_SIZE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*")

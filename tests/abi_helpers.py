@@ -7,7 +7,7 @@ import struct
 from hypothesis import strategies as st
 
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory
+from kho.memory.physical import Bank, PhysicalMemory
 
 MiB = 1 << 20
 PS = 4096

@@ -3,19 +3,20 @@
 import fdt
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from buddy_invariants import check_free_lists
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kho.currentkernel.machine import Machine
 from kho.devicetree import KHOFdt, build_boot_dtb
 from kho.devicetree.layout import MEMORY_MAP_PROP
 from kho.errors import KHOError, KHOFormatError
-from kho.handover import KHO
-from kho.machine import Machine
-from kho.memory import Bank
+from kho.handover.outgoing import KHO
+from kho.memory.physical import Bank
 from kho.nextkernel import boot
 from kho.nextkernel.freelist import NORMAL, SCRATCH
-from kho.nextkernel.memmap import FREE, PRESERVED, RESERVED
 from kho.nextkernel.memblock import MemblockFlag
+from kho.nextkernel.memmap import FREE, PRESERVED, RESERVED
 
 IMAGE = 1 << 20  # kernel image of both kernels in these small machines
 

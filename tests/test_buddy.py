@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from buddy_invariants import check_free_lists
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from buddy_invariants import check_free_lists
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.nextkernel import intervals
+from kho.memory import intervals
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 from kho.nextkernel.buddy import BuddyAllocator
 from kho.nextkernel.freelist import NORMAL, Segments, build_free_areas
 from kho.nextkernel.memmap import ALLOCATED, FREE, PRESERVED, RESERVED, MemMap

@@ -71,9 +71,9 @@ def test_usage_errors_exit_2(images):
 
 
 def test_lenient_flag_boots_what_only_a_kernel_would_accept(tmp_path, capsys):
-    from kho.handover import KHO
-    from kho.image import save_image
-    from kho.machine import Machine
+    from kho.currentkernel.machine import Machine
+    from kho.handover.imagefile import save_image
+    from kho.handover.outgoing import KHO
 
     machine = Machine.boot(64 << 20, kho_scratch="4M,4M,4M", kernel_image=1 << 20, seed=1)
     kho = KHO(machine.memory, machine.allocator, "kho-v1", strict=False)

@@ -7,14 +7,21 @@ from pathlib import Path
 
 import libfdt
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kho.devicetree import (
-    ChosenKHO, KHOFdt, build_boot_dtb, parse_chosen, parse_fdt, read_scratch_array, write_scratch_array,
+    ChosenKHO,
+    KHOFdt,
+    build_boot_dtb,
+    parse_chosen,
+    parse_fdt,
+    read_scratch_array,
+    write_scratch_array,
 )
 from kho.devicetree.layout import FDT_NOP
 from kho.errors import KHOError, KHOFormatError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 ROOT = Path(__file__).resolve().parent.parent
 BINDINGS = ROOT / "spec" / "bindings"

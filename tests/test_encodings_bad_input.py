@@ -4,17 +4,19 @@ generic fuzz of every registered encoding (kho-v1 and kho-v2 included)."""
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import ENCODINGS, get_encoding, load_all
 from kho.encodings.chunklist import read_chunk_list
-from kho.encodings.instructions import CHUNK_MAGIC as STREAM_CHUNK_MAGIC, STREAM_HEADER
+from kho.encodings.instructions import CHUNK_MAGIC as STREAM_CHUNK_MAGIC
+from kho.encodings.instructions import STREAM_HEADER
 from kho.encodings.maple import MAPLE_NODE, lookup
 from kho.encodings.ranges import RANGE
 from kho.errors import KHOFormatError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 load_all()
 PS = 4096

@@ -3,18 +3,19 @@ order, holes, long runs, tall maple trees, the FDT size of ranges, and the order
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list
 from kho.encodings.maple import MAPLE_NODE, lookup
 from kho.encodings.ranges import RANGE, fdt_min_bytes
 from kho.encodings.ranges_packed import CHUNK_MAGIC, LENGTH_BITS, MAX_RUN_PAGES
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.pages import greedy_split, greedy_split_array
-from kho.tracker import Tracker
+from kho.memory.geometry import greedy_split, greedy_split_array
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 MiB = 1 << 20
 MINE = ["ranges", "ranges-packed", "maple", "instructions"]

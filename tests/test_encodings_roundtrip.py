@@ -4,13 +4,14 @@ the very units."""
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import ENCODINGS, get_encoding, load_all
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 load_all()
 NAMES = sorted(ENCODINGS)

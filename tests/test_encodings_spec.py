@@ -5,19 +5,19 @@ marker; :func:`examples` rebuilds them all from one small machine.  After a deli
 layout change, print the new blocks with ``python tests/test_encodings_spec.py``.
 """
 
-from pathlib import Path
 import re
+from pathlib import Path
 
 import numpy as np
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import CHUNK_HEADER, read_chunk_list
 from kho.encodings.instructions import CHUNK_MAGIC as STREAM_MAGIC
 from kho.encodings.maple import MAPLE_NODE_BYTES
 from kho.encodings.ranges_packed import CHUNK_MAGIC as PACKED_MAGIC
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "encodings.md"
 MARKER = re.compile(r"<!-- example: ([a-z0-9-]+) -->\n```text\n(.*?)```", re.S)

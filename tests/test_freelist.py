@@ -1,12 +1,13 @@
 """Free-list construction: the kernel's greedy __free_pages_memory, segments, FreeArea."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kho.memory import Bank, PhysicalMemory, ScratchArea
+from kho.memory.geometry import ctz
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 from kho.nextkernel.freelist import NORMAL, SCRATCH, FreeArea, Segments, build_free_areas, free_blocks, mask_blocks
 from kho.nextkernel.memmap import MemMap
-from kho.pages import ctz
 
 
 def greedy(ranges, max_order):

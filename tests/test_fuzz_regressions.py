@@ -13,16 +13,16 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-
 from fuzz.corpus import seeds
 from fuzz.samples import PS
 from fuzz.targets import TARGETS, time_limit
+
 from kho.devicetree import read_scratch_array
 from kho.encodings import get_encoding
 from kho.encodings.kho_v1 import CHUNK_ENTRY_DTYPE, chunk_capacity
 from kho.errors import KHOFormatError
-from kho.image import load_image
-from kho.memory import PhysicalMemory
+from kho.handover.imagefile import load_image
+from kho.memory.physical import PhysicalMemory
 
 CRASHES = Path(__file__).resolve().parent / "fuzz" / "crashes"
 FOUND = sorted(p for p in CRASHES.glob("*/*") if p.is_file())

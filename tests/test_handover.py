@@ -1,15 +1,15 @@
-"""kho.handover: the running kernel's KHO, finalize, and what the next kernel finds."""
+"""kho.handover.outgoing: the running kernel's KHO, finalize, and what the next kernel finds."""
 
 import numpy as np
 import pytest
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.pagealloc import PageAllocator
 from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
 from kho.encodings import get_encoding
 from kho.errors import KHOError
-from kho.handover import KHO, order_for
-from kho.machine import Machine
-from kho.memory import PhysicalMemory
-from kho.pagealloc import PageAllocator
+from kho.handover.outgoing import KHO, order_for
+from kho.memory.physical import PhysicalMemory
 
 MiB = 1 << 20
 

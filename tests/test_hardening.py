@@ -11,8 +11,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from fuzz.samples import ARENA, PS, machine
+
 from kho.encodings import get_encoding
 from kho.encodings.kho_v1 import chunk_capacity
 from kho.encodings.kho_v2 import RadixGeometry

@@ -11,8 +11,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from fuzz.samples import ARENA, PS, encode_map, load_map, machine
+
 from kho.encodings import get_encoding
 from kho.encodings.maple import MAPLE_NODE, NODE_MAGIC
 from kho.errors import KHOFormatError

@@ -5,13 +5,14 @@ import io
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.machine import Machine
 from kho.devicetree import build_boot_dtb
 from kho.errors import KHOFormatError
-from kho.handover import KHO
-from kho.image import IMAGE_VERSION, image_map, load_image, save_image
-from kho.machine import Machine
+from kho.handover.imagefile import IMAGE_VERSION, image_map, load_image, save_image
+from kho.handover.outgoing import KHO
 
 MiB = 1 << 20
 PS = 4096

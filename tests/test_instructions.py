@@ -3,15 +3,27 @@ of every RAM bank, the stream's own pages being free, and the encoder's choices.
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import read_chunk_list
-from kho.encodings.instructions import (CHUNK_MAGIC, OP_BITMAP, OP_FREE, OP_SKIP, OP_UNIT, RECORD, STREAM_HEADER, WORD,
-                                        StreamWalk, build_stream, walk)
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
+from kho.encodings.instructions import (
+    CHUNK_MAGIC,
+    OP_BITMAP,
+    OP_FREE,
+    OP_SKIP,
+    OP_UNIT,
+    RECORD,
+    STREAM_HEADER,
+    WORD,
+    StreamWalk,
+    build_stream,
+    walk,
+)
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 PS = 4096
 

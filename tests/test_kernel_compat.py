@@ -14,16 +14,16 @@ import struct
 import libfdt
 import numpy as np
 import pytest
+from fuzz.samples import ARENA, PS, ArenaAllocator, handover_allocator, machine, tracker
 
-from fuzz.samples import ARENA, ArenaAllocator, PS, handover_allocator, machine, tracker
 from kho.cli.main import main
+from kho.currentkernel.tracker import Tracker
 from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import get_encoding
 from kho.errors import KHOFormatError
-from kho.handover import KHO
-from kho.image import save_image
-from kho.memory import PhysicalMemory, ScratchArea
-from kho.tracker import Tracker
+from kho.handover.imagefile import save_image
+from kho.handover.outgoing import KHO
+from kho.memory.physical import PhysicalMemory, ScratchArea
 
 MiB = 1 << 20
 MAP = "preserved-memory-map"

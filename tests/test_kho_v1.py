@@ -4,16 +4,16 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
 from kho.encodings.kho_v1 import KhoV1, chunk_capacity
 from kho.errors import KHOError, KHOFormatError
-from kho.memory import PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
-
-from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
+from kho.memory.physical import PhysicalMemory, ScratchArea
 
 
 def chunk_page(next_phys, order, entries, page_size=PS, num_elms=None):

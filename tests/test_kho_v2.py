@@ -3,15 +3,15 @@
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.encodings.kho_v2 import KhoV2, RadixGeometry
 from kho.errors import KHOError, KHOFormatError
-from kho.memory import PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
-
-from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
+from kho.memory.physical import PhysicalMemory, ScratchArea
 
 
 def table(slots):

@@ -3,15 +3,16 @@ the entry list in memory and its walker."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.pagealloc import PageAllocator
 from kho.errors import KHOError, KHOFormatError
 from kho.kexec import entries as ent
 from kho.kexec import kimage as K
 from kho.kexec.ranges import PageRanges
-from kho.machine import Machine
-from kho.memory import PhysicalMemory
-from kho.pagealloc import PageAllocator
+from kho.memory.physical import PhysicalMemory
 
 PS = 4096
 

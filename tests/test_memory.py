@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pattern import pattern_bytes, pattern_words
+from kho.memory.contents import pattern_bytes, pattern_words
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 
 def two_banks():

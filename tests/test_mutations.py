@@ -17,11 +17,11 @@ from functools import lru_cache
 
 import libfdt
 import msgpack
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from fuzz.corpus import seeds
 from fuzz.samples import ARENA, ARENA_PAGES, PS, SCRATCH
 from fuzz.targets import TARGETS, time_limit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 MAP_TARGETS = ["kho-v1", "kho-v2", "ranges-packed", "maple", "instructions"]
 BLOB_TARGETS = ["fdt", "chosen"]

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from kho.currentkernel.pagealloc import PageAllocator
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 
 def machine():

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
 from kho.errors import KHOError
-from kho.machine import Machine
-from kho.patterns import PATTERNS, generate
-from kho.tracker import Tracker
+from kho.simulation.preserved_sets import PATTERNS, generate
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))

@@ -4,13 +4,13 @@ the destinations, the kernel's invariants and the transitional tables checked; p
 import numpy as np
 import pytest
 
+from kho.currentkernel.machine import Machine
 from kho.errors import KHOError, KHOFormatError
 from kho.kexec import entries as ent
 from kho.kexec import kimage as K
 from kho.kexec import purgatory as P
 from kho.kexec import relocate as R
 from kho.kexec import transpgd as T
-from kho.machine import Machine
 
 PS = 4096
 

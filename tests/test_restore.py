@@ -1,11 +1,11 @@
 """The restore API after boot: kernel semantics of restore_folio / restore_pages / retrieve_subtree."""
 
 import pytest
-
 from buddy_invariants import check_free_lists
+
+from kho.currentkernel.machine import Machine
 from kho.errors import KHOError
-from kho.handover import KHO
-from kho.machine import Machine
+from kho.handover.outgoing import KHO
 from kho.nextkernel import boot
 from kho.nextkernel.memmap import ALLOCATED, KHO_PAGE_MAGIC, PRESERVED
 

@@ -1,8 +1,8 @@
 import pytest
 
+from kho.currentkernel.scratch import ScratchSpec, kernel_regions, place_scratch
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory
-from kho.scratch import ScratchSpec, kernel_regions, place_scratch
+from kho.memory.physical import Bank, PhysicalMemory
 from kho.sizes import memparse, parse_size
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from kho import simulate as S
 from kho.cli.main import main
 from kho.errors import KHOError
+from kho.simulation import simulate as S
 
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -97,7 +97,7 @@ def test_impossible_configurations(kw, errno):
 
 
 def test_save_image(tmp_path):
-    from kho.image import load_image
+    from kho.handover.imagefile import load_image
 
     path = tmp_path / "h.kho"
     assert S.run(small(save_image=str(path))).ok

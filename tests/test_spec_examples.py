@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
 from kho.devicetree import KHOFdt, build_boot_dtb, write_scratch_array
 from kho.encodings.kho_v1 import KhoV1
 from kho.encodings.kho_v2 import KhoV2, RadixGeometry
-from kho.handover import KHO
-from kho.image import load_image, save_image
-from kho.machine import Machine
-from kho.memory import PhysicalMemory, ScratchArea
-from kho.tracker import Tracker
+from kho.handover.imagefile import load_image, save_image
+from kho.handover.outgoing import KHO
+from kho.memory.physical import PhysicalMemory, ScratchArea
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 MiB = 1 << 20

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
-from hypothesis import assume, settings, strategies as st
+from hypothesis import assume, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kho.currentkernel.tracker import Tracker
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pages import greedy_split
-from kho.tracker import Tracker
+from kho.memory.geometry import greedy_split
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 MiB = 1 << 20
 PS = 4096
@@ -278,7 +279,7 @@ TestTrackerVsSet.settings = settings(max_examples=80, stateful_step_count=30, de
 @pytest.mark.parametrize("preserve_bits", ["page", 4096])
 def test_units_array_against_what_was_preserved(preserve_bits):
     """Several orders, sparse XArray indices in two banks with a hole, an emptied bitmap."""
-    from kho.pagealloc import PageAllocator
+    from kho.currentkernel.pagealloc import PageAllocator
 
     memory = PhysicalMemory([Bank(0, 256 * MiB), Bank(1024 * MiB, 64 * MiB)])
     alloc = PageAllocator(memory, seed=3)

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kho.currentkernel.pagealloc import PageAllocator
 from kho.errors import KHOError
 from kho.kexec import transpgd as T
-from kho.memory import Bank, PhysicalMemory
-from kho.pagealloc import PageAllocator
+from kho.memory.physical import Bank, PhysicalMemory
 
 GiB, MiB = 1 << 30, 1 << 20
 

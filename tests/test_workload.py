@@ -2,14 +2,15 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kho import workload as W
+from kho.currentkernel.machine import Machine
 from kho.encodings import get_encoding
 from kho.errors import KHOError
-from kho.handover import KHO
-from kho.machine import Machine
-from kho.pages import greedy_split
+from kho.handover.outgoing import KHO
+from kho.memory.geometry import greedy_split
+from kho.simulation import workload as W
 
 MIB = 1 << 20
 

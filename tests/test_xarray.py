@@ -1,9 +1,10 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from kho.currentkernel.xarray import XA_NODE_BYTES, XArray
 from kho.errors import KHOError
-from kho.xarray import XA_NODE_BYTES, XArray
 
 
 def test_empty():

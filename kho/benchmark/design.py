@@ -1,6 +1,6 @@
 """The sizes of the design discussion (DESIGN.md section 5), computed by running kho.
 
-Each figure comes from preserving a set in a :class:`~kho.tracker.Tracker` and running
+Each figure comes from preserving a set in a :class:`~kho.currentkernel.tracker.Tracker` and running
 the encoder or reading the tracker's own accounting, never from arithmetic typed in:
 
 * ``bitmaps_16g``: every order-0 page of 16 GiB preserved; the tracker's bitmaps (page-
@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..encodings import get_encoding
-from ..encodings.chunklist import CHUNK_HEADER, chunk_capacity
-from ..encodings.maple import MAPLE_NODE, MAPLE_PIVOTS, MAPLE_SLOTS
-from ..encodings.ranges import RANGE
-from ..encodings.ranges_packed import PACKED_ENTRY
-from ..machine import Machine
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..patterns import generate
-from ..tracker import PRESERVE_BITS_6_16, Tracker
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
+from kho.encodings import get_encoding
+from kho.encodings.chunklist import CHUNK_HEADER, chunk_capacity
+from kho.encodings.maple import MAPLE_NODE, MAPLE_PIVOTS, MAPLE_SLOTS
+from kho.encodings.ranges import RANGE
+from kho.encodings.ranges_packed import PACKED_ENTRY
+from kho.memory.physical import PhysicalMemory
+from kho.simulation.preserved_sets import generate
 
 GIB, MIB, KIB = 1 << 30, 1 << 20, 1 << 10
 PAGE_SIZE = 4096

@@ -1,9 +1,9 @@
 """The encodings benchmark: one preserved set through every encoding and both boot paths.
 
-A *point* is a preserved-set pattern (:mod:`kho.patterns`: random, runs, mixed, strided,
+A *point* is a preserved-set pattern (:mod:`kho.simulation.preserved_sets`: random, runs, mixed, strided,
 huge) covering a share of a machine's RAM.  :func:`run_point` boots the first kernel
-(:meth:`kho.machine.Machine.boot`), draws the pattern from its page allocator, preserves
-it once in a :class:`~kho.tracker.Tracker` and then, for every encoding:
+(:meth:`kho.currentkernel.machine.Machine.boot`), draws the pattern from its page allocator, preserves
+it once in a :class:`~kho.currentkernel.tracker.Tracker` and then, for every encoding:
 
 * ``encode`` and ``decode`` (median of ``runs``, wall clock and process CPU seconds),
   the bytes written (metadata pages + FDT property bytes), bytes per preserved page, the
@@ -11,7 +11,7 @@ it once in a :class:`~kho.tracker.Tracker` and then, for every encoding:
 * whether the folio orders survive (the decoded units are exactly the preserved ones)
   and that no page is lost (always checked: a mismatch raises :class:`BenchmarkError`);
 * the next kernel's **free-list rebuild** on each boot path (:func:`boot_paths`): a real
-  handover (:class:`kho.handover.KHO`) booted by :func:`kho.nextkernel.boot.boot`;
+  handover (:class:`kho.handover.outgoing.KHO`) booted by :func:`kho.nextkernel.boot.boot`;
   ``rebuild_s`` = its ``deserialize`` + ``free_lists`` stages (decode or stream walk,
   one ``memblock_reserve`` per unit on the memblock path, buddy free lists), median of
   ``runs`` boots, with the memblock_reserve calls.  When the handover cannot be built
@@ -36,15 +36,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..encodings import EncodedMap, get_encoding, load_all
-from ..encodings.ranges import fdt_min_bytes, merge_units
-from ..errors import KHOError
-from ..handover import KHO, Handover
-from ..machine import Machine
-from ..nextkernel.boot import INSTRUCTIONS_ENCODING, boot
-from ..patterns import PATTERNS, generate
-from ..tracker import Tracker
-from .progress import Step, no_progress
+from kho.benchmark.progress import Step, no_progress
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
+from kho.encodings import EncodedMap, get_encoding, load_all
+from kho.encodings.ranges import fdt_min_bytes, merge_units
+from kho.errors import KHOError
+from kho.handover.outgoing import KHO, Handover
+from kho.nextkernel.boot import INSTRUCTIONS_ENCODING, boot
+from kho.simulation.preserved_sets import PATTERNS, generate
 
 #: Fields every :class:`~kho.encodings.base.EncodedMap` has; the others are encoding details.
 _BASE_FIELDS = {f.name for f in dataclasses.fields(EncodedMap)}

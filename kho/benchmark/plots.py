@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import KHOError
-from .design import BUDGET as DESIGN_BUDGET
-from .report import fmt_bytes, fmt_ram, measured
+from kho.benchmark.design import BUDGET as DESIGN_BUDGET
+from kho.benchmark.report import fmt_bytes, fmt_ram, measured
+from kho.errors import KHOError
 
 #: Line style per boot path.
 PATH_STYLE = {"memblock": "-", "instructions": "--"}

@@ -1,14 +1,14 @@
 """The reboot benchmark: relocation mode x image size x RAM size.
 
 For every RAM size and kernel + initramfs image size, :func:`run_reboot` reports each
-relocation mode (:func:`kho.simulate.compare`: MMU off, MMU on with the transitional
+relocation mode (:func:`kho.simulation.simulate.compare`: MMU off, MMU on with the transitional
 tables of each linear-map granularity, a reserved ``kexeckernel=`` region): relocation
 and whole-reboot seconds from the timing profile (stingray by default), the speedup
 against MMU off, and the memory it costs — tables counted by building their plan,
 held until the reboot, against a region reserved for good.
 
 With ``simulate_max_ram``, the points whose RAM is at most that also run the whole
-modelled kexec (:func:`kho.simulate.run`: preserve, load, relocate page by page, boot
+modelled kexec (:func:`kho.simulation.simulate.run`: preserve, load, relocate page by page, boot
 the next kernel, verify) in each mode, and report its timeline next to the model's and
 the host seconds it took; a configuration the model refuses (e.g. a ``kexeckernel=``
 region that does not fit in scratch) is recorded with its reason.
@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from .. import simulate as sim
-from ..errors import KHOError
-from ..kexec.profiles import load_profile
-from ..kexec.relocate import RELOCATION_MODES
-from .progress import Step, no_progress
+from kho.benchmark.progress import Step, no_progress
+from kho.errors import KHOError
+from kho.kexec.profiles import load_profile
+from kho.kexec.relocate import RELOCATION_MODES
+from kho.simulation import simulate as sim
 
 #: Bytes the simulated workload preserves (small: the reboot, not the map, is measured).
 SIMULATE_PRESERVE = 16 << 20

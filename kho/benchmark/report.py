@@ -19,9 +19,9 @@ import json
 import os
 from typing import Sequence
 
-from ..errors import KHOError
-from .design import BUDGET as DESIGN_BUDGET
-from .environment import machine_info
+from kho.benchmark.design import BUDGET as DESIGN_BUDGET
+from kho.benchmark.environment import machine_info
+from kho.errors import KHOError
 
 SCHEMA = "kho-bench/1"
 KINDS = ("encodings", "reboot", "scale", "sizes")

@@ -25,9 +25,9 @@ import sys
 import time
 from typing import Sequence
 
-from ..errors import KHOError
-from .encodings import Point, check_encodings, measure_encoding, prepare
-from .progress import Step, no_progress
+from kho.benchmark.encodings import Point, check_encodings, measure_encoding, prepare
+from kho.benchmark.progress import Step, no_progress
+from kho.errors import KHOError
 
 #: The scale point: RAM and preserved bytes (67,108,864 random order-0 pages).
 SCALE_RAM = 1 << 40

@@ -12,14 +12,14 @@ import json
 import os
 import sys
 
-from ..encodings import load_all
-from ..patterns import PATTERNS
-from ..benchmark import design, plots, report
-from ..benchmark import encodings as benc
-from ..benchmark import reboot as breboot
-from ..benchmark import scale as bscale
-from ..benchmark.progress import progress
-from .options import page_size_arg, size_arg
+from kho.benchmark import design, plots, report
+from kho.benchmark import encodings as benc
+from kho.benchmark import reboot as breboot
+from kho.benchmark import scale as bscale
+from kho.benchmark.progress import progress
+from kho.cli.options import page_size_arg, size_arg
+from kho.encodings import load_all
+from kho.simulation.preserved_sets import PATTERNS
 
 
 def share_arg(text: str) -> float:

@@ -9,13 +9,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import KHOError
-from ..image import load_image
-from ..nextkernel import PATHS, boot
-from ..nextkernel.boot import INSTRUCTIONS_ENCODING
-from ..scratch import DEFAULT_KERNEL_IMAGE
-from .imageio import emit
-from .options import size_arg
+from kho.cli.imageio import emit
+from kho.cli.options import size_arg
+from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE
+from kho.errors import KHOError
+from kho.handover.imagefile import load_image
+from kho.nextkernel import PATHS, boot
+from kho.nextkernel.boot import INSTRUCTIONS_ENCODING
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ..devicetree.layout import FDT_HEADER
-from ..image import load_image
-from .imageio import emit
+from kho.cli.imageio import emit
+from kho.devicetree.layout import FDT_HEADER
+from kho.handover.imagefile import load_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:

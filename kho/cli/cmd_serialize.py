@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 
-from ..encodings import load_all
-from ..errors import KHOError
-from ..handover import KHO
-from ..image import save_image
-from ..machine import Machine
-from ..patterns import generate
-from ..tracker import PRESERVE_BITS_6_16, Tracker
-from .options import add_machine_options, size_arg
+from kho.cli.options import add_machine_options, size_arg
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
+from kho.encodings import load_all
+from kho.errors import KHOError
+from kho.handover.imagefile import save_image
+from kho.handover.outgoing import KHO
+from kho.simulation.preserved_sets import generate
 
 #: A units-file line: PHYS (hex with 0x, or decimal) and ORDER (decimal).
 _UNIT_LINE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s+([0-9]+)")

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import KHOError
-from ..kexec.profiles import load_profile
-from ..kexec.relocate import RELOCATION_MODES
-from ..kexec.timing import PARAMETERS, FitReport, reboot_timeline
-from ..kexec.transpgd import LINEAR_MAPS
-from ..workload import WORKLOAD_PATTERNS
-from .. import simulate as sim
-from .options import add_machine_options, size_arg
+from kho.cli.options import add_machine_options, size_arg
+from kho.errors import KHOError
+from kho.kexec.profiles import load_profile
+from kho.kexec.relocate import RELOCATION_MODES
+from kho.kexec.timing import PARAMETERS, FitReport, reboot_timeline
+from kho.kexec.transpgd import LINEAR_MAPS
+from kho.simulation import simulate as sim
+from kho.simulation.workload import WORKLOAD_PATTERNS
 
 MODE_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved (kexeckernel=)"}
 SHORT_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved"}

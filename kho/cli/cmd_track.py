@@ -9,10 +9,10 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import KHOError
-from ..machine import Machine
-from ..tracker import Tracker
-from .options import add_machine_options, size_arg
+from kho.cli.options import add_machine_options, size_arg
+from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
+from kho.errors import KHOError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,8 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..image import load_image
-from .imageio import emit
+from kho.cli.imageio import emit
+from kho.handover.imagefile import load_image
 
 #: Lines formatted per chunk of output.
 _BATCH = 1 << 16

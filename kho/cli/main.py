@@ -14,8 +14,8 @@ import importlib
 import pkgutil
 import sys
 
-from .. import __version__
-from ..errors import KHOError
+from kho import __version__
+from kho.errors import KHOError
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kho {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import __path__ as cli_path
+    from kho.cli import __path__ as cli_path
 
     for info in sorted(pkgutil.iter_modules(cli_path), key=lambda i: i.name):
         if info.name.startswith("cmd_"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import KHOError
-from ..sizes import parse_size
+from kho.errors import KHOError
+from kho.sizes import parse_size
 
 
 def size_arg(text: str) -> int:

@@ -9,9 +9,9 @@
 Layouts and names: :mod:`kho.devicetree.layout`.
 """
 
-from .chosen import ChosenKHO, build_boot_dtb, parse_chosen, read_scratch_array, write_scratch_array
-from .flat import parse_fdt
-from .khofdt import KERNEL_COMPATIBLES, KHOFdt, subtree_prop
+from kho.devicetree.chosen import ChosenKHO, build_boot_dtb, parse_chosen, read_scratch_array, write_scratch_array
+from kho.devicetree.flat import parse_fdt
+from kho.devicetree.khofdt import KERNEL_COMPATIBLES, KHOFdt, subtree_prop
 
 __all__ = [
     "ChosenKHO", "KERNEL_COMPATIBLES", "KHOFdt", "build_boot_dtb", "parse_chosen", "parse_fdt",

@@ -15,13 +15,18 @@ from typing import Sequence
 import fdt
 import numpy as np
 
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory, ScratchArea
-from .flat import new_tree, parse_fdt, prop_bytes, to_dtb
-from .layout import (
-    BOOT_ADDRESS_CELLS, BOOT_SIZE_CELLS, CHOSEN_KHO_FDT, CHOSEN_KHO_SCRATCH, DEFAULT_ADDRESS_CELLS, DEFAULT_SIZE_CELLS,
+from kho.devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
+from kho.devicetree.layout import (
+    BOOT_ADDRESS_CELLS,
+    BOOT_SIZE_CELLS,
+    CHOSEN_KHO_FDT,
+    CHOSEN_KHO_SCRATCH,
+    DEFAULT_ADDRESS_CELLS,
+    DEFAULT_SIZE_CELLS,
     KHO_SCRATCH_DTYPE,
 )
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory, ScratchArea
 
 #: Root ``compatible`` and ``model`` of the minimal boot DTB kho writes (QEMU's generic arm64 board).
 BOOT_COMPATIBLE = "linux,dummy-virt"

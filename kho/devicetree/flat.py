@@ -19,12 +19,25 @@ import re
 
 import fdt
 
-from ..errors import KHOFormatError
-from .layout import (
-    FDT_BEGIN_NODE, FDT_END, FDT_END_NODE, FDT_HEADER, FDT_HEADER_FIELDS, FDT_MAGIC, FDT_MIN_VERSION, FDT_NOP,
-    FDT_PROP, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_RSVMAP_ALIGN, FDT_TAG_ALIGN, FDT_TOKEN, FDT_VERSION,
+from kho.devicetree.layout import (
+    FDT_BEGIN_NODE,
+    FDT_END,
+    FDT_END_NODE,
+    FDT_HEADER,
+    FDT_HEADER_FIELDS,
+    FDT_MAGIC,
+    FDT_MIN_VERSION,
+    FDT_NOP,
+    FDT_PROP,
+    FDT_PROP_HEADER,
+    FDT_RESERVE_ENTRY,
+    FDT_RSVMAP_ALIGN,
+    FDT_TAG_ALIGN,
+    FDT_TOKEN,
+    FDT_VERSION,
     NODE_NAME_MAX,
 )
+from kho.errors import KHOFormatError
 
 #: Deepest nesting accepted (a KHO FDT has 2 levels, a boot DTB a few).
 MAX_DEPTH = 32

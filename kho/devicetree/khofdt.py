@@ -6,7 +6,7 @@ Built with the ``fdt`` package and serialized by it; read back with the strict r
 
 * the blob must fit in one page (the kernel creates it with ``fdt_create(PAGE_SIZE)``):
   :meth:`KHOFdt.add_subtree` and :meth:`KHOFdt.to_dtb` refuse with E2BIG beyond
-  ``max_size`` (one page unless the caller allows more: see :mod:`kho.handover`);
+  ``max_size`` (one page unless the caller allows more: see :mod:`kho.handover.outgoing`);
 * ``add_subtree`` of an existing name fails with EEXIST (``kho_add_subtree``); libfdt's
   ``fdt_add_subnode`` puts a new sub-node before the existing ones, so sub-nodes appear
   newest first;
@@ -27,16 +27,24 @@ from typing import TYPE_CHECKING, Mapping
 import fdt
 import numpy as np
 
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
-from .flat import NODE_NAME, kernel_string_list, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
-from .layout import (
-    BLOB_SIZE_PROP, COMPATIBLE_PROP, FDT_HEADER, FDT_HEADER_FIELDS, MEMORY_MAP_PROP, SUBTREE_PROP_V1, SUBTREE_PROP_V2,
-    U64_PROP, pack_u64, unpack_u64_prop,
+from kho.devicetree.flat import NODE_NAME, kernel_string_list, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
+from kho.devicetree.layout import (
+    BLOB_SIZE_PROP,
+    COMPATIBLE_PROP,
+    FDT_HEADER,
+    FDT_HEADER_FIELDS,
+    MEMORY_MAP_PROP,
+    SUBTREE_PROP_V1,
+    SUBTREE_PROP_V2,
+    U64_PROP,
+    pack_u64,
+    unpack_u64_prop,
 )
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 if TYPE_CHECKING:
-    from ..encodings.base import DecodedMap
+    from kho.encodings.base import DecodedMap
 
 #: The ABIs the kernel defines; their root must carry a valid ``preserved-memory-map``.
 KERNEL_COMPATIBLES = ("kho-v1", "kho-v2")
@@ -190,7 +198,7 @@ class KHOFdt:
         elif any(name in KERNEL_COMPATIBLES for name in names):
             chosen = next(name for name in names if name in KERNEL_COMPATIBLES)
         else:
-            from ..encodings import encoding_for_compatible
+            from kho.encodings import encoding_for_compatible
 
             found = None
             for name in names:

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from ..errors import KHOFormatError
+from kho.errors import KHOFormatError
 
 #: FDT header magic and the version kho writes (libfdt's fdt_create writes the same).
 FDT_MAGIC = 0xD00DFEED

@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import ENCODINGS, DecodedMap, EncodedMap, Encoding, encoding_for_compatible, get_encoding, register
+from kho.encodings.base import (
+    ENCODINGS,
+    DecodedMap,
+    EncodedMap,
+    Encoding,
+    encoding_for_compatible,
+    get_encoding,
+    register,
+)
 
 __all__ = ["ENCODINGS", "DecodedMap", "EncodedMap", "Encoding", "encoding_for_compatible", "get_encoding", "load_all", "register"]
 

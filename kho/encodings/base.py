@@ -1,7 +1,7 @@
 """The interface every preservation-map encoding implements, and the registry by name.
 
 An encoding turns the current kernel's :class:`~kho.tracker.Tracker` into bytes the
-next kernel can read: pages written into :class:`~kho.memory.PhysicalMemory` (chunks,
+next kernel can read: pages written into :class:`~kho.memory.physical.PhysicalMemory` (chunks,
 radix nodes, packed ranges, maple nodes, an instruction stream) and/or properties of
 the KHO FDT's root node, and reads them back.
 
@@ -36,10 +36,10 @@ from typing import ClassVar, Mapping
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import Tracker
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.errors import KHOError
+from kho.memory.physical import PhysicalMemory
 
 
 @dataclass
@@ -140,7 +140,7 @@ def register(cls: type[Encoding]) -> type[Encoding]:
 
 def get_encoding(name: str, page_size: int = 4096, **options) -> Encoding:
     """An encoding instance by registry name; KHOError(EINVAL) for an unknown name."""
-    from . import load_all
+    from kho.encodings import load_all
 
     load_all()
     try:
@@ -152,8 +152,8 @@ def get_encoding(name: str, page_size: int = 4096, **options) -> Encoding:
 
 def encoding_for_compatible(compatible: str) -> type[Encoding]:
     """The encoding class whose root ``compatible`` is ``compatible``; KHOFormatError if none."""
-    from ..errors import KHOFormatError
-    from . import load_all
+    from kho.encodings import load_all
+    from kho.errors import KHOFormatError
 
     load_all()
     for cls in ENCODINGS.values():

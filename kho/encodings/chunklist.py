@@ -22,9 +22,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..devicetree.layout import MEMORY_MAP_PROP, unpack_u64_prop
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
+from kho.devicetree.layout import MEMORY_MAP_PROP, unpack_u64_prop
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: ``struct { u64 next; u32 count; u32 magic; }`` at the start of every chunk page.
 CHUNK_HEADER = np.dtype([("next", "<u8"), ("count", "<u4"), ("magic", "<u4")])

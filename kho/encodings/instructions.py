@@ -44,14 +44,23 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from .chunklist import (ChunkList, check_metadata_disjoint, check_page_size, in_usable, magic_of, read_chunk_list,
-                        read_root_pointer, usable_segments, write_chunk_list)
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import (
+    ChunkList,
+    check_metadata_disjoint,
+    check_page_size,
+    in_usable,
+    magic_of,
+    read_chunk_list,
+    read_root_pointer,
+    usable_segments,
+    write_chunk_list,
+)
+from kho.errors import KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: The stream header (24 bytes).
 STREAM_HEADER = np.dtype([("magic", "<u4"), ("version", "<u2"), ("page_shift", "<u2"),

@@ -32,13 +32,13 @@ from typing import Mapping
 
 import numpy as np
 
-from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64, unpack_u64_prop
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import PRESERVE_BITS_6_16, Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import alloc_pages_bulk
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64, unpack_u64_prop
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import alloc_pages_bulk
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: ``struct khoser_mem_chunk_hdr``.
 CHUNK_HEADER_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])

@@ -42,17 +42,24 @@ from typing import Mapping
 
 import numpy as np
 
-from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import alloc_pages_bulk
-from .kho_v1 import (
-    DECODE_BATCH, check_distinct, check_pointers, finish_units, map_pointer, max_unit_order,
-    read_pages, tracker_bitmaps, units_from_bitmaps,
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import alloc_pages_bulk
+from kho.encodings.kho_v1 import (
+    DECODE_BATCH,
+    check_distinct,
+    check_pointers,
+    finish_units,
+    map_pointer,
+    max_unit_order,
+    read_pages,
+    tracker_bitmaps,
+    units_from_bitmaps,
 )
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: Bits in a physical address (phys_addr_t / unsigned long).
 KEY_BITS = 64

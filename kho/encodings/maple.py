@@ -35,15 +35,23 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from .kho_v1 import max_unit_order
-from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from .chunklist import (alloc_pages_bulk, check_metadata_disjoint, check_page_size, check_pointer, check_units,
-                        magic_of, read_pages, read_root_pointer)
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import (
+    alloc_pages_bulk,
+    check_metadata_disjoint,
+    check_page_size,
+    check_pointer,
+    check_units,
+    magic_of,
+    read_pages,
+    read_root_pointer,
+)
+from kho.encodings.kho_v1 import max_unit_order
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: Number of slots in a node and of pivots (inclusive range ends).
 MAPLE_SLOTS = 16

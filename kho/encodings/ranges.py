@@ -22,14 +22,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_TAG_ALIGN, FDT_TOKEN
-from ..errors import KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..pages import greedy_split_array
-from ..tracker import Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from .chunklist import check_page_size, in_usable
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_TAG_ALIGN, FDT_TOKEN
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import check_page_size, in_usable
+from kho.errors import KHOFormatError
+from kho.memory.geometry import greedy_split_array
+from kho.memory.physical import PhysicalMemory
 
 #: ``struct { u64 addr; u64 len; }``, bytes, little-endian.
 RANGE = np.dtype([("addr", "<u8"), ("len", "<u8")])

@@ -23,14 +23,21 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import KHOFormatError
-from ..memory import PhysicalMemory
-from ..pagealloc import PageAllocator
-from ..tracker import Tracker
-from .base import DecodedMap, EncodedMap, Encoding, register
-from ..devicetree.layout import MEMORY_MAP_PROP, pack_u64
-from .chunklist import (check_metadata_disjoint, check_page_size, magic_of, read_chunk_list, read_root_pointer, write_chunk_list)
-from .ranges import check_runs, decode_runs, merge_units
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
+from kho.encodings.chunklist import (
+    check_metadata_disjoint,
+    check_page_size,
+    magic_of,
+    read_chunk_list,
+    read_root_pointer,
+    write_chunk_list,
+)
+from kho.encodings.ranges import check_runs, decode_runs, merge_units
+from kho.errors import KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: One entry: ``pfn << LENGTH_BITS | nr_pages``.
 PACKED_ENTRY = np.dtype("<u8")

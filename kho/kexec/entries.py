@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import KHOFormatError
-from ..memory import PhysicalMemory
+from kho.errors import KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: Flags in the low bits of an entry (include/linux/kexec.h).
 IND_DESTINATION = 0x1

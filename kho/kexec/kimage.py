@@ -10,12 +10,12 @@ error codes, then the KHO rule that destinations lie inside the scratch areas (o
 per destination page, allocated from the running kernel's allocator under the kernel's
 invariant (a source page is its own destination or no destination at all; indirection
 and control pages are never destinations), the entry list written in indirection pages
-of :class:`~kho.memory.PhysicalMemory` (:mod:`kho.kexec.entries`).  ``in_place=True``
+of :class:`~kho.memory.physical.PhysicalMemory` (:mod:`kho.kexec.entries`).  ``in_place=True``
 models a segment loaded straight into a reserved region: no source pages, ``head`` is
 ``IND_DONE``.
 
 The allocator is anything with ``alloc_many(count, order)`` and ``free_pages(phys, order)``
-(the first kernel's :class:`~kho.pagealloc.PageAllocator` or a next kernel's buddy).
+(the first kernel's :class:`~kho.currentkernel.pagealloc.PageAllocator` or a next kernel's buddy).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from . import entries as ent
-from .ranges import PageRanges
+from kho.errors import KHOError
+from kho.kexec import entries as ent
+from kho.kexec.ranges import PageRanges
+from kho.memory.physical import PhysicalMemory
 
 #: Most segments one image may have (include/linux/kexec.h).
 KEXEC_SEGMENT_MAX = 16

@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import os
 import re
+
 import tomllib
 
-from ..errors import KHOError
-from ..sizes import parse_size
-from .timing import PARAMETERS, FitReport, Measurement, fit_profile
+from kho.errors import KHOError
+from kho.kexec.timing import PARAMETERS, FitReport, Measurement, fit_profile
+from kho.sizes import parse_size
 
 MIB = 1 << 20
 

@@ -9,14 +9,13 @@ the regions back from memory after the relocation and compares (``hashlib``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
+from kho.errors import KHOError, KHOFormatError
+from kho.memory.physical import PhysicalMemory
 
 #: Regions kexec-tools' purgatory can hash (``sha256_regions[16]``).
 SHA256_REGIONS_MAX = 16

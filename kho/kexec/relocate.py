@@ -1,5 +1,5 @@
 """The reboot-time relocation: follow the entry list and copy every source page to its
-destination in :class:`~kho.memory.PhysicalMemory`.
+destination in :class:`~kho.memory.physical.PhysicalMemory`.
 
 Modes (:data:`RELOCATION_MODES`):
 
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from .kimage import CONTROL_CODE, KImage
-from .ranges import PageRanges
-from .transpgd import TransPgd
+from kho.errors import KHOError
+from kho.kexec.kimage import CONTROL_CODE, KImage
+from kho.kexec.ranges import PageRanges
+from kho.kexec.transpgd import TransPgd
+from kho.memory.physical import PhysicalMemory
 
 RELOCATION_MODES = ("mmu-off", "mmu-on", "reserved")
 

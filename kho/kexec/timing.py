@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..errors import KHOError
+from kho.errors import KHOError
 
 #: Relocation modes the model times (same names as :data:`kho.kexec.relocate.RELOCATION_MODES`).
 MODES = ("mmu-off", "mmu-on", "reserved")

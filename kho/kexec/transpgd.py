@@ -13,7 +13,7 @@ at reboot.  The copy has the shape of the kernel's own linear map over the RAM b
 
 :func:`plan_linear_map` *builds* the set of tables such a map needs (never a ratio);
 :func:`build` allocates them, writes every descriptor into
-:class:`~kho.memory.PhysicalMemory`, and returns a :class:`TransPgd` whose
+:class:`~kho.memory.physical.PhysicalMemory`, and returns a :class:`TransPgd` whose
 :class:`TableWalker` translates addresses by reading those descriptors back, as the MMU
 does during relocation.
 
@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from ..pages import PageGeometry
-from .ranges import PageRanges
+from kho.errors import KHOError
+from kho.kexec.ranges import PageRanges
+from kho.memory.geometry import PageGeometry
+from kho.memory.physical import PhysicalMemory
 
 #: Virtual address bits of the model's kernel (CONFIG_ARM64_VA_BITS_48).
 VA_BITS = 48

@@ -39,17 +39,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..devicetree import KHOFdt, parse_chosen, read_scratch_array
-from ..encodings import encoding_for_compatible, get_encoding
-from ..errors import KHOError, KHOFormatError
-from ..memory import PhysicalMemory
-from ..scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
-from . import intervals
-from .buddy import BuddyAllocator
-from .freelist import NORMAL, SCRATCH, Segments, build_free_areas
-from .memblock import Memblock
-from .memmap import ALLOCATED, RESERVED, MemMap
-from .restore import IncomingKHO
+from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
+from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
+from kho.encodings import encoding_for_compatible, get_encoding
+from kho.errors import KHOError, KHOFormatError
+from kho.memory import intervals
+from kho.memory.physical import PhysicalMemory
+from kho.nextkernel.buddy import BuddyAllocator
+from kho.nextkernel.freelist import NORMAL, SCRATCH, Segments, build_free_areas
+from kho.nextkernel.memblock import Memblock
+from kho.nextkernel.memmap import ALLOCATED, RESERVED, MemMap
+from kho.nextkernel.restore import IncomingKHO
 
 PATHS = ("memblock", "instructions")
 #: The registry name of the encoding the instruction path reads.
@@ -243,7 +243,7 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
                 decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props, strict=strict)
                 unit_phys, unit_order = decoded.phys, decoded.order
             else:
-                from ..encodings.instructions import walk
+                from kho.encodings.instructions import walk
 
                 stream = walk(memory, fdt.props, strict=strict)
                 unit_phys, unit_order = stream.unit_phys, stream.unit_order

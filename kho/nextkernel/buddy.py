@@ -1,9 +1,9 @@
 """The next kernel's buddy page allocator, working on the free lists built at boot.
 
-It offers the methods of :class:`kho.pagealloc.PageAllocator` that workloads and KHO
+It offers the methods of :class:`kho.currentkernel.pagealloc.PageAllocator` that workloads and KHO
 use (``alloc_pages``, ``alloc_many``, ``alloc_random``, ``claim_pages``, ``free_pages``,
 ``is_free``, ``nr_free_pages``, ``memory``), so the next kernel can run a workload,
-preserve memory again with :class:`kho.handover.KHO` and kexec again.
+preserve memory again with :class:`kho.handover.outgoing.KHO` and kexec again.
 
 Allocation follows ``__rmqueue_smallest``: the smallest order with a free block, split
 down with the upper halves going back to the free lists (``expand``).  Where the kernel
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from . import intervals
-from .freelist import NORMAL, SCRATCH, FreeArea, Segments, free_blocks
-from .memmap import ALLOCATED, FREE, MemMap
+from kho.errors import KHOError
+from kho.memory import intervals
+from kho.memory.physical import PhysicalMemory
+from kho.nextkernel.freelist import NORMAL, SCRATCH, FreeArea, Segments, free_blocks
+from kho.nextkernel.memmap import ALLOCATED, FREE, MemMap
 
 
 class BuddyAllocator:

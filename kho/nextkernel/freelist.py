@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from sortedcontainers import SortedList
 
-from ..memory import PhysicalMemory
-from . import intervals
+from kho.memory import intervals
+from kho.memory.physical import PhysicalMemory
 
 #: The two free-list classes: ordinary memory, and the scratch areas (MIGRATE_CMA in
 #: the kernel: only movable allocations, never preserved, so never handed out here).

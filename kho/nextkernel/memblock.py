@@ -34,8 +34,8 @@ import enum
 
 import numpy as np
 
-from ..errors import KHOError
-from . import intervals
+from kho.errors import KHOError
+from kho.memory import intervals
 
 #: ``struct memblock_region`` on a 64-bit NUMA kernel: base, size (bytes), flags, nid (24 bytes).
 REGION_DTYPE = np.dtype([("base", "<u8"), ("size", "<u8"), ("flags", "<u4"), ("nid", "<i4")])

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from . import intervals
+from kho.errors import KHOError
+from kho.memory import intervals
+from kho.memory.physical import PhysicalMemory
 
 #: ``union kho_page_info``: ``page->private`` of a preserved head page.
 KHO_PAGE_INFO = np.dtype([("order", "<u4"), ("magic", "<u4")])

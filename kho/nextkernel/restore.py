@@ -10,7 +10,7 @@ Kernel semantics (``kho_retrieve_subtree``, ``kho_restore_folio``, ``kho_restore
   or outside RAM, inside a preserved unit but not its head, or a corrupted order;
   ENOENT when nothing preserved starts there (never preserved, or already restored);
 * ``restore_pages(phys, n)``: the greedy split of ``kho_preserve_pages`` (capped at
-  MAX_PAGE_ORDER, as :class:`kho.tracker.Tracker` preserves), each unit restored.  kho
+  MAX_PAGE_ORDER, as :class:`kho.currentkernel.tracker.Tracker` preserves), each unit restored.  kho
   checks every unit before restoring any (the kernel stops at the first failure, leaving
   the earlier ones restored) and requires each preserved unit to have exactly the split's
   order (the kernel would restore a differently sized unit and skip pages).
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..devicetree import KHOFdt
-from ..errors import KHOError
-from ..memory import PhysicalMemory
-from ..pages import greedy_split
-from .memmap import ALLOCATED, KHO_PAGE_MAGIC, PRESERVED, MemMap
+from kho.devicetree import KHOFdt
+from kho.errors import KHOError
+from kho.memory.geometry import greedy_split
+from kho.memory.physical import PhysicalMemory
+from kho.nextkernel.memmap import ALLOCATED, KHO_PAGE_MAGIC, PRESERVED, MemMap
 
 
 class IncomingKHO:

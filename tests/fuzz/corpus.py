@@ -21,9 +21,9 @@ from kho.devicetree import build_boot_dtb
 from kho.devicetree.chosen import pack_scratch_array
 from kho.devicetree.flat import new_tree, to_dtb
 from kho.devicetree.layout import CHOSEN_KHO_FDT, CHOSEN_KHO_SCRATCH, FDT_HEADER, FDT_HEADER_FIELDS
-from kho.handover import KHO, Handover
-from kho.image import save_image
-from kho.memory import ScratchArea
+from kho.handover.imagefile import save_image
+from kho.handover.outgoing import KHO, Handover
+from kho.memory.physical import ScratchArea
 
 from .samples import PS, SCRATCH, encode_map, handover_allocator, machine, tracker
 from .targets import TARGETS

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import MEMORY_MAP_PROP, U64_PROP
 from kho.encodings import get_encoding
 from kho.errors import KHOError
-from kho.memory import Bank, PhysicalMemory, ScratchArea
-from kho.pagealloc import PageAllocator
-from kho.tracker import Tracker
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 PS = 4096
 MiB = 1 << 20

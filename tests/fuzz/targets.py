@@ -23,8 +23,8 @@ from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
 from kho.encodings import DecodedMap, get_encoding
 from kho.encodings.kho_v1 import PHYS_ADDR_BITS
 from kho.errors import KHOError, KHOFormatError
-from kho.image import load_image
-from kho.memory import PhysicalMemory
+from kho.handover.imagefile import load_image
+from kho.memory.physical import PhysicalMemory
 
 from .samples import ARENA, ARENA_PAGES, MAX_MAP_INPUT, PS, load_map, machine
 

@@ -5,7 +5,7 @@ A msgpack map (spec/image-format.md documents it for other programs) holding the
 the scratch-area array are, the boot DTB, and the contents of every page the next kernel
 must read: the FDT, the scratch array, the map's metadata pages, and the preserved data
 that has contents.  Contents are stored as runs: explicit pages as ``[start pfn, bytes]``
-(consecutive pages in one byte string) and generated pages (:mod:`kho.pattern`) as
+(consecutive pages in one byte string) and generated pages (:mod:`kho.memory.contents`) as
 ``[start pfn, pages, seed]``.  A generated run is kept from its first to its last preserved
 page (one entry per run, however sparse the preserved pages inside it).
 
@@ -28,14 +28,14 @@ from typing import BinaryIO
 import msgpack
 import numpy as np
 
-from .devicetree import ChosenKHO, KHOFdt, parse_chosen
-from .devicetree.chosen import MAX_SCRATCH_AREAS
-from .devicetree.layout import KHO_SCRATCH_DTYPE
-from .encodings import DecodedMap, Encoding, get_encoding
-from .encodings.ranges import union_runs
-from .errors import KHOError, KHOFormatError
-from .handover import Handover
-from .memory import Bank, PhysicalMemory, ScratchArea
+from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
+from kho.devicetree.chosen import MAX_SCRATCH_AREAS
+from kho.devicetree.layout import KHO_SCRATCH_DTYPE
+from kho.encodings import DecodedMap, Encoding, get_encoding
+from kho.encodings.ranges import union_runs
+from kho.errors import KHOError, KHOFormatError
+from kho.handover.outgoing import Handover
+from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 #: First key of every image and the format version this module writes and reads.
 IMAGE_MAGIC = "kho-image"

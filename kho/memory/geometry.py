@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import KHOError
+from kho.errors import KHOError
 
 #: Page sizes arm64 supports (bytes), with MAX_PAGE_ORDER for each granule
 #: (arch/arm64/Kconfig ARCH_FORCE_MAX_ORDER defaults; inclusive since Linux 6.4).

@@ -17,8 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import KHOError
-from .memory import PhysicalMemory
+from kho.errors import KHOError
+from kho.memory.physical import PhysicalMemory
 
 #: Pages scanned per numpy step in first-fit searches.
 _SCAN_WINDOW = 1 << 16

@@ -14,8 +14,8 @@ API, and recomputes every checksum.
 Layouts (defined once here): :data:`KHO_VMALLOC_DTYPE` (the kernel ABI), the chunk page
 (``u64 next`` then ``page_size/8 - 1`` u64 page addresses, zero-terminated when not full),
 :data:`FOLIO_INFO_DTYPE` (a table record).  Digests are BLAKE2b-128
-(:meth:`kho.memory.PhysicalMemory.digest`); data is generated content
-(:meth:`~kho.memory.PhysicalMemory.fill_pattern`), so large workloads cost little host memory.
+(:meth:`kho.memory.physical.PhysicalMemory.digest`); data is generated content
+(:meth:`~kho.memory.physical.PhysicalMemory.fill_pattern`), so large workloads cost little host memory.
 
 Units: ``phys`` bytes, ``order`` log2 pages, sizes in bytes.
 """
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import fdt as fdtlib
 import numpy as np
 
-from .devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
-from .errors import KHOError
-from .memory import PhysicalMemory
-from .patterns import PATTERNS, generate
+from kho.devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
+from kho.errors import KHOError
+from kho.memory.physical import PhysicalMemory
+from kho.simulation.preserved_sets import PATTERNS, generate
 
 #: Sub-tree name, compatible and magic of the kernel's KHO self-test.
 KHO_TEST_FDT = "kho_test"
@@ -185,13 +185,13 @@ class Workload:
 
 def create(kho, allocator, size: int, pattern: str = SELFTEST, seed: int = 0) -> Workload:
     """Allocate, fill, checksum and preserve about ``size`` bytes through ``kho`` (a
-    :class:`kho.handover.KHO`), and add the sub-FDT blob :data:`KHO_TEST_FDT`.
+    :class:`kho.handover.outgoing.KHO`), and add the sub-FDT blob :data:`KHO_TEST_FDT`.
 
     ``pattern`` is :data:`SELFTEST` (random orders, :func:`selftest_folios`) or one of
-    :data:`kho.patterns.PATTERNS`.  EINVAL for a size under two pages or an unknown pattern;
+    :data:`kho.simulation.preserved_sets.PATTERNS`.  EINVAL for a size under two pages or an unknown pattern;
     ENOMEM when memory runs out.  O(folios + pages) plus reading every byte once for the digests.
     """
-    memory = kho.memory
+    memory = kho.memory.physical
     ps, shift = memory.page_size, memory.page_shift
     if pattern not in WORKLOAD_PATTERNS:
         raise KHOError("EINVAL", f"unknown pattern {pattern!r} (one of {', '.join(WORKLOAD_PATTERNS)})")

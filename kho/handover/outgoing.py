@@ -1,12 +1,12 @@
 """The running kernel's KHO subsystem: preserve memory, register sub-trees, finalize.
 
-:class:`KHO` owns a :class:`~kho.tracker.Tracker` and the list of subsystem sub-trees;
+:class:`KHO` owns a :class:`~kho.currentkernel.tracker.Tracker` and the list of subsystem sub-trees;
 :meth:`KHO.finalize` freezes the tracker, has the chosen encoding write the preserved-memory
 map (metadata pages from the caller's allocator), builds the KHO root FDT and writes it and
 the scratch-area array into freshly allocated pages, and returns a :class:`Handover`: where
 everything is, for kexec (``boot_dtb()``) and for a handover image (``pages_to_keep()``).
 
-The allocator is anything with :class:`~kho.pagealloc.PageAllocator`'s ``alloc_pages(order)``
+The allocator is anything with :class:`~kho.currentkernel.pagealloc.PageAllocator`'s ``alloc_pages(order)``
 and ``free_pages(phys, order)``: the first kernel's page allocator or, for a chained kexec,
 the next kernel's buddy allocator.  Only those two methods are used.
 
@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb, write_scratch_array
-from .devicetree.chosen import pack_scratch_array
-from .devicetree.layout import pack_u64, MEMORY_MAP_PROP
-from .encodings import EncodedMap, get_encoding
-from .errors import KHOError
-from .memory import PhysicalMemory
-from .tracker import Tracker
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb, write_scratch_array
+from kho.devicetree.chosen import pack_scratch_array
+from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.encodings import EncodedMap, get_encoding
+from kho.errors import KHOError
+from kho.memory.physical import PhysicalMemory
 
 
 def order_for(size: int, page_size: int) -> int:

@@ -1,10 +1,10 @@
 """``kho simulate``: preserve, finalize, kexec load, reboot, boot the next kernel, restore, verify.
 
-One :class:`~kho.memory.PhysicalMemory` lives through every generation:
+One :class:`~kho.memory.physical.PhysicalMemory` lives through every generation:
 
-1. the running kernel (the first kernel's :class:`~kho.machine.Machine`, or the previous
-   generation's next kernel with its buddy allocator) runs the :mod:`kho.workload`,
-   preserving it through :class:`kho.handover.KHO`, and finalizes the handover;
+1. the running kernel (the first kernel's :class:`~kho.currentkernel.machine.Machine`, or the previous
+   generation's next kernel with its buddy allocator) runs the :mod:`kho.simulation.workload`,
+   preserving it through :class:`kho.handover.outgoing.KHO`, and finalizes the handover;
 2. kexec load (:mod:`kho.kexec.kimage`): kernel Image, initramfs, the boot DTB pointing at
    the KHO FDT, and (with checks) purgatory, placed in the scratch areas off every page
    that must survive — or, in ``reserved`` mode, loaded in place in a ``kexeckernel=``
@@ -29,16 +29,16 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import KHOError
-from .handover import KHO
-from .kexec import kimage as K
-from .kexec import purgatory as purg
-from .kexec import transpgd
-from .kexec.ranges import PageRanges
-from .kexec.relocate import RELOCATION_MODES, check_mode, relocate
-from .kexec.timing import FitReport, Timeline, reboot_timeline
-from .machine import Machine
-from . import workload as W
+from kho.currentkernel.machine import Machine
+from kho.errors import KHOError
+from kho.handover.outgoing import KHO
+from kho.kexec import kimage as K
+from kho.kexec import purgatory as purg
+from kho.kexec import transpgd
+from kho.kexec.ranges import PageRanges
+from kho.kexec.relocate import RELOCATION_MODES, check_mode, relocate
+from kho.kexec.timing import FitReport, Timeline, reboot_timeline
+from kho.simulation import workload as W
 
 #: arm64 Image load alignment (bytes).
 KERNEL_ALIGN = 2 << 20
@@ -81,7 +81,7 @@ class Config:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is smaller than two pages")
         if self.image_size > self.ram // 2:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is more than half of RAM")
-        from .encodings import get_encoding
+        from kho.encodings import get_encoding
 
         encoding = get_encoding(self.abi, self.page_size)
         if not encoding.keeps_orders:
@@ -206,7 +206,7 @@ def _free_scratch(memory, allocator, first: bool) -> PageRanges:
 
 def _boot_next(memory, dtb: bytes, config: Config, handover, kernel: K.Segment, seed: int):
     """Boot the next kernel (:func:`kho.nextkernel.boot`) from ``dtb``, its image where kexec put it."""
-    from .nextkernel.boot import boot
+    from kho.nextkernel.boot import boot
 
     return boot(memory, dtb, config.boot_path, encoding_options=handover.options, kernel_image=kernel.memsz,
                 image_phys=kernel.mem, seed=seed)
@@ -219,7 +219,7 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
     relocation that breaks the model's checks.  Verification failures do not raise: they
     are in the result (``Result.ok``).
     """
-    from .kexec.profiles import load_profile
+    from kho.kexec.profiles import load_profile
 
     config.validate()
     profile = config.profile or load_profile("stingray")
@@ -253,7 +253,7 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
         handover = kho.finalize()
         preserved_phys, preserved_order = kho.tracker.units_array()
         if index == 1 and config.save_image:
-            from .image import save_image
+            from kho.handover.imagefile import save_image
 
             save_image(config.save_image, handover)
         lap("finalize")
@@ -374,7 +374,7 @@ def compare(ram: int, image_size: int, profile: FitReport, page_size: int = 4096
     """Every relocation mode (and linear-map granularity for mmu-on) for ``ram`` bytes of RAM
     in one bank and an image of ``image_size`` bytes.  Tables are counted by building their
     plan (:func:`kho.kexec.transpgd.plan_linear_map`).  O(tables)."""
-    from .kexec import entries as ent
+    from kho.kexec import entries as ent
 
     if ram <= 0 or ram % page_size or image_size <= 0:
         raise KHOError("EINVAL", "RAM and image sizes must be positive (RAM a multiple of the page size)")

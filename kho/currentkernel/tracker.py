@@ -1,6 +1,6 @@
 """The running kernel's preservation tracker (``struct kho_mem_track``).
 
-Structure, as in Linux 6.16 and later kho-v1 kernels: an :class:`~kho.xarray.XArray`
+Structure, as in Linux 6.16 and later kho-v1 kernels: an :class:`~kho.currentkernel.xarray.XArray`
 keyed by order, whose entries are XArrays keyed by ``(pfn >> order) // PRESERVE_BITS``,
 whose entries are bitmaps of ``PRESERVE_BITS`` bits (numpy ``uint8`` arrays, bit ``b``
 in byte ``b // 8`` at position ``b % 8``: the kernel's little-endian ``unsigned long``
@@ -34,10 +34,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import KHOError
-from .memory import PhysicalMemory
-from .pages import greedy_split_array
-from .xarray import XArray
+from kho.currentkernel.xarray import XArray
+from kho.errors import KHOError
+from kho.memory.geometry import greedy_split_array
+from kho.memory.physical import PhysicalMemory
 
 #: PRESERVE_BITS of Linux 6.16 (512-byte bitmaps).
 PRESERVE_BITS_6_16 = 4096

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import PhysicalMemory
-from .pagealloc import PageAllocator
-from .scratch import DEFAULT_KERNEL_IMAGE, KernelRegion, ScratchSpec, kernel_regions, place_scratch
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE, KernelRegion, ScratchSpec, kernel_regions, place_scratch
+from kho.memory.physical import PhysicalMemory
 
 
 @dataclass

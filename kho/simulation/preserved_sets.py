@@ -1,6 +1,6 @@
 """Preserved-set patterns for comparing encodings at scale.
 
-Each pattern draws units from a running kernel's :class:`~kho.pagealloc.PageAllocator`
+Each pattern draws units from a running kernel's :class:`~kho.currentkernel.pagealloc.PageAllocator`
 (so they never touch scratch or the kernel's memory, and encoders' metadata pages never
 collide with them) and returns ``(phys uint64, order uint8)`` arrays sorted by address,
 covering about ``share`` of RAM:
@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import KHOError
-from .pagealloc import PageAllocator
-from .pages import greedy_split_array
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.errors import KHOError
+from kho.memory.geometry import greedy_split_array
 
 PatternFn = Callable[[PageAllocator, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import KHOError
-from .memory import PhysicalMemory, ScratchArea
-from .sizes import memparse
+from kho.errors import KHOError
+from kho.memory.physical import PhysicalMemory, ScratchArea
+from kho.sizes import memparse
 
 #: The default scale when ``kho_scratch=`` is not given (percent).
 DEFAULT_SCRATCH_SCALE = 200

@@ -6,7 +6,7 @@ into it, relocation copies within it, and the next kernel reads it back.
 Units: ``phys`` and sizes in bytes, ``pfn`` = ``phys >> page_shift``.  Contents are
 sparse: a page never written reads as zeros; pages written explicitly are kept (one
 ``bytes`` object a page, in a sorted map); large data regions can instead hold
-deterministic generated content (:mod:`kho.pattern`) recorded as ``[start, end)`` pfn
+deterministic generated content (:mod:`kho.memory.contents`) recorded as ``[start, end)`` pfn
 runs with a seed, so their size costs no host memory.
 """
 
@@ -20,9 +20,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from sortedcontainers import SortedDict
 
-from .errors import KHOError
-from .pages import PageGeometry
-from .pattern import pattern_bytes
+from kho.errors import KHOError
+from kho.memory.contents import pattern_bytes
+from kho.memory.geometry import PageGeometry
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class PhysicalMemory:
             del self._pages[pfn]
 
     def fill_pattern(self, phys: int, size: int, seed: int) -> None:
-        """Give whole pages ``[phys, phys+size)`` the generated content of ``seed`` (see :mod:`kho.pattern`)."""
+        """Give whole pages ``[phys, phys+size)`` the generated content of ``seed`` (see :mod:`kho.memory.contents`)."""
         self.discard(phys, size)
         first, last = self._page_range(phys, size)
         self._generated[first] = (last, seed)
