@@ -191,7 +191,7 @@ def create(kho, allocator, size: int, pattern: str = SELFTEST, seed: int = 0) ->
     :data:`kho.simulation.preserved_sets.PATTERNS`.  EINVAL for a size under two pages or an unknown pattern;
     ENOMEM when memory runs out.  O(folios + pages) plus reading every byte once for the digests.
     """
-    memory = kho.memory.physical
+    memory = kho.memory
     ps, shift = memory.page_size, memory.page_shift
     if pattern not in WORKLOAD_PATTERNS:
         raise KHOError("EINVAL", f"unknown pattern {pattern!r} (one of {', '.join(WORKLOAD_PATTERNS)})")
