@@ -27,7 +27,8 @@ import numpy as np
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding, load_all
-from kho.encodings.chunklist import chunk_capacity, read_chunk_list, read_root_pointer
+from kho.encodings.chunklist import chunk_capacity, read_chunk_list
+from kho.encodings.common import read_map_pointer
 from kho.encodings.instructions import (
     OP_BITMAP,
     OP_SHIFT,
@@ -104,7 +105,7 @@ def details(name: str, encoded, machine: Machine) -> dict:
     if name == "ranges":
         return {"ranges": encoded.nr_ranges, "fdt_min_bytes": encoded.fdt_min_bytes, "fits_in_fdt_page": encoded.fits_in_fdt_page}
     if name == "ranges-packed":
-        chunks = read_chunk_list(machine.memory, read_root_pointer(encoded.props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "bench")
+        chunks = read_chunk_list(machine.memory, read_map_pointer(encoded.props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "bench")
         entries = int(chunks.counts.sum())
         ps = machine.memory.page_size
         return {"entries": entries, "entry_bytes": entries * PACKED_ENTRY.itemsize,

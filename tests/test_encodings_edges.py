@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
-from kho.encodings.chunklist import CHUNK_HEADER, alloc_pages_bulk, read_chunk_list
+from kho.encodings.chunklist import CHUNK_HEADER, read_chunk_list
+from kho.encodings.common import alloc_pages_bulk
 from kho.encodings.maple import MAPLE_NODE, lookup
 from kho.encodings.ranges import RANGE, fdt_min_bytes
 from kho.encodings.ranges_packed import CHUNK_MAGIC, LENGTH_BITS, MAX_RUN_PAGES

@@ -19,7 +19,8 @@ from fuzz.targets import TARGETS, time_limit
 
 from kho.devicetree import read_scratch_array
 from kho.encodings import get_encoding
-from kho.encodings.kho_v1 import CHUNK_ENTRY_DTYPE, chunk_capacity
+from kho.abi.kho_v1 import KHOSER_MEM_BITMAP_PTR_DTYPE as CHUNK_ENTRY_DTYPE
+from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
 from kho.errors import KHOFormatError
 from kho.handover.imagefile import load_image
 from kho.memory.physical import PhysicalMemory

@@ -14,8 +14,8 @@ import pytest
 from fuzz.samples import ARENA, PS, machine
 
 from kho.encodings import get_encoding
-from kho.encodings.kho_v1 import chunk_capacity
-from kho.encodings.kho_v2 import RadixGeometry
+from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
+from kho.abi.kexec_handover import RadixGeometry
 from kho.errors import KHOFormatError
 
 MiB = 1 << 20

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
-from kho.encodings.kho_v1 import KhoV1, chunk_capacity
+from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
+from kho.encodings.kho_v1 import KhoV1
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea
 

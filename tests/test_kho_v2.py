@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.encodings.kho_v2 import KhoV2, RadixGeometry
+from kho.abi.kexec_handover import RadixGeometry
+from kho.encodings.kho_v2 import KhoV2
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea
 

@@ -46,19 +46,18 @@ import numpy as np
 
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
 from kho.encodings.chunklist import (
     ChunkList,
-    check_metadata_disjoint,
-    check_page_size,
     in_usable,
     magic_of,
     read_chunk_list,
-    read_root_pointer,
     usable_segments,
     write_chunk_list,
 )
+from kho.encodings.common import check_metadata_disjoint, check_page_size, read_map_pointer
 from kho.errors import KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
@@ -338,7 +337,7 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = T
     could read them more leniently.  O(records + bitmap bits) numpy work plus one read
     per chunk page.
     """
-    chunks = read_chunk_list(memory, read_root_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk", strict=strict)
+    chunks = read_chunk_list(memory, read_map_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk", strict=strict)
     stream = _Stream(memory, chunks)
     head, arg = stream.records["head"].astype(np.uint64), stream.records["arg"].astype(np.uint64)
     op = (head >> np.uint64(OP_SHIFT)).astype(np.int64)
@@ -421,14 +420,14 @@ class Instructions(Encoding):
         into a chunk list.  The stream does not depend on where its pages land (they are
         inside FREE ranges), so it is built first and the pages allocated after."""
         memory = tracker.memory
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         records, words = build_stream(memory, *tracker.units_array())
         pages = write_chunk_list(memory, allocator, stream_bytes(memory, records, words), WORD.itemsize, CHUNK_MAGIC)
-        props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
+        props = {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
         """:func:`walk`, keeping the units."""
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         walked = walk(memory, props, strict=strict)
         return DecodedMap(walked.unit_phys, walked.unit_order, exact_orders=True, metadata_pages=walked.metadata_pages)

@@ -22,8 +22,7 @@ tests): all chunk pages are allocated first, in list order, then the bitmap page
 bitmaps are packed ``page_size / 512`` to a page in entry order.  An empty tracker is
 written as one empty order-0 chunk, so the map pointer is never 0.
 
-This module also holds the helpers the kho-v2 encoding shares with it: regrouping the
-tracker's bitmaps to another bitmap size, reading pages, and validating decoded units.
+The layouts are :mod:`kho.abi.kho_v1`'s; the checks are :mod:`kho.encodings.common`'s.
 """
 
 from __future__ import annotations
@@ -32,247 +31,37 @@ from typing import Mapping
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.abi.kho_v1 import (
+    KHOSER_MEM_BITMAP_PTR_DTYPE,
+    KHOSER_MEM_CHUNK_HDR_DTYPE,
+    PRESERVE_BITS_6_16,
+    khoser_bitmap_size,
+    khoser_mem_chunk_dtype,
+)
 from kho.currentkernel.pagealloc import PageAllocator
-from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64, unpack_u64_prop
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import alloc_pages_bulk
+from kho.encodings.common import (
+    DECODE_BATCH,
+    PHYS_ADDR_BITS,
+    alloc_pages_bulk,
+    check_distinct,
+    check_page_size,
+    check_pointers,
+    finish_units,
+    max_unit_order,
+    read_map_pointer,
+    read_pages,
+    tracker_bitmaps,
+    units_from_bitmaps,
+)
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
-#: ``struct khoser_mem_chunk_hdr``.
-CHUNK_HEADER_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])
-#: ``struct khoser_mem_bitmap_ptr``.
-CHUNK_ENTRY_DTYPE = np.dtype([("phys_start", "<u8"), ("bitmap", "<u8")])
 #: Bytes in one of the 6.16 bitmaps.
 BITMAP_BYTES_6_16 = PRESERVE_BITS_6_16 // 8
-#: The highest physical address bit + 1 a unit may use (52-bit physical addresses).
-PHYS_ADDR_BITS = 52
-#: Bitmaps (or kho-v2 nodes) read and expanded at a time while decoding: bounds the
-#: decoder's temporary memory (1024 page bitmaps = 4 MiB, 32 MiB expanded) whatever counts the input claims.
-DECODE_BATCH = 1024
-
-
-def chunk_capacity(page_size: int) -> int:
-    """Entries in one chunk: ``(page_size - 16) / 16`` (255 for 4 KiB pages)."""
-    return (page_size - CHUNK_HEADER_DTYPE.itemsize) // CHUNK_ENTRY_DTYPE.itemsize
-
-
-def chunk_dtype(page_size: int) -> np.dtype:
-    """A whole chunk page: header then :func:`chunk_capacity` entries (exactly one page)."""
-    return np.dtype([("hdr", CHUNK_HEADER_DTYPE), ("entries", CHUNK_ENTRY_DTYPE, (chunk_capacity(page_size),))])
-
-
-# -- helpers shared with kho-v2 ------------------------------------------------------------
-
-
-def tracker_bitmaps(tracker: Tracker, bits: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """The tracker's bitmaps regrouped to ``bits`` bits a bitmap, per order ascending.
-
-    Returns ``[(order, index int64[n], bitmaps uint8[n, bits // 8])]`` with indices
-    ascending, where bitmap ``k`` covers units ``index[k] * bits .. + bits - 1`` (unit
-    number = ``pfn >> order``).  With the tracker's own size the bitmaps are returned as the
-    tracker holds them (empty ones included, as the kernel writes them); when merging,
-    ``bits / preserve_bits`` tracker bitmaps make one; when splitting, all-zero parts are
-    dropped.  O(bitmaps) Python plus O(bitmap bytes) numpy work.
-    """
-    src = tracker.preserve_bits
-    out = []
-    for order, phys_bits in tracker.orders.items():
-        items = list(phys_bits.items())
-        if not items:
-            continue
-        index = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
-        maps = np.stack([b for _, b in items])
-        if bits > src:
-            ratio = bits // src
-            merged, inverse = np.unique(index // ratio, return_inverse=True)
-            grouped = np.zeros((merged.size, ratio, src // 8), dtype=np.uint8)
-            grouped[inverse, index % ratio] = maps
-            index, maps = merged, grouped.reshape(merged.size, bits // 8)
-        elif bits < src:
-            ratio = src // bits
-            maps = maps.reshape(-1, bits // 8)
-            index = (index[:, None] * ratio + np.arange(ratio, dtype=np.int64)).reshape(-1)
-            keep = maps.any(axis=1)
-            index, maps = index[keep], maps[keep]
-        out.append((int(order), index, maps))
-    return out
-
-
-def read_pages(memory: PhysicalMemory, phys: np.ndarray) -> np.ndarray:
-    """The pages at ``phys`` (bytes, validated page-aligned and in RAM) as ``uint8[n, page_size]``.  O(n pages)."""
-    ps = memory.page_size
-    if not len(phys):
-        return np.zeros((0, ps), dtype=np.uint8)
-    data = b"".join(memory.read(int(p), ps) for p in phys)
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
-
-
-def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: int, field: str, *, strict: bool = True) -> None:
-    """KHOFormatError unless every ``phys`` is ``align``-aligned with ``[phys, phys+size)`` inside
-    one RAM bank and, when ``strict``, outside every scratch area (the next kernel's early
-    allocations come from scratch and could overwrite metadata there before it is read).  O(n)."""
-    phys = np.asarray(phys, dtype=np.uint64)
-    bad = (phys & np.uint64(align - 1)) != 0
-    if bad.any():
-        at = int(phys[np.argmax(bad)])
-        raise KHOFormatError(field, f"pointer is not aligned to {align} bytes", at)
-    outside = ~memory.in_ram_array(phys, np.uint64(size))
-    if outside.any():
-        at = int(phys[np.argmax(outside)])
-        raise KHOFormatError(field, f"pointer to {size} bytes outside RAM", at)
-    if strict:
-        in_scratch = memory.overlaps_scratch_array(phys, np.uint64(size))
-        if in_scratch.any():
-            at = int(phys[np.argmax(in_scratch)])
-            raise KHOFormatError(field, "metadata inside a scratch area", at)
-
-
-def check_distinct(phys: np.ndarray, field: str, what: str) -> None:
-    """KHOFormatError when a pointer occurs twice (a loop or shared metadata).  O(n log n)."""
-    if phys.size < 2:
-        return
-    ordered = np.sort(phys)
-    dup = ordered[1:] == ordered[:-1]
-    if dup.any():
-        raise KHOFormatError(field, f"{what} reached twice", int(ordered[1:][dup][0]))
-
-
-def max_unit_order(memory: PhysicalMemory, strict: bool) -> int:
-    """The largest order a decoded unit may have: MAX_PAGE_ORDER when ``strict``; else the
-    largest unit that fits in the 52-bit physical address space (a kernel reads and
-    reserves units above MAX_PAGE_ORDER, which only its restore refuses)."""
-    return memory.geometry.max_order if strict else PHYS_ADDR_BITS - memory.page_shift
-
-
-def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarray, page_shift: int,
-                       where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The units marked in bitmaps: bit ``b`` of bitmap ``k`` is unit number
-    ``first_unit[k] + b`` of ``order[k]`` (its phys is that number << (order + page_shift)).
-
-    ``maps`` is ``uint8[n, bytes]`` (bit ``b`` in byte ``b // 8``, LSB first), ``first_unit``
-    (int64, below 2**52) the unit number of bit 0.  A unit whose address would not fit in
-    52 bits raises KHOFormatError (located at ``where[k]``, the bitmap's phys, when given)
-    instead of wrapping around 64 bits.  Returns ``(phys uint64, order uint8)``, one
-    ascending run per order group.  Only non-zero bytes are expanded: O(bitmap bytes +
-    set bits) numpy work and memory, one pass per distinct order.
-    """
-    nbits = maps.shape[1] * 8
-    bits_log2 = nbits.bit_length() - 1
-    phys_parts, order_parts = [], []
-    for o in np.unique(order).tolist():
-        sel = np.flatnonzero(order == o)
-        raw = maps[sel].reshape(-1)
-        nonzero = np.flatnonzero(raw)
-        if nonzero.size == raw.size:
-            flat = np.flatnonzero(np.unpackbits(raw, bitorder="little"))
-        else:
-            pos = np.flatnonzero(np.unpackbits(raw[nonzero], bitorder="little"))
-            flat = (nonzero[pos >> 3] << 3) | (pos & 7)
-        room = PHYS_ADDR_BITS - o - page_shift
-        firsts = first_unit[sel].astype(np.int64)
-        if flat.size and (room < 0 or int(firsts.max()) + nbits > 1 << room):  # some bitmap reaches past 2**52
-            unit = firsts[flat >> bits_log2] + (flat & (nbits - 1))
-            high = unit >= (1 << room) if room >= 0 else np.ones(unit.size, dtype=bool)
-            if high.any():
-                i = int(np.argmax(high))
-                at = None if where is None else int(np.asarray(where)[sel][int(flat[i]) >> bits_log2])
-                raise KHOFormatError("unit", f"unit number {int(unit[i]):#x} of order {o} is beyond the "
-                                             f"{PHYS_ADDR_BITS}-bit physical address space", at)
-        # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2, in place
-        unit = flat
-        unit += (firsts - (np.arange(sel.size, dtype=np.int64) << bits_log2))[flat >> bits_log2]
-        phys = unit.view(np.uint64)
-        phys <<= np.uint64(o + page_shift)
-        phys_parts.append(phys)
-        order_parts.append(np.full(unit.size, o, dtype=np.uint8))
-    if not phys_parts:
-        return np.empty(0, np.uint64), np.empty(0, np.uint8)
-    if len(phys_parts) == 1:
-        return phys_parts[0], order_parts[0]
-    return np.concatenate(phys_parts), np.concatenate(order_parts)
-
-
-def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, metadata: np.ndarray, *,
-                 strict: bool = True, metadata_field: str = "metadata") -> DecodedMap:
-    """Sort decoded units by address, validate them and return the DecodedMap.
-
-    Both modes: every unit inside one RAM bank, its order at most :func:`max_unit_order`.
-    ``strict`` adds: order at most MAX_PAGE_ORDER, no two units overlapping (nor repeated),
-    none meeting a scratch area, and no metadata page (``metadata``, phys) inside a unit
-    (``metadata_field`` names it in the error).
-
-    ``phys`` may arrive as a few ascending runs (per order): the stable sort merges them.
-    Validation: O(n) numpy for overlaps, then O((banks + areas) log n) binary searches
-    (sorted, disjoint units have ascending ends); the lenient RAM check is O(n log banks).
-    """
-    phys = np.asarray(phys, dtype=np.uint64)
-    order = np.asarray(order, dtype=np.uint8)
-    if phys.size > 1 and not bool(np.all(phys[1:] > phys[:-1])):
-        sort = np.argsort(phys, kind="stable")
-        phys, order = phys[sort], order[sort]
-    metadata = np.unique(np.asarray(metadata, dtype=np.uint64))
-    limit = max_unit_order(memory, strict)
-    if phys.size:
-        top = int(order.max())
-        if top > limit:
-            i = int(np.argmax(order > limit))
-            what = f"above MAX_PAGE_ORDER {limit}" if strict else f"too large for the {PHYS_ADDR_BITS}-bit physical address space"
-            raise KHOFormatError("unit.order", f"order {int(order[i])} is {what}", int(phys[i]))
-        if not strict:
-            sizes = np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64))
-            outside = ~memory.in_ram_array(phys, sizes)
-            if outside.any():
-                i = int(np.argmax(outside))
-                raise KHOFormatError("unit", f"unit of order {int(order[i])} is outside RAM", int(phys[i]))
-            return DecodedMap(phys, order, True, metadata)
-        if top == int(order.min()):
-            sizes = np.uint64(memory.page_size << top)
-            overlap = phys[1:] - phys[:-1] < sizes
-        else:
-            sizes = np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64))
-            overlap = phys[1:] - phys[:-1] < sizes[:-1]
-        if overlap.any():
-            i = int(np.argmax(overlap))
-            raise KHOFormatError("unit", f"unit of order {int(order[i])} overlaps the unit at {int(phys[i + 1]):#x}", int(phys[i]))
-
-        def end_of(i: int) -> int:
-            return int(phys[i]) + (memory.page_size << int(order[i]))
-
-        covered = 0
-        for bank in memory.banks:
-            lo, hi = np.searchsorted(phys, [bank.start, bank.end]).tolist()
-            if lo < hi and end_of(hi - 1) > bank.end:
-                raise KHOFormatError("unit", f"unit of order {int(order[hi - 1])} is outside RAM", int(phys[hi - 1]))
-            if lo > covered:
-                raise KHOFormatError("unit", f"unit of order {int(order[covered])} is outside RAM", int(phys[covered]))
-            covered = max(covered, hi)
-        if covered < phys.size:
-            raise KHOFormatError("unit", f"unit of order {int(order[covered])} is outside RAM", int(phys[covered]))
-        for area in memory.scratch:
-            i = int(np.searchsorted(phys, area.end)) - 1
-            if i >= 0 and end_of(i) > area.addr:
-                raise KHOFormatError("unit", f"unit of order {int(order[i])} overlaps the {area.kind} scratch area", int(phys[i]))
-        if metadata.size:
-            i = np.searchsorted(phys, metadata, side="right").astype(np.int64) - 1
-            j = np.maximum(i, 0)
-            inside = (i >= 0) & (metadata < phys[j] + np.left_shift(np.uint64(memory.page_size), order[j].astype(np.uint64)))
-            if inside.any():
-                k = int(np.argmax(inside))
-                raise KHOFormatError(metadata_field, f"metadata page lies inside the preserved unit at {int(phys[j[k]]):#x}",
-                                     int(metadata[k]))
-    return DecodedMap(phys, order, True, metadata)
-
-
-def map_pointer(props: Mapping[str, bytes], *, allow_zero: bool = False) -> int:
-    """The root ``preserved-memory-map`` pointer: present, 8 bytes and non-zero unless
-    ``allow_zero`` (KHOFormatError otherwise)."""
-    value = unpack_u64_prop(props.get(MEMORY_MAP_PROP), f"fdt.{MEMORY_MAP_PROP}")
-    if value == 0 and not allow_zero:
-        raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
-    return value
-
 
 # -- the encoding --------------------------------------------------------------------------
 
@@ -296,8 +85,8 @@ class KhoV1(Encoding):
         self.bitmap_bytes = int(bitmap_bytes)
         self.preserve_bits = self.bitmap_bytes * 8
         self.shift = page_size.bit_length() - 1
-        self.capacity = chunk_capacity(page_size)
-        self.chunk = chunk_dtype(page_size)
+        self.capacity = khoser_bitmap_size(page_size)
+        self.chunk = khoser_mem_chunk_dtype(page_size)
 
     def options(self) -> dict:
         return {"bitmap_bytes": "page" if self.bitmap_bytes == self.page_size else self.bitmap_bytes}
@@ -311,8 +100,7 @@ class KhoV1(Encoding):
         anything is written (ENOMEM frees them again).  O(bitmaps) Python + O(bytes) numpy.
         """
         memory = tracker.memory
-        if memory.page_size != self.page_size:
-            raise KHOError("EINVAL", f"kho-v1 for {self.page_size}-byte pages cannot encode a {memory.page_size}-byte machine")
+        check_page_size(self.name, self.page_size, memory)
         groups = tracker_bitmaps(tracker, self.preserve_bits)
         if not groups:  # one empty chunk keeps the map pointer non-zero
             groups = [(0, np.empty(0, np.int64), np.empty((0, self.bitmap_bytes), np.uint8))]
@@ -349,7 +137,7 @@ class KhoV1(Encoding):
             data = data.reshape(nr_bitmap_pages, self.page_size)
             for p in range(nr_bitmap_pages):
                 memory.write(int(bitmap_pages[p]), data[p])
-        return EncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(int(chunk_phys[0]))},
+        return EncodedMap(self.name, self.compatible, {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(int(chunk_phys[0]))},
                           np.sort(pages), self.page_size, self.options())
 
     # -- decode ------------------------------------------------------------------------------
@@ -369,7 +157,7 @@ class KhoV1(Encoding):
         phys = first
         top = max_unit_order(memory, strict)
         while phys:
-            field = "chunk.next" if phys_list else f"fdt.{MEMORY_MAP_PROP}"
+            field = "chunk.next" if phys_list else f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}"
             check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field, strict=strict)
             if phys in seen:
                 raise KHOFormatError("chunk.next", "the chunk list loops back to a chunk already read", phys)
@@ -407,9 +195,8 @@ class KhoV1(Encoding):
         empty map, as Linux 6.16 reads it.  Bitmaps are expanded :data:`DECODE_BATCH` at a
         time.  O(chunks + bitmaps) Python + O(bitmap bytes + set bits) numpy.
         """
-        if memory.page_size != self.page_size:
-            raise KHOError("EINVAL", f"kho-v1 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
-        first = map_pointer(props, allow_zero=not strict)
+        check_page_size(self.name, self.page_size, memory)
+        first = read_map_pointer(props, allow_zero=not strict)
         if not first:
             return DecodedMap(np.empty(0, np.uint64), np.empty(0, np.uint8), True, np.empty(0, np.uint64))
         chunk_phys, chunks = self.walk_chunks(memory, first, strict=strict)
@@ -418,8 +205,8 @@ class KhoV1(Encoding):
         entries = chunks["entries"][used]
         entry_order = np.repeat(chunks["hdr"]["order"].astype(np.int64), counts)
         entry_chunk = np.repeat(chunk_phys, counts)
-        entry_at = entry_chunk + np.uint64(CHUNK_HEADER_DTYPE.itemsize) + (
-            np.flatnonzero(used.reshape(-1)) % self.capacity).astype(np.uint64) * np.uint64(CHUNK_ENTRY_DTYPE.itemsize)
+        entry_at = entry_chunk + np.uint64(KHOSER_MEM_CHUNK_HDR_DTYPE.itemsize) + (
+            np.flatnonzero(used.reshape(-1)) % self.capacity).astype(np.uint64) * np.uint64(KHOSER_MEM_BITMAP_PTR_DTYPE.itemsize)
         start = entries["phys_start"]
         bitmap = entries["bitmap"]
 

@@ -42,81 +42,26 @@ from typing import Mapping
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME, KHO_KEY_BITS, RadixGeometry
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import alloc_pages_bulk
-from kho.encodings.kho_v1 import (
+from kho.encodings.common import (
     DECODE_BATCH,
+    alloc_pages_bulk,
     check_distinct,
+    check_page_size,
     check_pointers,
     finish_units,
-    map_pointer,
     max_unit_order,
+    read_map_pointer,
     read_pages,
     tracker_bitmaps,
     units_from_bitmaps,
 )
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
-
-#: Bits in a physical address (phys_addr_t / unsigned long).
-KEY_BITS = 64
-
-
-@dataclass(frozen=True)
-class RadixGeometry:
-    """The kho-v2 constants for one page size (``enum kho_radix_consts``)."""
-
-    page_shift: int
-
-    @property
-    def order0_log2(self) -> int:
-        """Bit position of the order bit of an order-0 key (``64 - PAGE_SHIFT``)."""
-        return KEY_BITS - self.page_shift
-
-    @property
-    def table_log2(self) -> int:
-        """log2 of the slots in an inner node (``PAGE_SIZE / 8`` u64s)."""
-        return self.page_shift - 3
-
-    @property
-    def bitmap_log2(self) -> int:
-        """log2 of the bits in a leaf (``PAGE_SIZE * 8``)."""
-        return self.page_shift + 3
-
-    @property
-    def depth(self) -> int:
-        """Levels including the leaves (``KHO_TREE_MAX_DEPTH``)."""
-        return -(-(self.order0_log2 - self.bitmap_log2) // self.table_log2) + 1
-
-    @property
-    def root_level(self) -> int:
-        return self.depth - 1
-
-    def encode_key(self, phys: int, order: int) -> int:
-        """The radix key of a unit (Python int)."""
-        return (1 << (self.order0_log2 - order)) | (phys >> (self.page_shift + order))
-
-    def decode_key(self, key: int) -> tuple[int, int]:
-        """``(phys, order)`` of a key (Python int)."""
-        order = self.order0_log2 - key.bit_length() + 1
-        return (key << (self.page_shift + order)) & ((1 << KEY_BITS) - 1), order
-
-    def table_index(self, key: int, level: int) -> int:
-        """Slot of ``key`` in its node at ``level`` (1 .. depth - 1)."""
-        return (key >> ((level - 1) * self.table_log2 + self.bitmap_log2)) % (1 << self.table_log2)
-
-    def bitmap_index(self, key: int) -> int:
-        """Bit of ``key`` in its leaf."""
-        return key % (1 << self.bitmap_log2)
-
-
-def _bit_length(values: np.ndarray) -> np.ndarray:
-    """fls64 of each value (0 for 0), for values below 2**53 (exact in float64)."""
-    return np.frexp(values.astype(np.float64))[1].astype(np.int64)
-
 
 @register
 class KhoV2(Encoding):
@@ -140,7 +85,7 @@ class KhoV2(Encoding):
         g = self.geometry
         keys, maps = [], []
         for order, index, bitmaps in tracker_bitmaps(tracker, 1 << g.bitmap_log2):
-            keys.append(np.uint64(1 << (g.order0_log2 - order - g.bitmap_log2)) | index.astype(np.uint64))
+            keys.append(g.leaf_key_array(order, index))
             maps.append(bitmaps)
         if not keys:
             return np.empty(0, np.uint64), np.empty((0, self.page_size), np.uint8)
@@ -156,8 +101,7 @@ class KhoV2(Encoding):
         allocated before anything is written.  O(nodes) Python + O(bytes) numpy.
         """
         memory = tracker.memory
-        if memory.page_size != self.page_size:
-            raise KHOError("EINVAL", f"kho-v2 for {self.page_size}-byte pages cannot encode a {memory.page_size}-byte machine")
+        check_page_size(self.name, self.page_size, memory)
         g = self.geometry
         leaf_key, leaves = self.leaf_keys(tracker)
         lost = (leaf_key >> np.uint64(g.root_level * g.table_log2)) != 0
@@ -188,7 +132,7 @@ class KhoV2(Encoding):
                 memory.write(int(phys_of[level][k]), tables[k])
         for k in range(counts[0]):
             memory.write(int(phys_of[0][k]), leaves[k])
-        return EncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(int(phys_of[g.root_level][0]))},
+        return EncodedMap(self.name, self.compatible, {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(int(phys_of[g.root_level][0]))},
                           np.sort(pages), self.page_size, self.options())
 
     # -- decode ------------------------------------------------------------------------------
@@ -203,12 +147,11 @@ class KhoV2(Encoding):
         nodes outside scratch, and the unit checks of :func:`finish_units`.
         O(nodes) page reads + O(leaf bytes + set bits) numpy.
         """
-        if memory.page_size != self.page_size:
-            raise KHOError("EINVAL", f"kho-v2 for {self.page_size}-byte pages cannot decode a {memory.page_size}-byte machine")
+        check_page_size(self.name, self.page_size, memory)
         g = self.geometry
         ps = self.page_size
-        root = map_pointer(props)
-        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{MEMORY_MAP_PROP}", strict=strict)
+        root = read_map_pointer(props)
+        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}", strict=strict)
         node_phys = np.array([root], np.uint64)
         node_prefix = np.zeros(1, np.uint64)
         visited = [node_phys]
@@ -221,7 +164,7 @@ class KhoV2(Encoding):
                 rows, slots = np.nonzero(tables)
                 prefix = (node_prefix[b:b + DECODE_BATCH][rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
                 limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
-                if limit_log2 < KEY_BITS:
+                if limit_log2 < KHO_KEY_BITS:
                     high = prefix >= np.uint64(1 << max(limit_log2, 0))
                     if high.any():
                         i = int(np.argmax(high))
@@ -236,15 +179,13 @@ class KhoV2(Encoding):
             visited.append(node_phys)
             check_distinct(np.concatenate(visited), field, "a radix tree page")
         leaf_phys, leaf_key = node_phys, node_prefix
-        top = _bit_length(leaf_key) + g.bitmap_log2
-        order = g.order0_log2 - top + 1
+        order = g.leaf_order_array(leaf_key)
         limit = max_unit_order(memory, strict)
         bad = (leaf_key == 0) | (order < 0) | (order > limit)
         if bad.any():
             i = int(np.argmax(bad))
             raise KHOFormatError("radix.key", f"leaf key {int(leaf_key[i]):#x} encodes no order in 0..{limit}", int(leaf_phys[i]))
-        # the leaf key without its order bit, times the bits of a leaf: the unit number of bit 0
-        first_unit = ((leaf_key ^ (np.uint64(1) << (top - 1 - g.bitmap_log2).astype(np.uint64))) << np.uint64(g.bitmap_log2)).astype(np.int64)
+        first_unit = g.leaf_first_unit_array(leaf_key)
         phys_parts, order_parts = [], []
         for b in range(0, leaf_phys.size, DECODE_BATCH):
             part = slice(b, b + DECODE_BATCH)

@@ -37,19 +37,20 @@ import numpy as np
 
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import (
+from kho.encodings.chunklist import magic_of
+from kho.encodings.common import (
     alloc_pages_bulk,
     check_metadata_disjoint,
     check_page_size,
-    check_pointer,
+    check_pointers,
     check_units,
-    magic_of,
+    max_unit_order,
+    read_map_pointer,
     read_pages,
-    read_root_pointer,
 )
-from kho.encodings.kho_v1 import max_unit_order
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
@@ -146,13 +147,7 @@ def _read_nodes(memory: PhysicalMemory, phys: np.ndarray, field: str, where: np.
     """The nodes at ``phys`` (uint64), validated as pointers (256-aligned, in RAM, and outside
     scratch when ``strict``); ``where`` is the phys of the slot each pointer was read from (0
     for the root property)."""
-    size = np.full(phys.size, MAPLE_NODE_BYTES, np.uint64)
-    bad = (phys % np.uint64(MAPLE_NODE_BYTES) != 0) | ~memory.in_ram_array(phys, size)
-    if strict:
-        bad |= memory.overlaps_scratch_array(phys, size)
-    if bad.any():
-        i = int(np.argmax(bad))
-        check_pointer(memory, int(phys[i]), MAPLE_NODE_BYTES, MAPLE_NODE_BYTES, field, int(where[i]) or None, strict=strict)
+    check_pointers(memory, phys, MAPLE_NODE_BYTES, MAPLE_NODE_BYTES, field, strict=strict, where=where)
     ps = memory.page_size
     page_phys = phys & ~np.uint64(ps - 1)
     pages, inverse = np.unique(page_phys, return_inverse=True)
@@ -271,8 +266,8 @@ def _check_unique(child: np.ndarray, where: np.ndarray) -> None:
 
 
 def _root(memory: PhysicalMemory, props: Mapping[str, bytes], strict: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-    root = np.array([read_root_pointer(props)], dtype=np.uint64)
-    node = _read_nodes(memory, root, f"fdt.{MEMORY_MAP_PROP}", np.zeros(1, np.uint64), strict)
+    root = np.array([read_map_pointer(props)], dtype=np.uint64)
+    node = _read_nodes(memory, root, f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}", np.zeros(1, np.uint64), strict)
     level = int(node["level"][0])
     if int(node["magic"][0]) == NODE_MAGIC and level > MAX_LEVEL:
         raise KHOFormatError("maple.level", f"root level {level} is above {MAX_LEVEL}", int(root[0]))
@@ -341,7 +336,7 @@ class Maple(Encoding):
     def encode(self, tracker: Tracker, allocator: PageAllocator) -> MapleEncodedMap:
         """Build the levels bottom-up in numpy, then write the node pages.  O(units)."""
         memory = tracker.memory
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         phys, order = tracker.units_array()
         nodes, level_sizes = build_nodes(phys, order, self.page_size)
         per_page = self.page_size // MAPLE_NODE_BYTES
@@ -356,7 +351,7 @@ class Maple(Encoding):
         for i, page in enumerate(pages.tolist()):
             memory.write(page, data[i])
         root = int(_node_phys(pages, np.array([nodes.size - 1]), self.page_size)[0])
-        return MapleEncodedMap(self.name, self.compatible, {MEMORY_MAP_PROP: pack_u64(root)}, np.sort(pages),
+        return MapleEncodedMap(self.name, self.compatible, {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(root)}, np.sort(pages),
                                self.page_size, height=len(level_sizes), nr_nodes=int(nodes.size))
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
@@ -366,7 +361,7 @@ class Maple(Encoding):
         ``strict`` adds: orders at most MAX_PAGE_ORDER, units and nodes outside scratch,
         nodes outside the preserved units.  ``strict=False`` allows orders up to the
         physical address space and skips those placement checks."""
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         phys, order, node_phys, _ = decode_tree(memory, props, strict=strict)
         pages = np.unique(node_phys & ~np.uint64(memory.page_size - 1))
         if strict:
@@ -375,5 +370,5 @@ class Maple(Encoding):
 
     def lookup(self, memory: PhysicalMemory, props: Mapping[str, bytes], phys: int) -> tuple[int, int] | None:
         """See :func:`lookup`."""
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         return lookup(memory, props, phys)

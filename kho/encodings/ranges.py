@@ -26,7 +26,8 @@ from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_TAG_ALIGN, FDT_TOKEN
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import check_page_size, in_usable
+from kho.encodings.chunklist import in_usable
+from kho.encodings.common import check_page_size
 from kho.errors import KHOFormatError
 from kho.memory.geometry import greedy_split_array
 from kho.memory.physical import PhysicalMemory
@@ -174,7 +175,7 @@ class Ranges(Encoding):
     def encode(self, tracker: Tracker, allocator: PageAllocator) -> RangesEncodedMap:
         """O(units) numpy work; writes no page."""
         memory = tracker.memory
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         phys, order = tracker.units_array()
         start, end = merge_units(memory, phys, order)
         table = np.empty(start.size, dtype=RANGE)
@@ -192,7 +193,7 @@ class Ranges(Encoding):
         ``strict=False`` reads the property as early KHO's kernel did (one memblock_reserve
         per range): empty ranges are skipped, order and overlaps do not matter (the union is
         split), scratch is not checked."""
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         raw = props.get(MEM_PROPERTY)
         if raw is None:
             raise KHOFormatError(f"fdt.{MEM_PROPERTY}", "property missing")

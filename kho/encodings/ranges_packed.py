@@ -25,16 +25,11 @@ import numpy as np
 
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import (
-    check_metadata_disjoint,
-    check_page_size,
-    magic_of,
-    read_chunk_list,
-    read_root_pointer,
-    write_chunk_list,
-)
+from kho.encodings.chunklist import magic_of, read_chunk_list, write_chunk_list
+from kho.encodings.common import check_metadata_disjoint, check_page_size, read_map_pointer
 from kho.encodings.ranges import check_runs, decode_runs, merge_units
 from kho.errors import KHOFormatError
 from kho.memory.physical import PhysicalMemory
@@ -74,10 +69,10 @@ class RangesPacked(Encoding):
     def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
         """O(units) numpy work plus one write per chunk page."""
         memory = tracker.memory
-        check_page_size(self.page_size, memory)
+        check_page_size(self.name, self.page_size, memory)
         entries = pack_runs(*merge_units(memory, *tracker.units_array()))
         pages = write_chunk_list(memory, allocator, entries.astype(PACKED_ENTRY).view(np.uint8), PACKED_ENTRY.itemsize, CHUNK_MAGIC)
-        props = {MEMORY_MAP_PROP: pack_u64(int(pages[0]))}
+        props = {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(int(pages[0]))}
         return EncodedMap(self.name, self.compatible, props, np.sort(pages), self.page_size)
 
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
@@ -87,8 +82,8 @@ class RangesPacked(Encoding):
         one RAM bank.  ``strict`` adds: no zero-length entry, entries sorted and disjoint,
         outside scratch, chunks outside scratch and outside the preserved ranges.
         ``strict=False`` skips zero-length entries and reserves the union of the rest."""
-        check_page_size(self.page_size, memory)
-        chunks = read_chunk_list(memory, read_root_pointer(props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "ranges-packed.chunk",
+        check_page_size(self.name, self.page_size, memory)
+        chunks = read_chunk_list(memory, read_map_pointer(props), PACKED_ENTRY.itemsize, CHUNK_MAGIC, "ranges-packed.chunk",
                                  strict=strict)
         entries = chunks.payload.view(PACKED_ENTRY).astype(np.uint64)
         start = (entries >> np.uint64(LENGTH_BITS)).view(np.int64)

@@ -21,7 +21,7 @@ import numpy as np
 
 from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
 from kho.encodings import DecodedMap, get_encoding
-from kho.encodings.kho_v1 import PHYS_ADDR_BITS
+from kho.encodings.common import PHYS_ADDR_BITS
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.imagefile import load_image
 from kho.memory.physical import PhysicalMemory
