@@ -26,7 +26,8 @@ import numpy as np
 
 from kho.errors import KHOError
 from kho.kexec import entries as ent
-from kho.kexec.ranges import PageRanges
+from kho.memory import intervals
+from kho.memory.intervals import IntervalSet
 from kho.memory.physical import PhysicalMemory
 
 #: Most segments one image may have (include/linux/kexec.h).
@@ -54,8 +55,8 @@ class Segment:
         return self.mem + self.memsz
 
 
-def check_segments(memory: PhysicalMemory, segments, *, allowed: PageRanges | None = None,
-                   busy: PageRanges | None = None) -> None:
+def check_segments(memory: PhysicalMemory, segments, *, allowed: IntervalSet | None = None,
+                   busy: IntervalSet | None = None) -> None:
     """Raise KHOError unless ``segments`` pass the kernel's checks, in the kernel's order.
 
     1. more than KEXEC_SEGMENT_MAX segments: EINVAL;
@@ -95,12 +96,10 @@ def check_segments(memory: PhysicalMemory, segments, *, allowed: PageRanges | No
     for s in segments:
         if not s.memsz:
             continue
-        first, last = s.mem >> shift, s.end >> shift
-        if allowed is not None:
-            i = int(np.searchsorted(allowed.start, first, side="right")) - 1
-            if i < 0 or int(allowed.end[i]) < last:
-                raise KHOError("EADDRNOTAVAIL", f"{s.name} segment {s.mem:#x}-{s.end:#x} is not inside a scratch area")
-        if busy is not None and busy.overlaps(first, last):
+        first, last = [s.mem >> shift], [s.end >> shift]
+        if allowed is not None and not allowed.within(first, last)[0]:
+            raise KHOError("EADDRNOTAVAIL", f"{s.name} segment {s.mem:#x}-{s.end:#x} is not inside a scratch area")
+        if busy is not None and busy.overlaps(first, last)[0]:
             raise KHOError("EADDRNOTAVAIL", f"{s.name} segment {s.mem:#x}-{s.end:#x} would overwrite preserved memory or KHO metadata")
 
 
@@ -114,15 +113,13 @@ class SegmentRequest:
     align: int = 0
 
 
-def scratch_pages(memory: PhysicalMemory) -> PageRanges:
+def scratch_pages(memory: PhysicalMemory) -> IntervalSet:
     """The scratch areas of ``memory`` as pfn intervals, adjacent areas kept apart (a segment
     must fit inside one area, as kexec_walk_kho_scratch looks for holes area by area)."""
-    shift = memory.page_shift
-    return PageRanges.from_intervals([a.addr >> shift for a in memory.scratch], [a.end >> shift for a in memory.scratch],
-                                     merge_touching=False)
+    return IntervalSet(*intervals.scratch(memory))
 
 
-def place_segments(memory: PhysicalMemory, requests, allowed: PageRanges, busy: PageRanges | None = None) -> list[Segment]:
+def place_segments(memory: PhysicalMemory, requests, allowed: IntervalSet, busy: IntervalSet | None = None) -> list[Segment]:
     """Choose destinations as ``kexec_locate_mem_hole`` does under KHO: lowest fit, in order,
     inside ``allowed`` (the scratch areas) and off ``busy``.  EADDRNOTAVAIL when one does not
     fit.  O(requests × free extents)."""
@@ -144,16 +141,16 @@ def place_segments(memory: PhysicalMemory, requests, allowed: PageRanges, busy: 
             raise KHOError("EADDRNOTAVAIL", f"the {req.name} segment ({pages << shift} bytes) does not fit in the scratch areas "
                                             f"(largest free extent {largest} bytes)")
         out.append(Segment(req.data, found << shift, pages << shift, req.name))
-        free = free.subtract(PageRanges.from_intervals([found], [found + pages]))
+        free = free.subtract(IntervalSet.of([found], [found + pages]))
     return out
 
 
-def destination_ranges(segments, page_shift: int) -> PageRanges:
+def destination_ranges(segments, page_shift: int) -> IntervalSet:
     """The destination pages of ``segments``."""
-    return PageRanges.from_intervals([s.mem >> page_shift for s in segments], [s.end >> page_shift for s in segments])
+    return IntervalSet.of([s.mem >> page_shift for s in segments], [s.end >> page_shift for s in segments])
 
 
-def alloc_safe_pages(allocator, count: int, avoid: PageRanges, page_shift: int) -> np.ndarray:
+def alloc_safe_pages(allocator, count: int, avoid: IntervalSet, page_shift: int) -> np.ndarray:
     """``count`` order-0 pages none of which is in ``avoid`` (kimage_alloc_normal_control_pages'
     rule): pages that land in ``avoid`` are set aside and freed at the end.  All or nothing.
     Returns phys (uint64, ascending).  O(count) allocations."""
@@ -162,7 +159,7 @@ def alloc_safe_pages(allocator, count: int, avoid: PageRanges, page_shift: int) 
     try:
         while have < count:
             pool = np.asarray(allocator.alloc_many(count - have, 0), dtype=np.uint64)
-            hit = avoid.contains((pool >> np.uint64(page_shift)).astype(np.int64))
+            hit = avoid.contains(pool >> np.uint64(page_shift))
             aside.append(pool[hit])
             got.append(pool[~hit])
             have += int(np.count_nonzero(~hit))
@@ -201,13 +198,13 @@ class KImage:
     in_place: bool
 
     @property
-    def destinations(self) -> PageRanges:
+    def destinations(self) -> IntervalSet:
         return destination_ranges(self.segments, self.memory.page_shift)
 
     @property
     def nr_pages(self) -> int:
         """Destination pages over all segments."""
-        return self.destinations.nr_pages
+        return self.destinations.size
 
     def walk(self) -> ent.EntryWalk:
         """Follow the entry list in memory (:func:`kho.kexec.entries.walk_list`)."""
@@ -223,7 +220,7 @@ class KImage:
 
 
 def load(memory: PhysicalMemory, allocator, segments, *, in_place: bool = False,
-         allowed: PageRanges | None = None, busy: PageRanges | None = None) -> KImage:
+         allowed: IntervalSet | None = None, busy: IntervalSet | None = None) -> KImage:
     """Check ``segments``, take the control page, and either write the segments in place or
     allocate source pages, fill them and write the entry list.  All or nothing: on error
     nothing stays allocated and memory is not written.  O(pages) (numpy + one write a page).
@@ -249,7 +246,7 @@ def load(memory: PhysicalMemory, allocator, segments, *, in_place: bool = False,
             raise
         # A page that is some destination serves as that destination's own source; every
         # other page is no destination at all, so it may be any source or an indirection page.
-        is_dest = dests.contains((pool >> np.uint64(shift)).astype(np.int64))
+        is_dest = dests.contains(pool >> np.uint64(shift))
         own = pool[is_dest]
         other = pool[~is_dest]
         own_mask = np.isin(all_dest, own)

@@ -24,8 +24,8 @@ import numpy as np
 
 from kho.errors import KHOError
 from kho.kexec.kimage import CONTROL_CODE, KImage
-from kho.kexec.ranges import PageRanges
 from kho.kexec.transpgd import TransPgd
+from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
 RELOCATION_MODES = ("mmu-off", "mmu-on", "reserved")
@@ -74,7 +74,7 @@ def _written_pages(memory: PhysicalMemory, before) -> np.ndarray:
     runs_after = set(memory.generated_runs())
     moved = runs_before ^ runs_after
     if moved:
-        cand = PageRanges.from_intervals([r[0] for r in moved], [r[1] for r in moved]).pages()
+        cand = intervals.points(*intervals.normalize(np.array([r[0] for r in moved], np.int64), [r[1] for r in moved]))
         for pfn, sb, sa in zip(cand.tolist(), _seeds_at(runs_before, cand), _seeds_at(runs_after, cand)):
             if sb != sa:
                 changed.append(pfn)

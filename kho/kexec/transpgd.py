@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kho.errors import KHOError
-from kho.kexec.ranges import PageRanges
+from kho.memory import intervals
 from kho.memory.geometry import PageGeometry
 from kho.memory.physical import PhysicalMemory
 
@@ -192,7 +192,7 @@ def plan_linear_map(banks: Sequence[tuple[int, int]], page_size: int = 4096, lin
     for level in range(granule.root_level + 1, 4):
         below = run_level >= level
         span = granule.shift(level - 1)
-        ids = PageRanges.from_intervals(run_start[below] >> span, ((run_end[below] - 1) >> span) + 1).pages()
+        ids = intervals.points(*intervals.normalize(run_start[below] >> span, ((run_end[below] - 1) >> span) + 1))
         tables[level] = ids
     return TablePlan(granule, linear_map, memstart, run_start, run_end, run_level, tables)
 

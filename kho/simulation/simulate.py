@@ -35,9 +35,10 @@ from kho.handover.outgoing import KHO
 from kho.kexec import kimage as K
 from kho.kexec import purgatory as purg
 from kho.kexec import transpgd
-from kho.kexec.ranges import PageRanges
 from kho.kexec.relocate import RELOCATION_MODES, check_mode, relocate
 from kho.kexec.timing import FitReport, Timeline, reboot_timeline
+from kho.memory import intervals
+from kho.memory.intervals import IntervalSet
 from kho.simulation import workload as W
 
 #: arm64 Image load alignment (bytes).
@@ -186,7 +187,7 @@ class _Image:
         return K.Segment(self._data[segment.name], segment.mem, segment.memsz, segment.name)
 
 
-def _free_scratch(memory, allocator, first: bool) -> PageRanges:
+def _free_scratch(memory, allocator, first: bool) -> IntervalSet:
     """Scratch the running kernel does not use, in :data:`REGION_ALIGN` blocks: all of it in
     the first kernel (its allocator never hands scratch out); in a next kernel, the blocks
     its allocator reports entirely free (its own image and early allocations live there)."""
@@ -201,7 +202,7 @@ def _free_scratch(memory, allocator, first: bool) -> PageRanges:
             if allocator.is_free(block << shift, REGION_ALIGN):
                 starts.append(block)
                 ends.append(block + step)
-    return PageRanges.from_intervals(starts, ends)
+    return IntervalSet.of(starts, ends)
 
 
 def _boot_next(memory, dtb: bytes, config: Config, handover, kernel: K.Segment, seed: int):
@@ -308,8 +309,9 @@ def _load(config, memory, allocator, handover, preserved_phys, preserved_order, 
     """kexec load: place and load the segments, build the tables for mmu-on.  Returns
     ``(kimage, trans_pgd or None, segments, region dict or None)``."""
     shift = memory.page_shift
-    busy = PageRanges.from_units(preserved_phys, preserved_order, shift).union(
-        PageRanges.from_pages(handover.pages_to_keep(), shift))
+    unit_start, unit_end = intervals.of_units(preserved_phys >> np.uint64(shift), preserved_order)
+    keep = handover.pages_to_keep() >> np.uint64(shift)
+    busy = IntervalSet.of(np.concatenate([unit_start, keep]), np.concatenate([unit_end, keep + np.uint64(1)]))
     requests = images.requests() + [K.SegmentRequest("dtb", handover.boot_dtb())]
     region = None
     allowed = K.scratch_pages(memory)
@@ -321,7 +323,7 @@ def _load(config, memory, allocator, handover, preserved_phys, preserved_order, 
         free = _free_scratch(memory, allocator, first)
         spot = K.place_segments(memory, [K.SegmentRequest("kexeckernel= region", b"", memsz=size, align=REGION_ALIGN)],
                                 free, busy)[0]
-        allowed = PageRanges.from_intervals([spot.mem >> shift], [spot.end >> shift])
+        allowed = IntervalSet.of([spot.mem >> shift], [spot.end >> shift])
         region = {"phys": spot.mem, "size": spot.memsz}
     segments = [images.fill(seg) for seg in K.place_segments(memory, requests, allowed, busy)]
     if config.checks:
