@@ -32,9 +32,9 @@ from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
 from kho.devicetree.chosen import MAX_SCRATCH_AREAS
 from kho.devicetree.layout import KHO_SCRATCH_DTYPE
 from kho.encodings import DecodedMap, Encoding, get_encoding
-from kho.encodings.ranges import union_runs
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.outgoing import Handover
+from kho.memory import intervals
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 #: First key of every image and the format version this module writes and reads.
@@ -96,20 +96,6 @@ class LoadedImage:
 # -- saving ----------------------------------------------------------------------------------
 
 
-def _unit_ranges(decoded: DecodedMap, page_shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """Preserved units (which may overlap: a kernel-like tracker allows double preservation)
-    as their union, in disjoint ``[start, end)`` pfn ranges (int64, ascending)."""
-    if not len(decoded):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    start = (decoded.phys >> np.uint64(page_shift)).astype(np.int64)
-    start, end = union_runs(start, start + np.left_shift(1, decoded.order.astype(np.int64)))
-    new = np.ones(start.size, dtype=bool)
-    new[1:] = start[1:] != end[:-1]
-    first = np.flatnonzero(new)
-    last = np.append(first[1:], start.size) - 1
-    return start[first], end[last]
-
-
 def _explicit_runs(memory: PhysicalMemory, pfns: np.ndarray) -> list[list]:
     """``[start pfn, bytes]`` runs of consecutive pages for sorted, distinct ``pfns``."""
     runs = []
@@ -128,7 +114,7 @@ def image_map(handover: Handover) -> dict:
     shift = memory.page_shift
     encoding = get_encoding(handover.encoding, memory.page_size, **handover.options)
     decoded = encoding.decode(memory, handover.encoded.props, strict=False)  # everything the next kernel keeps
-    starts, ends = _unit_ranges(decoded, shift)
+    starts, ends = intervals.normalize(*intervals.of_units((decoded.phys >> np.uint64(shift)).astype(np.int64), decoded.order))
     keep = (handover.pages_to_keep() >> np.uint64(shift)).astype(np.int64)
     stored = np.fromiter((pfn for pfn, _ in memory.stored_pages()), dtype=np.int64)
     if stored.size and starts.size:

@@ -43,17 +43,8 @@ class Segments:
 
     @classmethod
     def from_memory(cls, memory: PhysicalMemory) -> "Segments":
-        shift = memory.page_shift
-        starts, ends, scratch = [], [], []
-        areas = [(a.addr >> shift, a.end >> shift) for a in memory.scratch]
-        for bank in memory.banks:
-            lo, hi = bank.start >> shift, bank.end >> shift
-            cuts = sorted({lo, hi} | {p for a in areas for p in a if lo < p < hi})
-            for s, e in zip(cuts, cuts[1:]):
-                starts.append(s)
-                ends.append(e)
-                scratch.append(any(a <= s and e <= b for a, b in areas))
-        return cls(np.array(starts, np.uint64), np.array(ends, np.uint64), np.array(scratch, bool))
+        """The segments of ``memory`` (:func:`kho.memory.intervals.ram_segments`)."""
+        return cls(*intervals.ram_segments(memory))
 
     def boundaries(self) -> np.ndarray:
         """Every segment start and end (sorted, unique)."""
@@ -61,10 +52,7 @@ class Segments:
 
     def locate(self, pfn) -> np.ndarray:
         """Index of the segment holding each pfn; -1 outside RAM.  O(n log segments)."""
-        pfn = intervals.as_u64(pfn)
-        i = np.searchsorted(self.start, pfn, side="right").astype(np.int64) - 1
-        inside = (i >= 0) & (self.end[np.maximum(i, 0)] > pfn)
-        return np.where(inside, i, -1)
+        return intervals.locate(self.start, self.end, pfn)
 
 
 #: Sort keys of blocks: ``pfn | (2**order << _KEY_SHIFT)`` sorts by order, then pfn.
