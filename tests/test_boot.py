@@ -7,9 +7,10 @@ from buddy_invariants import check_free_lists
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.machine import Machine
 from kho.devicetree import KHOFdt, build_boot_dtb
-from kho.devicetree.layout import MEMORY_MAP_PROP
+from kho.encodings import known_compatibles
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.outgoing import KHO
 from kho.memory.physical import Bank
@@ -131,7 +132,7 @@ def test_instruction_path_needs_an_instruction_stream():
 
 
 def rewrite_fdt(machine, handover, **props):
-    fdt_obj = KHOFdt.from_dtb(machine.memory.read(handover.fdt_phys, handover.fdt_size))
+    fdt_obj = KHOFdt.from_dtb(machine.memory.read(handover.fdt_phys, handover.fdt_size), readable=known_compatibles())
     new = KHOFdt(fdt_obj.compatible, {**fdt_obj.props, **props}, max_size=handover.fdt_size)
     blob = new.to_dtb()
     machine.memory.write(handover.fdt_phys, blob + bytes(handover.fdt_size - len(blob)))
@@ -140,10 +141,10 @@ def rewrite_fdt(machine, handover, **props):
 CORRUPTIONS = {
     "fdt header": lambda m, h: m.memory.write(h.fdt_phys, b"\xde\xad\xbe\xef"),
     "compatible": lambda m, h: m.memory.write(h.fdt_phys, m.memory.read(h.fdt_phys, h.fdt_size).replace(b"kho-", b"xyz-")),
-    "memory map length": lambda m, h: rewrite_fdt(m, h, **{MEMORY_MAP_PROP: b"\x00\x10\x00\x00"}),
-    "memory map zero": lambda m, h: rewrite_fdt(m, h, **{MEMORY_MAP_PROP: bytes(8)}),
+    "memory map length": lambda m, h: rewrite_fdt(m, h, **{KHO_FDT_MEMORY_MAP_PROP_NAME: b"\x00\x10\x00\x00"}),
+    "memory map zero": lambda m, h: rewrite_fdt(m, h, **{KHO_FDT_MEMORY_MAP_PROP_NAME: bytes(8)}),
     "scratch array": lambda m, h: m.memory.write(h.scratch_phys, b"\x01" * 16),
-    "map pointer": lambda m, h: rewrite_fdt(m, h, **{MEMORY_MAP_PROP: (h.fdt_phys + 8).to_bytes(8, "little")}),
+    "map pointer": lambda m, h: rewrite_fdt(m, h, **{KHO_FDT_MEMORY_MAP_PROP_NAME: (h.fdt_phys + 8).to_bytes(8, "little")}),
     "map contents": lambda m, h: m.memory.write(int(h.encoded.metadata_pages[0]), b"\xff" * 64),
 }
 

@@ -31,6 +31,13 @@ KHO_SUB_TREE_PROP_NAME = "preserved-data"
 #: Sub-node property of kho-v3 and later (required when reading): u64 size of the blob in bytes.
 KHO_SUB_TREE_SIZE_PROP_NAME = "blob-size"
 
+# -- the arm64 handoff (the next kernel's /chosen) ------------------------------------------------
+
+#: ``/chosen`` property: ``<addr size>`` of the KHO FDT, in the root's cells (big-endian).
+KHO_CHOSEN_FDT_PROP_NAME = "linux,kho-fdt"
+#: ``/chosen`` property: ``<addr size>`` of the ``struct kho_scratch`` array.
+KHO_CHOSEN_SCRATCH_PROP_NAME = "linux,kho-scratch"
+
 # -- struct kho_scratch ------------------------------------------------------------------------
 
 #: ``struct kho_scratch { phys_addr_t addr; phys_addr_t size; }``: one scratch area, bytes.
@@ -79,9 +86,16 @@ class RadixGeometry:
     inner nodes are ``u64 table[PAGE_SIZE / 8]`` of child phys.  The scalar methods take and
     return Python ints; the ``*_array`` methods are their vectorized forms over uint64
     arrays.  Every method is O(1) per key.
+
+    ``depth_fix`` selects the depth formula: False is the one first merged (Linux 7.1,
+    ``DIV_ROUND_UP(ORDER_0_LOG2 - BITMAP_LOG2, TABLE_LOG2) + 1``), which does not count the
+    order bit itself, so with 16 KiB pages its 4 levels cover key bits 0..49 and cannot hold
+    the order-0 marker at bit 50; True is the 2026 fix (``+ 1`` inside the division): 5
+    levels for 16 KiB pages.  Both give 6 levels for 4 KiB and 4 for 64 KiB pages.
     """
 
     page_shift: int
+    depth_fix: bool = False
 
     @property
     def order0_log2(self) -> int:
@@ -100,8 +114,9 @@ class RadixGeometry:
 
     @property
     def depth(self) -> int:
-        """``KHO_TREE_MAX_DEPTH``: levels including the leaves (6 for 4 KiB pages)."""
-        return -(-(self.order0_log2 - self.bitmap_log2) // self.table_log2) + 1
+        """``KHO_TREE_MAX_DEPTH``: levels including the leaves (6 for 4 KiB pages; 16 KiB
+        pages: 4, or 5 with ``depth_fix``)."""
+        return -(-(self.order0_log2 - self.bitmap_log2 + self.depth_fix) // self.table_log2) + 1
 
     @property
     def root_level(self) -> int:

@@ -15,16 +15,9 @@ from typing import Sequence
 import fdt
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_CHOSEN_FDT_PROP_NAME, KHO_CHOSEN_SCRATCH_PROP_NAME, KHO_SCRATCH_DTYPE
 from kho.devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
-from kho.devicetree.layout import (
-    BOOT_ADDRESS_CELLS,
-    BOOT_SIZE_CELLS,
-    CHOSEN_KHO_FDT,
-    CHOSEN_KHO_SCRATCH,
-    DEFAULT_ADDRESS_CELLS,
-    DEFAULT_SIZE_CELLS,
-    KHO_SCRATCH_DTYPE,
-)
+from kho.devicetree.layout import BOOT_ADDRESS_CELLS, BOOT_SIZE_CELLS, DEFAULT_ADDRESS_CELLS, DEFAULT_SIZE_CELLS
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea
 
@@ -71,8 +64,8 @@ def build_boot_dtb(fdt_phys: int, fdt_size: int, scratch_phys: int, scratch_size
     root.append(fdt.PropWords("#address-cells", BOOT_ADDRESS_CELLS))
     root.append(fdt.PropWords("#size-cells", BOOT_SIZE_CELLS))
     chosen = fdt.Node("chosen")
-    chosen.append(fdt.PropWords(CHOSEN_KHO_FDT, *_cells(fdt_phys, BOOT_ADDRESS_CELLS), *_cells(fdt_size, BOOT_SIZE_CELLS)))
-    chosen.append(fdt.PropWords(CHOSEN_KHO_SCRATCH, *_cells(scratch_phys, BOOT_ADDRESS_CELLS), *_cells(scratch_size, BOOT_SIZE_CELLS)))
+    chosen.append(fdt.PropWords(KHO_CHOSEN_FDT_PROP_NAME, *_cells(fdt_phys, BOOT_ADDRESS_CELLS), *_cells(fdt_size, BOOT_SIZE_CELLS)))
+    chosen.append(fdt.PropWords(KHO_CHOSEN_SCRATCH_PROP_NAME, *_cells(scratch_phys, BOOT_ADDRESS_CELLS), *_cells(scratch_size, BOOT_SIZE_CELLS)))
     root.append(chosen)
     return to_dtb(tree)
 
@@ -122,8 +115,8 @@ def parse_chosen(dtb: bytes, *, strict: bool = True) -> ChosenKHO:
     chosen = root.get_subnode("chosen")
     if chosen is None:
         raise KHOFormatError("dtb.chosen", "the boot DTB has no /chosen node")
-    fdt_phys, fdt_size = _pair(chosen, CHOSEN_KHO_FDT, address_cells, size_cells)
-    scratch_phys, scratch_size = _pair(chosen, CHOSEN_KHO_SCRATCH, address_cells, size_cells)
+    fdt_phys, fdt_size = _pair(chosen, KHO_CHOSEN_FDT_PROP_NAME, address_cells, size_cells)
+    scratch_phys, scratch_size = _pair(chosen, KHO_CHOSEN_SCRATCH_PROP_NAME, address_cells, size_cells)
     return ChosenKHO(fdt_phys, fdt_size, scratch_phys, scratch_size)
 
 

@@ -22,20 +22,24 @@ given (the later "kho-v3" revision).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Collection, Mapping, Protocol
 
 import fdt
 import numpy as np
 
+from kho.abi.kexec_handover import (
+    KHO_FDT_COMPATIBLE_V1,
+    KHO_FDT_COMPATIBLE_V2,
+    KHO_FDT_MEMORY_MAP_PROP_NAME,
+    KHO_SUB_TREE_PROP_NAME,
+    KHO_SUB_TREE_SIZE_PROP_NAME,
+    KHO_V1_SUB_TREE_PROP_NAME,
+)
 from kho.devicetree.flat import NODE_NAME, kernel_string_list, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
 from kho.devicetree.layout import (
-    BLOB_SIZE_PROP,
     COMPATIBLE_PROP,
     FDT_HEADER,
     FDT_HEADER_FIELDS,
-    MEMORY_MAP_PROP,
-    SUBTREE_PROP_V1,
-    SUBTREE_PROP_V2,
     U64_PROP,
     pack_u64,
     unpack_u64_prop,
@@ -43,17 +47,21 @@ from kho.devicetree.layout import (
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
-if TYPE_CHECKING:
-    from kho.encodings.base import DecodedMap
-
 #: The ABIs the kernel defines; their root must carry a valid ``preserved-memory-map``.
-KERNEL_COMPATIBLES = ("kho-v1", "kho-v2")
+KERNEL_COMPATIBLES = (KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLE_V2)
 DEFAULT_PAGE_SIZE = 4096
 
 
 def subtree_prop(compatible: str) -> str:
     """The sub-node pointer property name for an ABI: ``fdt`` (kho-v1) or ``preserved-data``."""
-    return SUBTREE_PROP_V1 if compatible == "kho-v1" else SUBTREE_PROP_V2
+    return KHO_V1_SUB_TREE_PROP_NAME if compatible == KHO_FDT_COMPATIBLE_V1 else KHO_SUB_TREE_PROP_NAME
+
+
+class PreservedUnits(Protocol):
+    """Preserved units sorted by address: ``phys`` (uint64 bytes) and ``order`` (uint8)."""
+
+    phys: np.ndarray
+    order: np.ndarray
 
 
 class KHOFdt:
@@ -89,7 +97,7 @@ class KHOFdt:
 
     def memory_map(self) -> int:
         """The ``preserved-memory-map`` pointer (KHOFormatError when missing or not 8 bytes)."""
-        return unpack_u64_prop(self.props.get(MEMORY_MAP_PROP), f"fdt.{MEMORY_MAP_PROP}")
+        return unpack_u64_prop(self.props.get(KHO_FDT_MEMORY_MAP_PROP_NAME), f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}")
 
     # -- sub-trees -------------------------------------------------------------------------
     def add_subtree(self, name: str, phys: int, size: int | None = None) -> None:
@@ -109,7 +117,7 @@ class KHOFdt:
         node = fdt.Node(name)
         node.append(fdt.PropBytes(self.subtree_prop, data=pack_u64(phys)))
         if size is not None:
-            node.append(fdt.PropBytes(BLOB_SIZE_PROP, data=pack_u64(size)))
+            node.append(fdt.PropBytes(KHO_SUB_TREE_SIZE_PROP_NAME, data=pack_u64(size)))
         node.set_parent(root)
         root.nodes.insert(0, node)
         try:
@@ -139,11 +147,11 @@ class KHOFdt:
         node = self.tree.root.get_subnode(name)
         if node is None:
             raise KHOError("ENOENT", f"no sub-tree {name!r}")
-        value = prop_bytes(node.get_property(BLOB_SIZE_PROP))
+        value = prop_bytes(node.get_property(KHO_SUB_TREE_SIZE_PROP_NAME))
         if value is None:
             return None
         if len(value) != U64_PROP.size:
-            raise KHOError("EINVAL", f"sub-tree {name!r} has a {len(value)}-byte {BLOB_SIZE_PROP}")
+            raise KHOError("EINVAL", f"sub-tree {name!r} has a {len(value)}-byte {KHO_SUB_TREE_SIZE_PROP_NAME}")
         return U64_PROP.unpack(value)[0]
 
     def subtrees(self) -> dict[str, int]:
@@ -172,9 +180,10 @@ class KHOFdt:
 
     @classmethod
     def from_dtb(cls, data: bytes, compatible: str | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
-                 strict: bool = True) -> "KHOFdt":
+                 strict: bool = True, readable: Collection[str] = ()) -> "KHOFdt":
         """Parse and check a KHO FDT as the next kernel does: header, then ``compatible``
-        (``compatible`` if given, else kho-v1/kho-v2 or any registered encoding's), then the
+        (``compatible`` if given, else a kernel ABI's or the first of ``readable``, the
+        compatibles the caller can decode), then the
         ``preserved-memory-map`` property: 8 bytes and non-zero (required for kho-v1/v2,
         checked whenever present).  KHOFormatError names the failing field.
 
@@ -198,23 +207,13 @@ class KHOFdt:
         elif any(name in KERNEL_COMPATIBLES for name in names):
             chosen = next(name for name in names if name in KERNEL_COMPATIBLES)
         else:
-            from kho.encodings import encoding_for_compatible
-
-            found = None
-            for name in names:
-                try:
-                    encoding_for_compatible(name)
-                except KHOFormatError:
-                    continue
-                found = name
-                break
-            if found is None:
+            chosen = next((name for name in names if name in readable), None)
+            if chosen is None:
                 raise KHOFormatError("fdt.compatible", f"no encoding reads compatible {names}")
-            chosen = found
-        raw_map = prop_bytes(root.get_property(MEMORY_MAP_PROP))
+        raw_map = prop_bytes(root.get_property(KHO_FDT_MEMORY_MAP_PROP_NAME))
         if raw_map is not None or chosen in KERNEL_COMPATIBLES:
-            if unpack_u64_prop(raw_map, f"fdt.{MEMORY_MAP_PROP}") == 0 and (strict or chosen != "kho-v1"):
-                raise KHOFormatError(f"fdt.{MEMORY_MAP_PROP}", "the memory map pointer is 0")
+            if unpack_u64_prop(raw_map, f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}") == 0 and (strict or chosen != KHO_FDT_COMPATIBLE_V1):
+                raise KHOFormatError(f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}", "the memory map pointer is 0")
         total = FDT_HEADER.unpack_from(data)[FDT_HEADER_FIELDS.index("totalsize")] if len(data) >= FDT_HEADER.size else len(data)
         if strict and chosen in KERNEL_COMPATIBLES and total > page_size:
             raise KHOFormatError("fdt.header.totalsize", f"{total} bytes: the kernel builds its KHO FDT in one "
@@ -226,7 +225,7 @@ class KHOFdt:
         out.tree = tree
         return out
 
-    def check_subtrees(self, memory: PhysicalMemory, decoded: DecodedMap | None = None) -> None:
+    def check_subtrees(self, memory: PhysicalMemory, decoded: PreservedUnits | None = None) -> None:
         """Strict checks of every sub-node against the machine (the kernel makes none: a bad
         sub-node only fails its own ``kho_retrieve_subtree``): the pointer property present,
         8 bytes and inside RAM (0 is a valid address: a blob may be the page at 0); ``blob-size``, when present, 8 bytes with the blob
@@ -239,10 +238,10 @@ class KHOFdt:
             if node.nodes:
                 raise KHOFormatError(f"fdt.{node.name}", f"sub-tree node holds node {node.nodes[0].name!r}")
             phys = unpack_u64_prop(prop_bytes(node.get_property(self.subtree_prop)), field)
-            raw_size = prop_bytes(node.get_property(BLOB_SIZE_PROP))
-            size = 1 if raw_size is None else unpack_u64_prop(raw_size, f"fdt.{node.name}.{BLOB_SIZE_PROP}")
+            raw_size = prop_bytes(node.get_property(KHO_SUB_TREE_SIZE_PROP_NAME))
+            size = 1 if raw_size is None else unpack_u64_prop(raw_size, f"fdt.{node.name}.{KHO_SUB_TREE_SIZE_PROP_NAME}")
             if size == 0 or not memory.in_ram(phys, size):
-                raise KHOFormatError(field if raw_size is None else f"fdt.{node.name}.{BLOB_SIZE_PROP}",
+                raise KHOFormatError(field if raw_size is None else f"fdt.{node.name}.{KHO_SUB_TREE_SIZE_PROP_NAME}",
                                      f"{size} bytes outside RAM", phys)
             if decoded is not None:
                 i = int(np.searchsorted(decoded.phys, np.uint64(phys), side="right")) - 1

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
 from kho.errors import KHOFormatError
 
 #: FDT header magic and the version kho writes (libfdt's fdt_create writes the same).
@@ -48,14 +46,6 @@ NODE_NAME_MAX = 31
 
 #: KHO root and sub-node property names (include/linux/kho/abi/kexec_handover.h and 6.16).
 COMPATIBLE_PROP = "compatible"
-MEMORY_MAP_PROP = "preserved-memory-map"
-SUBTREE_PROP_V1 = "fdt"
-SUBTREE_PROP_V2 = "preserved-data"
-BLOB_SIZE_PROP = "blob-size"
-
-#: /chosen properties of the boot DTB pointing at the KHO FDT and the scratch array.
-CHOSEN_KHO_FDT = "linux,kho-fdt"
-CHOSEN_KHO_SCRATCH = "linux,kho-scratch"
 #: The root cells kho writes in a boot DTB (arm64: 2 + 2) and the spec's defaults when absent.
 BOOT_ADDRESS_CELLS = 2
 BOOT_SIZE_CELLS = 2
@@ -64,9 +54,6 @@ DEFAULT_SIZE_CELLS = 1
 
 #: KHO's 8-byte native-endian (little-endian) u64 property value.
 U64_PROP = struct.Struct("<Q")
-
-#: ``struct kho_scratch`` (16 bytes).
-KHO_SCRATCH_DTYPE = np.dtype([("addr", "<u8"), ("size", "<u8")])
 
 
 def pack_u64(value: int) -> bytes:

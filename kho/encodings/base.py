@@ -30,6 +30,9 @@ Contract:
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
@@ -38,7 +41,7 @@ import numpy as np
 
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.errors import KHOError
+from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
 
@@ -130,6 +133,7 @@ class Encoding(ABC):
 
 #: name -> Encoding subclass
 ENCODINGS: dict[str, type[Encoding]] = {}
+_ENCODING_MODULES_LOADED = False
 
 
 def register(cls: type[Encoding]) -> type[Encoding]:
@@ -138,10 +142,20 @@ def register(cls: type[Encoding]) -> type[Encoding]:
     return cls
 
 
+def load_all() -> dict[str, type[Encoding]]:
+    """Import every module of the encodings package once, registering its encodings; the
+    registry.  O(modules) the first time, O(1) after."""
+    global _ENCODING_MODULES_LOADED
+    if not _ENCODING_MODULES_LOADED:
+        package = __name__.rsplit(".", 1)[0]
+        for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
+            importlib.import_module(f"{package}.{info.name}")
+        _ENCODING_MODULES_LOADED = True
+    return ENCODINGS
+
+
 def get_encoding(name: str, page_size: int = 4096, **options) -> Encoding:
     """An encoding instance by registry name; KHOError(EINVAL) for an unknown name."""
-    from kho.encodings import load_all
-
     load_all()
     try:
         cls = ENCODINGS[name]
@@ -152,11 +166,13 @@ def get_encoding(name: str, page_size: int = 4096, **options) -> Encoding:
 
 def encoding_for_compatible(compatible: str) -> type[Encoding]:
     """The encoding class whose root ``compatible`` is ``compatible``; KHOFormatError if none."""
-    from kho.encodings import load_all
-    from kho.errors import KHOFormatError
-
     load_all()
     for cls in ENCODINGS.values():
         if cls.compatible == compatible:
             return cls
     raise KHOFormatError("fdt.compatible", f"no encoding writes compatible {compatible!r}")
+
+
+def known_compatibles() -> tuple[str, ...]:
+    """Every root ``compatible`` some registered encoding reads, in registry order."""
+    return tuple(dict.fromkeys(cls.compatible for cls in load_all().values()))

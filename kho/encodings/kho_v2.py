@@ -37,7 +37,6 @@ the leaves directly when they are page-sized (a page bitmap covers exactly one l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -62,6 +61,7 @@ from kho.encodings.common import (
 )
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
+
 
 @register
 class KhoV2(Encoding):

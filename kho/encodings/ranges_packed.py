@@ -23,9 +23,9 @@ from typing import Mapping
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
 from kho.encodings.chunklist import magic_of, read_chunk_list, write_chunk_list

@@ -28,9 +28,9 @@ from typing import BinaryIO
 import msgpack
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
 from kho.devicetree.chosen import MAX_SCRATCH_AREAS
-from kho.devicetree.layout import KHO_SCRATCH_DTYPE
 from kho.encodings import DecodedMap, Encoding, get_encoding
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.outgoing import Handover

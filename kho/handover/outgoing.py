@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb, write_scratch_array
 from kho.devicetree.chosen import pack_scratch_array
-from kho.devicetree.layout import MEMORY_MAP_PROP, pack_u64
+from kho.devicetree.layout import pack_u64
 from kho.encodings import EncodedMap, get_encoding
 from kho.errors import KHOError
 from kho.memory.physical import PhysicalMemory
@@ -105,7 +106,7 @@ class KHO:
         self._subtrees: list[tuple[str, int, int | None]] = []  # in the order added
         self._blobs: dict[str, tuple[int, int]] = {}  # name -> (phys, order) of add_blob blocks
         self.handover: Handover | None = None
-        self._fdt = self._new_fdt({MEMORY_MAP_PROP: pack_u64(0)})  # tracks names and size as sub-trees come
+        self._fdt = self._new_fdt({KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(0)})  # tracks names and size as sub-trees come
 
     # -- sub-trees ---------------------------------------------------------------------------
     def _new_fdt(self, props: dict[str, bytes]) -> KHOFdt:

@@ -41,7 +41,7 @@ import numpy as np
 
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
 from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
-from kho.encodings import encoding_for_compatible, get_encoding
+from kho.encodings import encoding_for_compatible, get_encoding, known_compatibles
 from kho.errors import KHOError, KHOFormatError
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
@@ -163,7 +163,7 @@ def _read_handover(memory: PhysicalMemory, chosen, path: str, strict: bool):
     except KHOError:
         raise KHOError("EINVAL", f"failed to memremap FDT ({chosen.fdt_phys:#x}+{chosen.fdt_size:#x})") from None
     expected = get_encoding(INSTRUCTIONS_ENCODING, memory.page_size).compatible if path == "instructions" else None
-    fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size, strict=strict)
+    fdt = KHOFdt.from_dtb(blob, expected, page_size=memory.page_size, strict=strict, readable=known_compatibles())
     areas = read_scratch_array(memory, chosen.scratch_phys, chosen.scratch_size, strict=strict)
     return fdt, areas
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import fdt
 
+from kho.abi.kexec_handover import KHO_CHOSEN_FDT_PROP_NAME, KHO_CHOSEN_SCRATCH_PROP_NAME
 from kho.devicetree import build_boot_dtb
 from kho.devicetree.chosen import pack_scratch_array
 from kho.devicetree.flat import new_tree, to_dtb
-from kho.devicetree.layout import CHOSEN_KHO_FDT, CHOSEN_KHO_SCRATCH, FDT_HEADER, FDT_HEADER_FIELDS
+from kho.devicetree.layout import FDT_HEADER, FDT_HEADER_FIELDS
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO, Handover
 from kho.memory.physical import ScratchArea
@@ -61,8 +62,8 @@ def chosen_one_cell() -> bytes:
     tree.root.append(fdt.PropWords("#address-cells", 1))
     tree.root.append(fdt.PropWords("#size-cells", 1))
     chosen = fdt.Node("chosen")
-    chosen.append(fdt.PropWords(CHOSEN_KHO_FDT, 0x200000, PS))
-    chosen.append(fdt.PropWords(CHOSEN_KHO_SCRATCH, 0x201000, 32))
+    chosen.append(fdt.PropWords(KHO_CHOSEN_FDT_PROP_NAME, 0x200000, PS))
+    chosen.append(fdt.PropWords(KHO_CHOSEN_SCRATCH_PROP_NAME, 0x201000, 32))
     tree.root.append(chosen)
     return to_dtb(tree)
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree.layout import MEMORY_MAP_PROP, U64_PROP
+from kho.devicetree.layout import U64_PROP
 from kho.encodings import get_encoding
 from kho.errors import KHOError
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
@@ -104,10 +105,10 @@ def encode_map(name: str, kind: str = "mixed", **options) -> MapSample:
     preserve_bits = 4096 if options.get("bitmap_bytes") == 512 else "page"
     t = tracker(memory, kind, preserve_bits)
     encoded = get_encoding(name, PS, **options).encode(t, ArenaAllocator(memory))
-    if MEMORY_MAP_PROP not in encoded.props:
+    if KHO_FDT_MEMORY_MAP_PROP_NAME not in encoded.props:
         return MapSample(memory, dict(encoded.props), t.units(), encoded.props["mem"])
     used = int(encoded.metadata_pages.max()) + PS - ARENA if encoded.metadata_pages.size else 0
-    data = encoded.props[MEMORY_MAP_PROP] + memory.read(ARENA, used)
+    data = encoded.props[KHO_FDT_MEMORY_MAP_PROP_NAME] + memory.read(ARENA, used)
     return MapSample(memory, dict(encoded.props), t.units(), data)
 
 
@@ -118,7 +119,7 @@ def load_map(data: bytes) -> tuple[PhysicalMemory, dict[str, bytes]]:
     pages = data[U64_PROP.size:MAX_MAP_INPUT]
     if pages:
         memory.write(ARENA, pages + bytes(-len(pages) % PS))
-    return memory, {MEMORY_MAP_PROP: data[:U64_PROP.size]}
+    return memory, {KHO_FDT_MEMORY_MAP_PROP_NAME: data[:U64_PROP.size]}
 
 
 def handover_allocator(memory: PhysicalMemory, t: Tracker) -> PageAllocator:
