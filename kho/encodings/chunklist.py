@@ -108,37 +108,3 @@ def read_chunk_list(memory: PhysicalMemory, head: int, entry_size: int, magic: i
     return ChunkList(np.array(pages, dtype=np.uint64), np.array(counts, dtype=np.int64),
                      np.concatenate(parts) if parts else np.empty(0, np.uint8), entry_size)
 
-
-# -- checks on decoded units --------------------------------------------------------------
-def usable_segments(memory: PhysicalMemory) -> tuple[np.ndarray, np.ndarray]:
-    """RAM minus the scratch areas: sorted, disjoint ``[start, end)`` pfn intervals (int64),
-    one or more per bank (two intervals never merge across a bank boundary).  Banks and
-    areas are both sorted and disjoint, so one merge-like pass does it: O(banks + areas)."""
-    shift = memory.page_shift
-    starts, ends = [], []
-    areas = [(a.addr >> shift, a.end >> shift) for a in memory.scratch]
-    first = 0  # the first area that may still meet the current or a later bank
-    for bank in memory.banks:
-        pos, end = bank.start >> shift, bank.end >> shift
-        while first < len(areas) and areas[first][1] <= pos:
-            first += 1
-        i = first
-        while i < len(areas) and areas[i][0] < end:
-            a_start, a_end = areas[i]
-            if a_start > pos:
-                starts.append(pos)
-                ends.append(a_start)
-            pos = max(pos, a_end)
-            i += 1
-        if pos < end:
-            starts.append(pos)
-            ends.append(end)
-    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
-
-
-def in_usable(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray) -> np.ndarray:
-    """Bool per ``[start, end)`` pfn span (int64, non-empty): inside one usable segment
-    (one RAM bank, no scratch page).  One searchsorted: O(n log segments)."""
-    seg_start, seg_end = usable_segments(memory)
-    seg = np.searchsorted(seg_start, start_pfn, side="right") - 1
-    return (seg >= 0) & (end_pfn <= seg_end[np.maximum(seg, 0)])

@@ -51,14 +51,13 @@ from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
 from kho.encodings.chunklist import (
     ChunkList,
-    in_usable,
     magic_of,
     read_chunk_list,
-    usable_segments,
     write_chunk_list,
 )
 from kho.encodings.common import check_metadata_disjoint, check_page_size, read_map_pointer
 from kho.errors import KHOFormatError
+from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
 #: The stream header (24 bytes).
@@ -113,16 +112,6 @@ def _head(op: int, start: np.ndarray, order: np.ndarray | int = 0, kind: np.ndar
             | (np.asarray(order, dtype=np.uint64) << np.uint64(ORDER_SHIFT)) | np.asarray(start, dtype=np.int64).astype(np.uint64))
 
 
-def _skips(memory: PhysicalMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SKIP spans ``(start, end, kind)`` (pfn int64): holes between banks and scratch areas."""
-    shift = memory.page_shift
-    spans = [(left.end >> shift, right.start >> shift, SKIP_HOLE)
-             for left, right in zip(memory.banks, memory.banks[1:]) if left.end < right.start]
-    spans += [(a.addr >> shift, a.end >> shift, SKIP_SCRATCH) for a in memory.scratch]
-    arr = np.array(spans, dtype=np.int64).reshape(-1, 3)
-    return arr[:, 0], arr[:, 1], arr[:, 2]
-
-
 def _spans(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Concatenated index ranges ``[first[i], first[i] + count[i])`` (int64)."""
     total = int(count.sum())
@@ -141,7 +130,7 @@ def build_stream(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) ->
     def order_at(idx: np.ndarray):
         return ords if uniform else ords[idx]
 
-    seg_start, seg_end = usable_segments(memory)
+    seg_start, seg_end = intervals.usable(memory)
     starts, heads, args = [], [], []
 
     def emit(start: np.ndarray, head: np.ndarray, arg: np.ndarray) -> None:
@@ -149,8 +138,10 @@ def build_stream(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) ->
         heads.append(np.broadcast_to(head, np.shape(start)))
         args.append(np.broadcast_to(np.asarray(arg, dtype=np.int64), np.shape(start)))
 
-    skip_start, skip_end, skip_kind = _skips(memory)
-    emit(skip_start, _head(OP_SKIP, skip_start, kind=skip_kind), skip_end - skip_start)
+    hole_start, hole_end = intervals.gaps(*intervals.banks(memory, np.int64))
+    emit(hole_start, _head(OP_SKIP, hole_start, kind=SKIP_HOLE), hole_end - hole_start)
+    skip_start, skip_end = intervals.scratch(memory, np.int64)
+    emit(skip_start, _head(OP_SKIP, skip_start, kind=SKIP_SCRATCH), skip_end - skip_start)
     lead_end = np.full(seg_start.size, -1, dtype=np.int64)
     words = np.empty(0, dtype=np.uint64)
     if n:
@@ -307,7 +298,7 @@ def _free_gaps(memory: PhysicalMemory, unit_start: np.ndarray, unit_end: np.ndar
     """The usable pages no unit covers, as maximal ``[start, end)`` pfn runs, sorted: the
     gaps between consecutive units of one usable segment, plus each segment's edges
     (before its first unit, after its last, or all of it when it has none).  O(units)."""
-    seg_start, seg_end = usable_segments(memory)
+    seg_start, seg_end = intervals.usable(memory)
     first = np.searchsorted(unit_start, seg_start)  # each segment's first unit (units lie inside segments)
     last = np.searchsorted(unit_start, seg_end) - 1  # and its last
     inner = unit_start[1:] > unit_end[:-1]
@@ -373,7 +364,7 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = T
     if end[-1] != stop:
         raise KHOFormatError("instructions.record.arg", f"the last record ends at pfn {int(end[-1]):#x}, RAM at {stop:#x}",
                              stream.record_location(stream.nr_records - 1))
-    check(~is_skip & ~in_usable(memory, start, end), "start", "not inside one RAM bank outside the scratch areas")
+    check(~is_skip & ~intervals.within(*intervals.usable(memory), start, end), "start", "not inside one RAM bank outside the scratch areas")
     bank_start = np.array([b.start >> shift for b in memory.banks], dtype=np.int64)
     bank_end = np.array([b.end >> shift for b in memory.banks], dtype=np.int64)
     b = np.searchsorted(bank_start, end, side="left") - 1

@@ -26,9 +26,9 @@ from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY, FDT_TAG_ALIGN, FDT_TOKEN
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.chunklist import in_usable
 from kho.encodings.common import check_page_size
 from kho.errors import KHOFormatError
+from kho.memory import intervals
 from kho.memory.geometry import greedy_split_array
 from kho.memory.physical import PhysicalMemory
 
@@ -69,52 +69,15 @@ class RangesEncodedMap(EncodedMap):
 
 
 # -- helpers shared with ranges-packed -----------------------------------------------------
-def _bank_index(memory: PhysicalMemory, pfn: np.ndarray) -> np.ndarray:
-    firsts = np.array([b.start >> memory.page_shift for b in memory.banks], dtype=np.int64)
-    return np.searchsorted(firsts, pfn, side="right") - 1
-
-
-def merge_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge sorted, disjoint ``[start, end)`` pfn runs that touch, never across a RAM
-    bank boundary.  Returns the merged runs (int64 pfns).  O(n) numpy work."""
-    start = np.asarray(start_pfn, dtype=np.int64)
-    end = np.asarray(end_pfn, dtype=np.int64)
-    if not start.size:
-        return start, end
-    joins = start[1:] == end[:-1]
-    if not joins.any():
-        return start, end
-    if len(memory.banks) > 1:
-        bank = _bank_index(memory, start)
-        joins &= bank[1:] == bank[:-1]
-    keep = np.flatnonzero(~joins)
-    firsts = np.concatenate([[0], keep + 1])
-    lasts = np.concatenate([keep, [start.size - 1]])
-    return start[firsts], end[lasts]
-
-
 def merge_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Units ``(phys, order)`` sorted by phys, as merged ``[start, end)`` pfn runs (int64)."""
     pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
-    order = np.asarray(order)
-    if order.size and (order == order[0]).all():  # one order: a scalar size
-        return merge_runs(memory, pfn, pfn + (1 << int(order[0])))
-    return merge_runs(memory, pfn, pfn + np.left_shift(1, order.astype(np.int64)))
+    return merge_in_banks(memory, *intervals.of_units(pfn, order))
 
 
-def union_runs(start_pfn: np.ndarray, end_pfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The union of non-empty ``[start, end)`` pfn runs in any order, overlaps allowed, as
-    sorted, disjoint runs (overlapping runs merged; touching ones left for
-    :func:`merge_runs`).  O(n log n) numpy work."""
-    if not start_pfn.size:
-        return start_pfn, end_pfn
-    sort = np.argsort(start_pfn, kind="stable")
-    start, end = start_pfn[sort], np.maximum.accumulate(end_pfn[sort])
-    new = np.ones(start.size, dtype=bool)
-    new[1:] = start[1:] >= end[:-1]
-    firsts = np.flatnonzero(new)
-    lasts = np.append(firsts[1:], start.size) - 1
-    return start[firsts], end[lasts]
+def merge_in_banks(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint pfn runs with touching ones joined, never across a RAM bank boundary."""
+    return intervals.merge_adjacent(start_pfn, end_pfn, intervals.banks(memory, np.int64)[0])
 
 
 def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, metadata_pages: np.ndarray,
@@ -123,8 +86,8 @@ def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarr
     Strict runs arrive sorted and disjoint; lenient ones may come in any order and overlap,
     and are reduced to their union first (reserving a range twice reserves it once)."""
     if not strict:
-        start_pfn, end_pfn = union_runs(start_pfn, end_pfn)
-    start, end = merge_runs(memory, start_pfn, end_pfn)
+        start_pfn, end_pfn = intervals.normalize(start_pfn, end_pfn, merge_touching=False)
+    start, end = merge_in_banks(memory, start_pfn, end_pfn)
     pfn, order = greedy_split_array(start, end, memory.geometry.max_order)
     phys = pfn.astype(np.uint64) << np.uint64(memory.page_shift)
     return DecodedMap(phys, order, exact_orders=False, metadata_pages=metadata_pages)
@@ -149,13 +112,14 @@ def check_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarra
         if outside.any():
             fail(outside, "outside RAM or across a RAM bank boundary")
         return
-    if not in_usable(memory, start_pfn, end_pfn).all():
+    inside = intervals.within(*intervals.usable(memory), start_pfn, end_pfn)
+    if not inside.all():
         addr = start_pfn.astype(np.uint64) << np.uint64(shift)
         length = (end_pfn - start_pfn).astype(np.uint64) << np.uint64(shift)
         for mask, message in (
             (~memory.in_ram_array(addr, length), "outside RAM"),
             (memory.overlaps_scratch_array(addr, length), "meets a scratch area"),
-            (~in_usable(memory, start_pfn, end_pfn), "crosses a RAM bank boundary"),
+            (~inside, "crosses a RAM bank boundary"),
         ):
             if mask.any():
                 fail(mask, message)
