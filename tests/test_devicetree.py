@@ -10,17 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kho.devicetree import (
-    ChosenKHO,
-    KHOFdt,
-    build_boot_dtb,
-    parse_chosen,
-    parse_fdt,
-    read_scratch_array,
-    write_scratch_array,
-)
+from kho.devicetree import ChosenKHO, KHOFdt, build_boot_dtb, parse_chosen, parse_fdt
 from kho.devicetree.layout import FDT_NOP
 from kho.errors import KHOError, KHOFormatError
+from kho.handover.scratch_array import read_scratch_array, write_scratch_array
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,12 +17,12 @@ from fuzz.corpus import seeds
 from fuzz.samples import PS
 from fuzz.targets import TARGETS, time_limit
 
-from kho.devicetree import read_scratch_array
-from kho.encodings import get_encoding
 from kho.abi.kho_v1 import KHOSER_MEM_BITMAP_PTR_DTYPE as CHUNK_ENTRY_DTYPE
 from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
+from kho.encodings import get_encoding
 from kho.errors import KHOFormatError
 from kho.handover.imagefile import load_image
+from kho.handover.scratch_array import read_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 CRASHES = Path(__file__).resolve().parent / "fuzz" / "crashes"

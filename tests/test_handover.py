@@ -5,10 +5,11 @@ import pytest
 
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.pagealloc import PageAllocator
-from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
+from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import get_encoding
 from kho.errors import KHOError
 from kho.handover.outgoing import KHO, order_for
+from kho.handover.scratch_array import read_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 MiB = 1 << 20

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fuzz.samples import ARENA, PS, machine
 
-from kho.encodings import get_encoding
-from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
 from kho.abi.kexec_handover import RadixGeometry
+from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
+from kho.encodings import get_encoding
 from kho.errors import KHOFormatError
 
 MiB = 1 << 20

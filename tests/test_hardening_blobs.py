@@ -14,13 +14,13 @@ import pytest
 from fuzz.corpus import seeds
 from fuzz.samples import ARENA, PS, machine
 
-from kho.devicetree import KHOFdt, parse_chosen, parse_fdt, read_scratch_array
-from kho.devicetree.chosen import MAX_SCRATCH_AREAS
+from kho.devicetree import KHOFdt, parse_chosen, parse_fdt
 from kho.devicetree.flat import MAX_DEPTH
 from kho.devicetree.layout import FDT_BEGIN_NODE, FDT_END, FDT_END_NODE, FDT_MAGIC, FDT_NOP, FDT_PROP
 from kho.encodings import DecodedMap
 from kho.errors import KHOFormatError
 from kho.handover.imagefile import MAX_BANKS, load_image
+from kho.handover.scratch_array import MAX_SCRATCH_AREAS, read_scratch_array
 
 MiB = 1 << 20
 MAP = "preserved-memory-map"

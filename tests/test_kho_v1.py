@@ -8,10 +8,10 @@ from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, mem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
-from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
 from kho.encodings.kho_v1 import KhoV1
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea

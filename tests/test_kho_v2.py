@@ -7,9 +7,9 @@ from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, mem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kho.abi.kexec_handover import RadixGeometry
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
-from kho.abi.kexec_handover import RadixGeometry
 from kho.encodings.kho_v2 import KhoV2
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from kho.abi.kexec_handover import RadixGeometry
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree import KHOFdt, build_boot_dtb, write_scratch_array
+from kho.devicetree import KHOFdt, build_boot_dtb
 from kho.encodings.kho_v1 import KhoV1
-from kho.abi.kexec_handover import RadixGeometry
 from kho.encodings.kho_v2 import KhoV2
 from kho.handover.imagefile import load_image, save_image
 from kho.handover.outgoing import KHO
+from kho.handover.scratch_array import write_scratch_array
 from kho.memory.physical import PhysicalMemory, ScratchArea
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"

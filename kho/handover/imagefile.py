@@ -30,10 +30,10 @@ import numpy as np
 
 from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
-from kho.devicetree.chosen import MAX_SCRATCH_AREAS
 from kho.encodings import DecodedMap, Encoding, get_encoding
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.outgoing import Handover
+from kho.handover.scratch_array import MAX_SCRATCH_AREAS
 from kho.memory import intervals
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 

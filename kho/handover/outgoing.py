@@ -35,11 +35,11 @@ import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb, write_scratch_array
-from kho.devicetree.chosen import pack_scratch_array
+from kho.devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb
 from kho.devicetree.layout import pack_u64
 from kho.encodings import EncodedMap, get_encoding
 from kho.errors import KHOError
+from kho.handover.scratch_array import pack_scratch_array, write_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 

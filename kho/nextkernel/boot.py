@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
-from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
+from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import encoding_for_compatible, get_encoding, known_compatibles
 from kho.errors import KHOError, KHOFormatError
+from kho.handover.scratch_array import read_scratch_array
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 from kho.nextkernel.buddy import BuddyAllocator

@@ -19,11 +19,11 @@ import fdt
 
 from kho.abi.kexec_handover import KHO_CHOSEN_FDT_PROP_NAME, KHO_CHOSEN_SCRATCH_PROP_NAME
 from kho.devicetree import build_boot_dtb
-from kho.devicetree.chosen import pack_scratch_array
 from kho.devicetree.flat import new_tree, to_dtb
 from kho.devicetree.layout import FDT_HEADER, FDT_HEADER_FIELDS
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO, Handover
+from kho.handover.scratch_array import pack_scratch_array
 from kho.memory.physical import ScratchArea
 
 from .samples import PS, SCRATCH, encode_map, handover_allocator, machine, tracker

@@ -19,11 +19,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from kho.devicetree import KHOFdt, parse_chosen, read_scratch_array
+from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import DecodedMap, get_encoding
 from kho.encodings.common import PHYS_ADDR_BITS
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.imagefile import load_image
+from kho.handover.scratch_array import read_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 from .samples import ARENA, ARENA_PAGES, MAX_MAP_INPUT, PS, load_map, machine
