@@ -3,11 +3,12 @@
 import pytest
 from buddy_invariants import check_free_lists
 
+from kho.abi.kexec_handover import KHO_PAGE_MAGIC
 from kho.currentkernel.machine import Machine
 from kho.errors import KHOError
 from kho.handover.outgoing import KHO
 from kho.nextkernel import boot
-from kho.nextkernel.memmap import ALLOCATED, KHO_PAGE_MAGIC, PRESERVED
+from kho.nextkernel.memmap import ALLOCATED, PRESERVED
 
 IMAGE = 1 << 20
 PS = 4096

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kho.abi.kho_v1 import PRESERVE_BITS_6_16
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.pagealloc import PageAllocator
-from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import get_encoding
 from kho.encodings.chunklist import CHUNK_HEADER, chunk_capacity
 from kho.encodings.maple import MAPLE_NODE, MAPLE_PIVOTS, MAPLE_SLOTS

@@ -15,9 +15,10 @@ import time
 
 import numpy as np
 
+from kho.abi.kho_v1 import PRESERVE_BITS_6_16
 from kho.cli.options import add_machine_options, size_arg
 from kho.currentkernel.machine import Machine
-from kho.currentkernel.tracker import PRESERVE_BITS_6_16, Tracker
+from kho.currentkernel.tracker import Tracker
 from kho.encodings import load_all
 from kho.errors import KHOError
 from kho.handover.imagefile import save_image

@@ -3,7 +3,7 @@
 Two numpy arrays indexed by page over all RAM banks (bank after bank, holes skipped):
 
 * ``info`` — ``page->private`` as KHO writes it on the head page of every preserved
-  unit: :data:`KHO_PAGE_INFO` ``{u32 order; u32 magic}`` (``union kho_page_info``,
+  unit: :data:`KHO_PAGE_INFO_DTYPE` ``{u32 order; u32 magic}`` (``union kho_page_info``,
   little-endian: the order is the low 32 bits of ``private``), magic 'KHOP'.
 * ``state`` — who owns the page: free (in the buddy free lists), allocated (handed
   out by the allocator, or restored from KHO and now the caller's), reserved (memblock
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_PAGE_INFO_DTYPE, KHO_PAGE_MAGIC
 from kho.errors import KHOError
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
-
-#: ``union kho_page_info``: ``page->private`` of a preserved head page.
-KHO_PAGE_INFO = np.dtype([("order", "<u4"), ("magic", "<u4")])
-#: The magic KHO writes next to the order: ASCII 'KHOP'.
-KHO_PAGE_MAGIC = 0x4B484F50
 
 #: Page states (values of :attr:`MemMap.state`); :meth:`MemMap.set_free` relies on FREE being 0.
 FREE, ALLOCATED, RESERVED, PRESERVED = 0, 1, 2, 3
@@ -42,7 +38,7 @@ class MemMap:
         self.bank_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.nr_pages = int(sizes.sum())
         # Written out now, as memmap_init does, not left to first touch.
-        self.info = np.empty(self.nr_pages, dtype=KHO_PAGE_INFO)
+        self.info = np.empty(self.nr_pages, dtype=KHO_PAGE_INFO_DTYPE)
         self.info.view(np.uint64).fill(0)
         self.state = np.full(self.nr_pages, RESERVED, dtype=np.uint8)
 
@@ -91,7 +87,7 @@ class MemMap:
         state becomes preserved, the head's ``info`` order + magic.  O(preserved pages)."""
         idx = self.index(pfn)
         order = np.asarray(order, dtype=np.uint8).reshape(-1)
-        info = np.zeros(order.size, dtype=KHO_PAGE_INFO)
+        info = np.zeros(order.size, dtype=KHO_PAGE_INFO_DTYPE)
         info["order"], info["magic"] = order, KHO_PAGE_MAGIC
         self.info[idx] = info
         present = np.flatnonzero(np.bincount(order, minlength=1))

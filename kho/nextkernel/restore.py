@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_PAGE_MAGIC
 from kho.devicetree import KHOFdt
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split
 from kho.memory.physical import PhysicalMemory
-from kho.nextkernel.memmap import ALLOCATED, KHO_PAGE_MAGIC, PRESERVED, MemMap
+from kho.nextkernel.memmap import ALLOCATED, PRESERVED, MemMap
 
 
 class IncomingKHO:
