@@ -1,0 +1,128 @@
+"""``open_dump``: a memory dump or a debugfs directory, recognised by content.
+
+* a directory: debugfs's ``kho/out`` or ``kho/in`` (:mod:`kho.dumps.debugfs`);
+* a file starting with the zstd frame magic: a zstd-compressed raw dump;
+* a file starting with ``\\x7fELF``: an ELF core (``PT_LOAD`` by physical address);
+* any other non-empty file: a raw physical-memory dump (offset = ``phys - base``).
+
+RAM is what the dump covers (the raw file's extent, the ELF core's segments) or the
+``ram`` ranges given, which must lie inside it.  Nothing is read beyond the header here
+(a zstd dump is decompressed once, see :class:`~kho.dumps.sources.ZstdSource`); the scan for
+the handover runs on the first :meth:`Dump.handover` or :meth:`Dump.candidates`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from kho.dumps.debugfs import DebugfsHandover, read_debugfs
+from kho.dumps.find import DumpHandover, FdtCandidate, classify, find_handover
+from kho.dumps.memory import DumpMemory
+from kho.dumps.sources import ELF_MAGIC, ZSTD_MAGIC, ElfSource, PageScan, RawSource, Source, ZstdSource
+from kho.errors import KHOError
+from kho.memory.geometry import PageGeometry
+from kho.memory.physical import Bank
+
+
+class Dump:
+    """An opened memory dump: ``memory`` (a read-only :class:`~kho.dumps.memory.DumpMemory`),
+    ``format`` (raw, zstd, elf) and ``description`` (what was recognised).  Close it (or use
+    it as a context manager) to release the file."""
+
+    def __init__(self, path: str, source: Source, memory: DumpMemory):
+        self.path = path
+        self.source = source
+        self.memory = memory
+        self._handovers: dict[tuple[int | None, bool], DumpHandover] = {}
+
+    @property
+    def format(self) -> str:
+        return self.source.format
+
+    @property
+    def description(self) -> str:
+        return self.source.description
+
+    @property
+    def page_size(self) -> int:
+        return self.memory.page_size
+
+    def scan(self) -> PageScan:
+        """Page starts holding an FDT or an x86 boot_params (scanned once, O(dump data))."""
+        return self.source.scan()
+
+    def candidates(self, *, strict: bool = False) -> list[FdtCandidate]:
+        """Every FDT found at a page start, classified, KHO maps decoded."""
+        return [classify(self.memory, int(p), strict=strict) for p in self.scan().fdt.tolist()]
+
+    def handover(self, *, fdt: int | None = None, strict: bool = False) -> DumpHandover:
+        """The handover (see :func:`~kho.dumps.find.find_handover`); ``fdt``: the KHO FDT's
+        phys, to choose among several; ``strict``: kho's strict decoding instead of the
+        kernel-compatible one.  Computed once per choice."""
+        key = (fdt, strict)
+        if key not in self._handovers:
+            scan = self.scan()
+            self._handovers[key] = find_handover(self.memory, scan.fdt, scan.boot_params,
+                                                 what=f"{self.path} ({self.description})", fdt=fdt, strict=strict)
+        return self._handovers[key]
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "Dump":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _banks(source: Source, ram: Sequence | None, page_size: int) -> list[Bank]:
+    """The RAM banks: the source's extents, or ``ram`` (``(start, size)`` pairs or Banks in
+    bytes), each inside one extent (KHOError(EINVAL) otherwise)."""
+    if ram is None:
+        return [Bank(start, end - start) for start, end in source.extents]
+    banks = [r if isinstance(r, Bank) else Bank(*r) for r in ram]
+    for bank in banks:
+        if not any(start <= bank.start and bank.end <= end for start, end in source.extents):
+            covered = ", ".join(f"{s:#x}-{e:#x}" for s, e in source.extents)
+            raise KHOError("EINVAL", f"RAM range {bank.start:#x}+{bank.size:#x} is not inside the dump ({covered})")
+    return banks
+
+
+def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence | None = None,
+              page_size: int = 4096) -> Dump | DebugfsHandover:
+    """Open a dump or a debugfs directory (see the module docstring).  ``base``: the phys of a
+    raw (or zstd raw) dump's first byte (default 0); ``ram``: the RAM ranges, ``(start,
+    size)`` in bytes; ``page_size``: the dumped kernel's page size.  KHOError(ENOENT) for a
+    missing path, KHOFormatError naming what was recognised for a damaged file."""
+    path = os.fspath(path)
+    PageGeometry(page_size)
+    if os.path.isdir(path):
+        if base is not None or ram is not None:
+            raise KHOError("EINVAL", f"{path}: a debugfs directory has no physical addresses (no base or RAM)")
+        return read_debugfs(path)
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise KHOError("ENOENT", f"{path}: no such file or directory") from None
+    except OSError as err:
+        raise KHOError("EINVAL", f"{path}: cannot be read: {err.strerror}") from None
+    try:
+        head = file.read(4)
+        file.seek(0)
+        if not head:
+            raise KHOError("EINVAL", f"{path}: an empty file is not a memory dump")
+        if head == ZSTD_MAGIC:
+            source: Source = ZstdSource(path, page_size, base or 0, file)
+        elif head == ELF_MAGIC:
+            if base is not None:
+                raise KHOError("EINVAL", f"{path}: an ELF core carries its own physical addresses (no base)")
+            source = ElfSource(path, page_size, file)
+        else:
+            source = RawSource(path, page_size, base or 0, file)
+        memory = DumpMemory(source, _banks(source, ram, page_size), page_size)
+    except BaseException:
+        file.close()
+        raise
+    return Dump(path, source, memory)

@@ -1,0 +1,371 @@
+"""Where a dump's bytes come from: a raw file, a zstd-compressed raw file, an ELF core.
+
+A source maps physical addresses to bytes and never holds the dump in host memory:
+
+* :class:`RawSource`: file offset = ``phys - base``; read with ``pread``; the data extents
+  of a sparse file are found with ``SEEK_DATA``/``SEEK_HOLE`` so a scan skips its holes.
+* :class:`ElfSource`: the ``PT_LOAD`` segments of an ELF core (QEMU ``dump-guest-memory``,
+  a kdump vmcore), by ``p_paddr``; bytes past ``p_filesz`` read as zeros; overlapping
+  segments (a vmcore maps the kernel text twice) are cut so the first by address wins.
+* :class:`ZstdSource`: one streaming decompression at open, :data:`ZSTD_BLOCK_PAGES` pages at
+  a time: all-zero blocks are dropped, the others are kept recompressed (zstd level 1) in a
+  dict, and the page starts are scanned on the way (:meth:`Source.scan`), so host memory is
+  about the compressed size of the non-zero content and one pass costs the decompression.
+  A read decompresses the blocks it touches (a few are cached).
+
+Every source also scans its data for the page starts that hold an FDT header or an x86
+``boot_params`` (:class:`PageScan`), in chunks of :data:`SCAN_CHUNK_BYTES` (numpy, vectorized
+over the pages of a chunk).  Units: ``phys`` and sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from bisect import bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import zstandard
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from kho.abi.setup_data import BOOT_FLAG, BOOT_PARAMS_BOOT_FLAG_OFFSET, BOOT_PARAMS_HEADER_OFFSET, SETUP_HEADER_MAGIC
+from kho.devicetree.layout import FDT_MAGIC
+from kho.errors import KHOError, KHOFormatError
+
+#: Bytes read at once when scanning a raw or ELF file (bounds the scan's host memory).
+SCAN_CHUNK_BYTES = 16 << 20
+#: Pages decompressed, tested for zeros and recompressed together by :class:`ZstdSource`.
+ZSTD_BLOCK_PAGES = 64
+#: Decompressed zstd blocks kept for reads.
+ZSTD_CACHE_BLOCKS = 16
+#: ``PT_LOAD``.
+PT_LOAD = "PT_LOAD"
+#: First four bytes of a zstd frame and of an ELF file.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass
+class PageScan:
+    """Page starts (phys, uint64 ascending) holding an FDT magic (big-endian 0xd00dfeed) or an
+    x86 ``boot_params`` signature (``boot_flag`` 0xAA55 and ``header`` "HdrS")."""
+
+    fdt: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    boot_params: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    scanned_bytes: int = 0
+
+    def add(self, phys: int, data: bytes | memoryview, page_size: int) -> None:
+        """Scan ``data`` (whole pages from page-aligned ``phys``).  O(pages), vectorized."""
+        count = len(data) // page_size
+        if not count:
+            return
+        words = np.frombuffer(data, dtype=np.uint8, count=count * page_size).reshape(count, page_size)
+        magic = words[:, :4].view(">u4")[:, 0]
+        starts = np.uint64(phys) + np.arange(count, dtype=np.uint64) * np.uint64(page_size)
+        hits = np.flatnonzero(magic == FDT_MAGIC)
+        if hits.size:
+            self.fdt = np.concatenate([self.fdt, starts[hits]])
+        if page_size > BOOT_PARAMS_HEADER_OFFSET + 4:
+            header = words[:, BOOT_PARAMS_HEADER_OFFSET:BOOT_PARAMS_HEADER_OFFSET + 4].view("<u4")[:, 0]
+            flag = words[:, BOOT_PARAMS_BOOT_FLAG_OFFSET:BOOT_PARAMS_BOOT_FLAG_OFFSET + 2].view("<u2")[:, 0]
+            hits = np.flatnonzero((header == SETUP_HEADER_MAGIC) & (flag == BOOT_FLAG))
+            if hits.size:
+                self.boot_params = np.concatenate([self.boot_params, starts[hits]])
+        self.scanned_bytes += count * page_size
+
+
+class Source:
+    """Bytes by physical address.  Subclasses set :attr:`format`, :attr:`extents` (the
+    ``[start, end)`` phys ranges the dump covers, page-aligned, ascending, disjoint) and
+    :attr:`description`."""
+
+    format: str = ""
+
+    def __init__(self, path: str | os.PathLike, page_size: int):
+        self.path = os.fspath(path)
+        self.page_size = page_size
+        self.extents: list[tuple[int, int]] = []
+        self.description = ""
+
+    def read(self, phys: int, size: int) -> bytes:
+        """``size`` bytes from ``phys`` (the caller keeps the range inside :attr:`extents`)."""
+        raise NotImplementedError
+
+    def scan(self) -> PageScan:
+        """The page starts holding an FDT or boot_params (computed once).  O(data bytes)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file."""
+
+
+def _page_floor(value: int, page_size: int) -> int:
+    return value & ~(page_size - 1)
+
+
+def _page_ceil(value: int, page_size: int) -> int:
+    return (value + page_size - 1) & ~(page_size - 1)
+
+
+class _FileSource(Source):
+    """A source backed by an open file read with ``pread``; :attr:`pieces` map phys to file
+    offsets: ``(phys start, phys end, file offset of start, bytes in the file)``."""
+
+    def __init__(self, path, page_size: int, file: BinaryIO):
+        super().__init__(path, page_size)
+        self.file = file
+        self.file_size = os.fstat(file.fileno()).st_size
+        self.pieces: list[tuple[int, int, int, int]] = []
+        self._piece_starts: list[int] = []
+        self._scan: PageScan | None = None
+
+    def _set_pieces(self, pieces: list[tuple[int, int, int, int]]) -> None:
+        self.pieces = sorted(pieces)
+        self._piece_starts = [p[0] for p in self.pieces]
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at file ``offset``, zero-padded past the end of the file."""
+        data = os.pread(self.file.fileno(), size, offset) if size > 0 else b""
+        return data + bytes(size - len(data)) if len(data) < size else data
+
+    def read(self, phys: int, size: int) -> bytes:
+        out = bytearray(size)
+        end = phys + size
+        i = max(bisect_right(self._piece_starts, phys) - 1, 0)
+        while i < len(self.pieces) and self.pieces[i][0] < end:
+            start, stop, offset, in_file = self.pieces[i]
+            lo, hi = max(start, phys), min(stop, end)
+            if lo < hi:
+                file_hi = min(hi, start + in_file)
+                if file_hi > lo:
+                    out[lo - phys:file_hi - phys] = self._pread(offset + lo - start, file_hi - lo)
+            i += 1
+        return bytes(out)
+
+    def _file_data_ranges(self, offset: int, size: int) -> Iterator[tuple[int, int]]:
+        """Data ranges ``[lo, hi)`` of the file within ``[offset, offset + size)``, holes skipped
+        (``SEEK_DATA``/``SEEK_HOLE`` where the file system has them)."""
+        fd = self.file.fileno()
+        end = min(offset + size, self.file_size)
+        pos = offset
+        while pos < end:
+            try:
+                lo = os.lseek(fd, pos, os.SEEK_DATA)
+                hi = os.lseek(fd, lo, os.SEEK_HOLE)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # no data after pos
+                    return
+                lo, hi = pos, end  # the file system cannot tell: read everything
+            if lo >= end:
+                return
+            yield lo, min(hi, end)
+            pos = hi
+
+    def scan(self) -> PageScan:
+        """Scan the file's data (holes skipped) :data:`SCAN_CHUNK_BYTES` at a time, once."""
+        if self._scan is None:
+            ps = self.page_size
+            scan = PageScan()
+            for start, stop, offset, in_file in self.pieces:
+                for lo, hi in self._file_data_ranges(offset, min(in_file, stop - start)):
+                    phys = _page_floor(start + lo - offset, ps)
+                    end = min(_page_ceil(start + hi - offset, ps), _page_floor(stop, ps))
+                    while phys < end:
+                        n = min(SCAN_CHUNK_BYTES, end - phys)
+                        scan.add(phys, self.read(phys, n), ps)
+                        phys += n
+            self._scan = scan
+        return self._scan
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RawSource(_FileSource):
+    """A raw physical-memory dump: byte ``i`` of the file is phys ``base + i``.
+
+    The dump covers ``[base, base + file size)`` rounded down to whole pages (a partial last
+    page is ignored and :attr:`description` says so)."""
+
+    format = "raw"
+
+    def __init__(self, path, page_size: int, base: int, file: BinaryIO):
+        super().__init__(path, page_size, file)
+        if base < 0 or base % page_size:
+            raise KHOError("EINVAL", f"base {base:#x} is not a page-aligned address")
+        whole = _page_floor(self.file_size, page_size)
+        if whole == 0:
+            raise KHOFormatError("dump", f"{self.path}: raw dump of {self.file_size} bytes: less than one {page_size}-byte page",
+                                 0, where="offset")
+        self.extents = [(base, base + whole)]
+        self._set_pieces([(base, base + whole, 0, whole)])
+        tail = f" ({self.file_size - whole} trailing bytes ignored)" if whole != self.file_size else ""
+        self.description = f"raw dump, {whole} bytes at phys {base:#x}{tail}"
+
+
+class ElfSource(_FileSource):
+    """An ELF core's ``PT_LOAD`` segments, by physical address (``p_paddr``)."""
+
+    format = "elf"
+
+    def __init__(self, path, page_size: int, file: BinaryIO):
+        super().__init__(path, page_size, file)
+        try:
+            elf = ELFFile(file)
+            kind = elf.header["e_type"]
+            loads = [seg.header for seg in elf.iter_segments() if seg.header["p_type"] == PT_LOAD]
+        except (ELFError, ValueError, KeyError, OSError, AssertionError) as err:
+            raise KHOFormatError("elf", f"{self.path}: an ELF header, but unreadable: {err}", 0, where="offset") from None
+        if kind != "ET_CORE":
+            raise KHOFormatError("elf.e_type", f"{self.path}: an ELF file of type {kind}, not a core dump", 16, where="offset")
+        segments = []
+        for h in loads:
+            paddr, memsz, offset, filesz = (int(h[k]) for k in ("p_paddr", "p_memsz", "p_offset", "p_filesz"))
+            if filesz > memsz or offset + filesz > self.file_size:
+                raise KHOFormatError("elf.p_filesz", f"{self.path}: PT_LOAD at paddr {paddr:#x}: {filesz} bytes at file offset "
+                                     f"{offset:#x} run past the segment or the {self.file_size}-byte file",
+                                     offset, where="offset")
+            if memsz:
+                segments.append((paddr, paddr + memsz, offset, filesz))
+        if not segments:
+            raise KHOFormatError("elf.phdr", f"{self.path}: an ELF core without PT_LOAD segments", 0, where="offset")
+        pieces = []
+        covered = 0  # segments sorted by address; each keeps only what no earlier one covers
+        for start, stop, offset, filesz in sorted(segments, key=lambda s: (s[0], -s[1])):
+            lo = max(start, covered)
+            if lo < stop:
+                pieces.append((lo, stop, offset + lo - start, max(0, filesz - (lo - start))))
+                covered = stop
+        self._set_pieces(pieces)
+        self.extents = _merge_page_ranges([(p[0], p[1]) for p in pieces], page_size)
+        if not self.extents:
+            raise KHOFormatError("elf.phdr", f"{self.path}: no PT_LOAD segment holds a whole page", 0, where="offset")
+        self.description = (f"ELF core, {len(segments)} PT_LOAD segments, "
+                            f"{sum(e - s for s, e in self.extents)} bytes of RAM")
+
+
+def _merge_page_ranges(ranges: list[tuple[int, int]], page_size: int) -> list[tuple[int, int]]:
+    """Ranges shrunk to whole pages, adjacent or overlapping ones merged, empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        start, stop = _page_ceil(start, page_size), _page_floor(stop, page_size)
+        if start >= stop:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+class ZstdSource(Source):
+    """A zstd-compressed raw dump (byte ``i`` of the decompressed stream is phys ``base + i``).
+
+    Opening decompresses the stream once (every frame, in order), scanning it and keeping the
+    non-zero blocks recompressed; see the module docstring.  Damaged or truncated input is a
+    KHOFormatError naming the compressed offset reached."""
+
+    format = "zstd"
+
+    def __init__(self, path, page_size: int, base: int, file: BinaryIO):
+        super().__init__(path, page_size)
+        if base < 0 or base % page_size:
+            raise KHOError("EINVAL", f"base {base:#x} is not a page-aligned address")
+        self.base = base
+        self.block_bytes = ZSTD_BLOCK_PAGES * page_size
+        self.blocks: dict[int, bytes] = {}  # block number -> zstd-compressed block
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._dctx = zstandard.ZstdDecompressor()
+        compressed_size = os.fstat(file.fileno()).st_size
+        self._scan = PageScan()
+        total = self._index(file)
+        whole = _page_floor(total, page_size)
+        if whole == 0:
+            raise KHOFormatError("zstd", f"{self.path}: decompresses to {total} bytes: less than one {page_size}-byte page",
+                                 0, where="offset")
+        self.size = whole
+        self.extents = [(base, base + whole)]
+        self.stored_bytes = sum(len(b) for b in self.blocks.values())
+        tail = f" ({total - whole} trailing bytes ignored)" if whole != total else ""
+        self.description = (f"zstd-compressed raw dump, {compressed_size} bytes -> {whole} bytes at phys {base:#x}"
+                            f"{tail}; {len(self.blocks)} non-zero {self.block_bytes >> 10} KiB blocks kept in "
+                            f"{self.stored_bytes} bytes")
+        file.close()
+
+    def _index(self, file: BinaryIO) -> int:
+        """Decompress the whole stream once; returns its decompressed size in bytes."""
+        cctx = zstandard.ZstdCompressor(level=1)
+        reader = self._dctx.stream_reader(file, read_size=1 << 20, read_across_frames=True)
+        pos = 0
+        block = self.block_bytes
+        chunk_blocks = max(1, SCAN_CHUNK_BYTES // block)
+        try:
+            while True:
+                data = _read_full(reader, chunk_blocks * block)
+                if not data:
+                    break
+                whole = _page_floor(len(data), self.page_size)
+                self._scan.add(self.base + pos, memoryview(data)[:whole], self.page_size)
+                n = -(-len(data) // block)
+                padded = data if len(data) == n * block else data + bytes(n * block - len(data))
+                nonzero = np.frombuffer(padded, dtype="<u8").reshape(n, block // 8).any(axis=1)
+                first = pos // block
+                view = memoryview(padded)
+                for k in np.flatnonzero(nonzero).tolist():
+                    self.blocks[first + k] = cctx.compress(view[k * block:(k + 1) * block])
+                pos += len(data)
+                if len(data) % block:
+                    break
+        except zstandard.ZstdError as err:
+            raise KHOFormatError("zstd", f"{self.path}: damaged or truncated after {pos} decompressed bytes: {err}",
+                                 file.tell(), where="offset") from None
+        if pos == 0:
+            raise KHOFormatError("zstd", f"{self.path}: a zstd frame that decompresses to nothing", 0, where="offset")
+        return pos
+
+    def _block(self, number: int) -> bytes | None:
+        if number in self._cache:
+            self._cache.move_to_end(number)
+            return self._cache[number]
+        packed = self.blocks.get(number)
+        if packed is None:
+            return None
+        data = self._dctx.decompress(packed, max_output_size=self.block_bytes)
+        self._cache[number] = data
+        if len(self._cache) > ZSTD_CACHE_BLOCKS:
+            self._cache.popitem(last=False)
+        return data
+
+    def read(self, phys: int, size: int) -> bytes:
+        out = bytearray(size)
+        pos = phys - self.base
+        end = pos + size
+        block = self.block_bytes
+        for number in range(pos // block, -(-end // block)):
+            data = self._block(number)
+            if data is None:
+                continue
+            lo, hi = max(pos, number * block), min(end, (number + 1) * block)
+            out[lo - pos:hi - pos] = data[lo - number * block:hi - number * block]
+        return bytes(out)
+
+    def scan(self) -> PageScan:
+        """Computed while indexing."""
+        return self._scan
+
+
+def _read_full(reader, size: int) -> bytes:
+    """Read ``size`` bytes from a stream reader (fewer only at the end of the stream)."""
+    parts = []
+    got = 0
+    while got < size:
+        part = reader.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)

@@ -1,0 +1,219 @@
+"""kho.dumps: raw, zstd and ELF-core dumps of a handover kho wrote, found and decoded; the
+x86 and arm64 handoffs; a second kernel's dump with a stale FDT; sparse dumps."""
+
+import numpy as np
+import pytest
+
+from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.currentkernel.machine import Machine
+from kho.devicetree import KHOFdt
+from kho.devicetree.flat import new_tree, to_dtb
+from kho.devicetree.layout import pack_u64
+from kho.dumps import open_dump
+from kho.encodings import get_encoding
+from kho.errors import KHOError, KHOFormatError
+from kho.handover.outgoing import KHO
+from kho.memory.physical import Bank
+from tests.dump_writers import write_boot_params, write_elf_core, write_raw, write_zstd
+
+import fdt as fdtlib
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def sub_fdt(compatible: str) -> bytes:
+    tree = new_tree()
+    tree.root.append(fdtlib.PropStrings("compatible", compatible))
+    return to_dtb(tree)
+
+
+def build(ram=512 * MiB, banks=None, seed=1):
+    """A finalized handover: folios of three orders, a text blob and an FDT blob."""
+    m = Machine.boot(ram, seed=seed, banks=banks)
+    kho = KHO(m.memory, m.allocator, "kho-v2")
+    for order, count in ((0, 40), (3, 10), (9, 2)):
+        kho.tracker.preserve_many(m.allocator.alloc_many(count, order), order)
+    kho.add_blob("workload", b"luo-v5\0" + bytes(25))
+    kho.add_blob("memblock", sub_fdt("memblock-v1"))
+    handover = kho.finalize()
+    fdt = KHOFdt.from_dtb(m.memory.read(handover.fdt_phys, handover.fdt_size))
+    reference = get_encoding("kho-v2").decode(m.memory, fdt.props)
+    return m, handover, reference
+
+
+def spans(areas):
+    return sorted((a.addr, a.size) for a in areas)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    m, handover, reference = build()
+    d = tmp_path_factory.mktemp("dumps")
+    write_raw(m.memory, d / "mem.raw")
+    write_zstd(d / "mem.raw", d / "mem.raw.zst")
+    write_elf_core(m.memory, d / "mem.elf")
+    return m, handover, reference, d
+
+
+@pytest.mark.parametrize("name, fmt", [("mem.raw", "raw"), ("mem.raw.zst", "zstd"), ("mem.elf", "elf")])
+def test_each_format_decodes_to_the_same_units(written, name, fmt):
+    m, handover, reference, d = written
+    with open_dump(d / name) as dump:
+        assert dump.format == fmt
+        assert [(b.start, b.size) for b in dump.memory.banks] == [(0, 512 * MiB)]
+        found = dump.handover()
+        assert found.fdt_phys == handover.fdt_phys and found.compatible == "kho-v2"
+        assert found.units() == reference.units()
+        assert np.array_equal(found.decoded.metadata_pages, reference.metadata_pages)
+        nodes = {n.name: n for n in found.subnodes}
+        assert list(nodes) == ["memblock", "workload"]  # newest first, as the kernel adds them
+        assert (nodes["workload"].phys, nodes["workload"].size) == (handover.subtrees["workload"], 32)
+        assert (nodes["workload"].format, nodes["workload"].compatible) == ("binary", "luo-v5")
+        assert (nodes["memblock"].format, nodes["memblock"].compatible) == ("fdt", "memblock-v1")
+        assert nodes["memblock"].data == sub_fdt("memblock-v1")
+        assert found.scratch == [] and found.handoff is None  # nothing in memory names the FDT
+        assert [c.kind for c in found.candidates].count("kho") == 1
+        assert {c.compatible[0] for c in found.candidates if c.kind == "other"} == {"memblock-v1"}
+
+
+def test_strict_decoding_and_the_same_handover_twice(written):
+    _, handover, reference, d = written
+    with open_dump(d / "mem.raw") as dump:
+        assert dump.handover(strict=True).units() == reference.units()
+        assert dump.handover() is dump.handover()
+
+
+def test_zstd_with_several_frames(written, tmp_path):
+    _, _, reference, d = written
+    write_zstd(d / "mem.raw", tmp_path / "frames.zst", frames=5)
+    with open_dump(tmp_path / "frames.zst") as dump:
+        assert dump.memory.ram_size == 512 * MiB
+        assert dump.handover().units() == reference.units()
+
+
+def test_raw_dump_at_a_base_and_given_ram(tmp_path):
+    m, handover, reference = build(banks=[Bank(GiB, 256 * MiB), Bank(2 * GiB, 256 * MiB)])
+    write_raw(m.memory, tmp_path / "high.raw", base=GiB)
+    with open_dump(tmp_path / "high.raw", base=GiB, ram=[(GiB, 256 * MiB), (2 * GiB, 256 * MiB)]) as dump:
+        assert [(b.start, b.size) for b in dump.memory.banks] == [(GiB, 256 * MiB), (2 * GiB, 256 * MiB)]
+        assert dump.handover().units() == reference.units()
+    with pytest.raises(KHOError, match="not inside the dump") as err:
+        open_dump(tmp_path / "high.raw", base=GiB, ram=[(0, 256 * MiB)])
+    assert err.value.errno_name == "EINVAL"
+    write_elf_core(m.memory, tmp_path / "high.elf")
+    with open_dump(tmp_path / "high.elf") as dump:
+        assert [(b.start, b.size) for b in dump.memory.banks] == [(GiB, 256 * MiB), (2 * GiB, 256 * MiB)]
+        assert dump.handover().units() == reference.units()
+
+
+def test_elf_core_with_a_note_and_overlapping_segments(written, tmp_path):
+    m, _, reference, _ = written
+    # a vmcore maps the kernel text twice: a second PT_LOAD inside the first
+    write_elf_core(m.memory, tmp_path / "vmcore", segments=[(0, 512 * MiB), (16 * MiB, 32 * MiB)], note=b"CORE" * 8)
+    with open_dump(tmp_path / "vmcore") as dump:
+        assert [(b.start, b.size) for b in dump.memory.banks] == [(0, 512 * MiB)]
+        assert dump.handover().units() == reference.units()
+
+
+def test_x86_handoff_gives_the_scratch_areas(tmp_path):
+    m, handover, reference = build()
+    params, chain = m.allocator.alloc_pages(0), m.allocator.alloc_pages(0)
+    write_boot_params(m.memory, params, chain, (handover.fdt_phys, handover.fdt_size),
+                      (handover.scratch_phys, handover.scratch_size))
+    write_raw(m.memory, tmp_path / "x86.raw")
+    with open_dump(tmp_path / "x86.raw") as dump:
+        found = dump.handover()
+        assert spans(found.scratch) == spans(m.memory.scratch)
+        assert found.handoff.fdt_addr == handover.fdt_phys and "setup_data" in found.handoff.source
+        (bp,) = found.boot_params
+        assert bp.phys == params and [t for _, t, _ in bp.setup_data] == [9, 10] and bp.error is None
+        assert spans(dump.memory.scratch) == spans(m.memory.scratch)
+        assert dump.handover(strict=True).units() == reference.units()
+
+
+def test_arm64_handoff_from_the_boot_dtb(tmp_path):
+    m, handover, reference = build()
+    dtb = handover.boot_dtb()
+    phys = m.allocator.alloc_pages(1)
+    m.memory.write(phys, dtb)
+    write_raw(m.memory, tmp_path / "arm64.raw")
+    with open_dump(tmp_path / "arm64.raw") as dump:
+        found = dump.handover()
+        assert found.handoff.source == f"/chosen of the DTB at {phys:#x}"
+        assert spans(found.scratch) == spans(m.memory.scratch)
+        assert "boot-dtb" in [c.kind for c in found.candidates]
+
+
+def stale_copy(m, handover, garbage: bool) -> int:
+    """Write a copy of the KHO FDT elsewhere, its map pointer at a page of garbage (a map whose
+    pages were reused) or at the real map (a second FDT that decodes too); returns its phys."""
+    fdt = KHOFdt.from_dtb(m.memory.read(handover.fdt_phys, handover.fdt_size))
+    root = fdt.memory_map()
+    if garbage:
+        root = m.allocator.alloc_pages(0)
+        m.memory.write(root, b"\xa5" * 4096)
+    copy = KHOFdt("kho-v2", {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(root)})
+    for name, phys in fdt.subtrees().items():
+        copy.add_subtree(name, phys, fdt.subtree_size(name))
+    phys = m.allocator.alloc_pages(0)
+    m.memory.write(phys, copy.to_dtb())
+    return phys
+
+
+def test_second_kernel_dump_with_a_stale_fdt(tmp_path):
+    m, handover, reference = build()
+    stale = stale_copy(m, handover, garbage=True)
+    # the second kernel's boot_params still name the FDT it received: the stale one
+    params, chain = m.allocator.alloc_pages(0), m.allocator.alloc_pages(0)
+    write_boot_params(m.memory, params, chain, (stale, 4096), (handover.scratch_phys, handover.scratch_size))
+    write_raw(m.memory, tmp_path / "stage2.raw")
+    with open_dump(tmp_path / "stage2.raw") as dump:
+        found = dump.handover()
+        assert found.fdt_phys == handover.fdt_phys and found.units() == reference.units()
+        kho = {c.phys: c for c in found.candidates if c.kind == "kho"}
+        assert set(kho) == {handover.fdt_phys, stale}
+        assert not kho[stale].decodes and "radix" in kho[stale].error
+        assert any("only KHO FDT whose map decodes" in n for n in found.notes)
+        assert any(f"other KHO FDT {stale:#x}" in n for n in found.notes)
+        with pytest.raises(KHOFormatError, match="does not decode"):
+            dump.handover(fdt=stale)
+        with pytest.raises(KHOFormatError, match="no KHO FDT at the requested address"):
+            dump.handover(fdt=params)
+
+
+def test_two_fdts_that_decode(tmp_path):
+    m, handover, reference = build()
+    twin = stale_copy(m, handover, garbage=False)
+    write_raw(m.memory, tmp_path / "two.raw")
+    with open_dump(tmp_path / "two.raw") as dump:
+        with pytest.raises(KHOError, match="2 KHO FDTs decode, choose one with fdt=ADDR") as err:
+            dump.handover()
+        assert err.value.errno_name == "EINVAL"
+        assert dump.handover(fdt=twin).units() == reference.units()
+        assert dump.handover(fdt=handover.fdt_phys).fdt_phys == handover.fdt_phys
+    params, chain = m.allocator.alloc_pages(0), m.allocator.alloc_pages(0)
+    write_boot_params(m.memory, params, chain, (twin, 4096), (handover.scratch_phys, handover.scratch_size))
+    write_raw(m.memory, tmp_path / "named.raw")
+    with open_dump(tmp_path / "named.raw") as dump:
+        assert dump.handover().fdt_phys == twin  # the handoff decides
+
+
+def test_sparse_dump_of_a_large_machine(tmp_path):
+    m, handover, reference = build(ram=16 * GiB)
+    write_raw(m.memory, tmp_path / "big.raw")
+    with open_dump(tmp_path / "big.raw") as dump:
+        assert dump.memory.ram_size == 16 * GiB
+        assert dump.handover().units() == reference.units()
+        assert dump.scan().scanned_bytes < 64 * MiB  # holes are skipped
+
+
+def test_a_dump_is_read_only(written):
+    _, _, _, d = written
+    with open_dump(d / "mem.raw") as dump:
+        for call in (lambda: dump.memory.write(0, b"x"), lambda: dump.memory.discard(0, 4096),
+                     lambda: dump.memory.fill_pattern(0, 4096, 1)):
+            with pytest.raises(KHOError, match="read-only"):
+                call()
+        with pytest.raises(KHOError, match="outside RAM"):
+            dump.memory.read(512 * MiB - 8, 16)
