@@ -16,6 +16,10 @@ linear in the bytes moved or hashed, as the published measurements are
 :func:`fit_profile` derives a profile from measured reboots (:class:`Measurement`):
 least squares through the origin for the per-byte costs, means for the fixed times,
 and reports every measured figure against the model (:class:`FitReport`).
+
+The next kernel's KHO stages (:class:`NextKernelCosts`, applied to the counts of
+:mod:`kho.nextkernel.memblock_cost`) add ``kho_restore_s`` and ``free_list_s`` to a
+:class:`Timeline`: ``startup_s`` is the measured startup of a kernel that received nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +43,49 @@ PARAMETERS = {
 
 
 @dataclass(frozen=True)
+class NextKernelCosts:
+    """Seconds per operation of the next kernel's KHO restore (every field in seconds).
+
+    * ``region_visit_s`` — one iteration of a memblock loop over ``struct memblock_region``
+      (the scans of ``memblock_add_range`` and ``memblock_isolate_range``, the merges);
+    * ``region_move_s`` — one region entry shifted by ``memmove`` or copied by a doubling;
+    * ``reserve_call_s`` / ``noinit_call_s`` — the fixed part of one ``memblock_reserve`` /
+      ``memblock_reserved_mark_noinit`` call;
+    * ``unit_s`` — per preserved unit: the walk's visit of it and its head page
+      (``pfn_to_page``, ``private`` = order + magic);
+    * ``map_page_s`` — per page of the serialized map walked (radix node, chunk, bitmap,
+      instruction-stream page);
+    * ``free_page_s`` / ``free_block_s`` — the free-list build: per page handed to the buddy
+      allocator, per block freed.
+    """
+
+    region_visit_s: float
+    region_move_s: float
+    reserve_call_s: float
+    noinit_call_s: float
+    unit_s: float
+    map_page_s: float
+    free_page_s: float
+    free_block_s: float
+
+    def __post_init__(self):
+        for key, value in asdict(self).items():
+            if not (value >= 0 and math.isfinite(value)):
+                raise KHOError("EINVAL", f"next-kernel cost {key} must be a finite time >= 0, not {value}")
+
+    def scaled(self, factor: float) -> "NextKernelCosts":
+        """Every cost times ``factor``."""
+        return NextKernelCosts(**{k: v * factor for k, v in asdict(self).items()})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Next-kernel cost parameters a profile file may set (seconds each): the fields of :class:`NextKernelCosts`.
+NEXT_KERNEL_PARAMETERS = tuple(NextKernelCosts.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class Profile:
     """A platform's timing parameters (see the module docstring for units)."""
 
@@ -50,6 +97,8 @@ class Profile:
     shutdown_s: float
     startup_s: float
     notes: tuple[str, ...] = ()
+    #: The next kernel's KHO restore costs (None: the profile times only the reboot).
+    next_kernel: NextKernelCosts | None = None
 
     def __post_init__(self):
         for key in ("uncached_copy_bps", "cached_copy_bps", "cache_clean_bps", "sha256_bps"):
@@ -83,17 +132,23 @@ class Profile:
 
 @dataclass(frozen=True)
 class Timeline:
-    """One reboot's phases in seconds."""
+    """One reboot's phases in seconds: shutdown, relocation, purgatory, the new kernel's
+    startup (without KHO), then its KHO stages: ``kho_restore_s`` (map walk, head pages and,
+    on the memblock path, one ``memblock_reserve`` + ``memblock_reserved_mark_noinit`` per
+    unit) and ``free_list_s`` (buddy free lists around the preserved memory)."""
 
     mode: str
     shutdown_s: float
     relocation_s: float
     purgatory_s: float
     startup_s: float
+    kho_restore_s: float = 0.0
+    free_list_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.shutdown_s + self.relocation_s + self.purgatory_s + self.startup_s
+        return (self.shutdown_s + self.relocation_s + self.purgatory_s + self.startup_s + self.kho_restore_s
+                + self.free_list_s)
 
     @property
     def relocation_share(self) -> float:
@@ -104,10 +159,13 @@ class Timeline:
         return {**asdict(self), "total_s": self.total_s, "relocation_share": self.relocation_share}
 
 
-def reboot_timeline(profile: Profile, mode: str, relocated_bytes: int, hashed_bytes: int = 0) -> Timeline:
-    """The modelled reboot: ``relocated_bytes`` copied in ``mode``, ``hashed_bytes`` checked by purgatory."""
+def reboot_timeline(profile: Profile, mode: str, relocated_bytes: int, hashed_bytes: int = 0,
+                    kho_restore_s: float = 0.0, free_list_s: float = 0.0) -> Timeline:
+    """The modelled reboot: ``relocated_bytes`` copied in ``mode``, ``hashed_bytes`` checked by
+    purgatory, and the next kernel's KHO stages (seconds, from :mod:`kho.nextkernel.memblock_cost`)."""
     return Timeline(mode, profile.shutdown_s, profile.relocation_s(mode, relocated_bytes),
-                    profile.purgatory_s(hashed_bytes) if hashed_bytes else 0.0, profile.startup_s)
+                    profile.purgatory_s(hashed_bytes) if hashed_bytes else 0.0, profile.startup_s,
+                    kho_restore_s, free_list_s)
 
 
 @dataclass(frozen=True)
