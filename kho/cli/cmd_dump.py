@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kho.cli.imageio import emit
-from kho.devicetree.layout import FDT_HEADER
+from kho.devicetree.layout import FDT_HEADER, fdt_totalsize
 from kho.handover.imagefile import load_image
 
 
@@ -52,7 +52,7 @@ def summary(path: str, strict: bool = True) -> tuple[dict, str]:
         "scratch": [{"addr": a.addr, "size": a.size, "kind": a.kind} for a in memory.scratch],
         "abi": image.encoding, "options": image.options, "compatible": fdt.compatible,
         "fdt_phys": image.fdt_phys, "fdt_size": image.fdt_size,
-        "fdt_bytes": int.from_bytes(fdt_blob[4:8], "big") if len(fdt_blob) >= FDT_HEADER.size else 0,
+        "fdt_bytes": fdt_totalsize(fdt_blob) if len(fdt_blob) >= FDT_HEADER.size else 0,
         "fdt_props": {name: value.hex() for name, value in fdt.props.items()},
         "scratch_array_phys": image.scratch_phys, "scratch_array_bytes": image.scratch_size,
         "boot_dtb_bytes": len(image.boot_dtb),

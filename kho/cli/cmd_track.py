@@ -12,6 +12,7 @@ from rich.table import Table
 from kho.cli.options import add_machine_options, size_arg
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
+from kho.currentkernel.xarray import XA_NODE_BYTES
 from kho.errors import KHOError
 
 
@@ -70,7 +71,7 @@ def run(args) -> int:
         table.add_row(f"scratch {area.kind}", f"{area.addr:#x} + {area.size >> 20} MiB")
     table.add_row("preserved pages", f"{tracker.nr_pages:,}")
     table.add_row(f"bitmaps ({tracker.preserve_bits} bits)", f"{mem.nr_bitmaps:,} = {mem.bitmaps:,} B")
-    table.add_row("XArray nodes (576 B)", f"{mem.nr_xarray_nodes:,} = {mem.xarray_nodes:,} B")
+    table.add_row(f"XArray nodes ({XA_NODE_BYTES} B)", f"{mem.nr_xarray_nodes:,} = {mem.xarray_nodes:,} B")
     table.add_row("tracker kernel memory", f"{mem.total:,} B")
     table.add_row("preserve_many", f"{report['preserve_s']:.3f} s")
     Console().print(table)

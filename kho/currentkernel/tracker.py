@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kho.currentkernel.xarray import XArray
+from kho.currentkernel.xarray import XA_NODE_BYTES, XArray
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split_array
 from kho.memory.physical import PhysicalMemory
@@ -108,7 +108,7 @@ class Tracker:
         for _, phys_bits in self.orders.items():
             nr_bitmaps += len(phys_bits)
             nodes += phys_bits.nr_nodes
-        return TrackerMemory(nr_bitmaps * self.bitmap_bytes, nr_bitmaps, nodes * 576, nodes)
+        return TrackerMemory(nr_bitmaps * self.bitmap_bytes, nr_bitmaps, nodes * XA_NODE_BYTES, nodes)
 
     # -- validation ---------------------------------------------------------------------
     def _check_mutable(self) -> None:
@@ -232,13 +232,6 @@ class Tracker:
         if size & (self.memory.page_size - 1):
             raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
         self.preserve_pages(phys, size >> self.memory.page_shift)
-
-    def unpreserve_phys(self, phys: int, size: int) -> None:
-        """Undo :meth:`preserve_phys` of the same range."""
-        self._check_mutable()
-        if size & (self.memory.page_size - 1):
-            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
-        self.unpreserve_pages(phys, size >> self.memory.page_shift)
 
     # -- batches ------------------------------------------------------------------------
     def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

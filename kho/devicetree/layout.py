@@ -33,6 +33,19 @@ FDT_END = 0x9
 FDT_HEADER = struct.Struct(">10I")
 FDT_HEADER_FIELDS = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
                      "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings", "size_dt_struct")
+
+
+def fdt_header(blob: bytes) -> dict[str, int]:
+    """The header fields of the FDT at the start of ``blob`` (at least ``FDT_HEADER.size``
+    bytes), by name; nothing is checked."""
+    return dict(zip(FDT_HEADER_FIELDS, FDT_HEADER.unpack_from(blob)))
+
+
+def fdt_totalsize(blob: bytes) -> int:
+    """The header's ``totalsize`` (bytes) of the FDT at the start of ``blob``."""
+    return fdt_header(blob)["totalsize"]
+
+
 #: One memory reservation entry {u64 address; u64 size} (big-endian); (0, 0) ends the block.
 FDT_RESERVE_ENTRY = struct.Struct(">QQ")
 #: A token (big-endian u32) and the header of a property {u32 len; u32 nameoff}.

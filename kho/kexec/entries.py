@@ -31,8 +31,6 @@ IND_DESTINATION = 0x1
 IND_INDIRECTION = 0x2
 IND_DONE = 0x4
 IND_SOURCE = 0x8
-#: All flag bits.
-IND_FLAGS = IND_DESTINATION | IND_INDIRECTION | IND_DONE | IND_SOURCE
 #: One slot of an indirection page (``kimage_entry_t``, native-endian u64 on arm64).
 ENTRY_DTYPE = np.dtype("<u8")
 

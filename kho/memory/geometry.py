@@ -40,10 +40,6 @@ class PageGeometry:
         """MAX_PAGE_ORDER: the largest buddy order (10 for 4 KiB pages)."""
         return MAX_PAGE_ORDER_BY_PAGE_SIZE[self.page_size]
 
-    def unit_bytes(self, order: int) -> int:
-        """Bytes in a unit of ``order``."""
-        return self.page_size << order
-
     def is_aligned(self, value: int) -> bool:
         """True when ``value`` (bytes) is a multiple of the page size."""
         return value & (self.page_size - 1) == 0

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from kho.currentkernel.machine import Machine
+from kho.devicetree.layout import FDT_HEADER, fdt_totalsize
 from kho.errors import KHOError
 from kho.handover.outgoing import KHO
 from kho.kexec import kimage as K
@@ -274,7 +275,7 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
             lap("purgatory")
         step("next kernel boot", index)
         dtb_seg = next(s for s in segments if s.name == "dtb")
-        dtb_size = int.from_bytes(memory.read(dtb_seg.mem + 4, 4), "big")
+        dtb_size = fdt_totalsize(memory.read(dtb_seg.mem, FDT_HEADER.size))
         nk = _boot_next(memory, memory.read(dtb_seg.mem, min(dtb_size, dtb_seg.memsz)), config, handover, segments[0],
                         config.seed + index)
         lap("next kernel boot")
