@@ -42,6 +42,7 @@ import numpy as np
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE, STRUCT_PAGE_BYTES
 from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import encoding_for_compatible, get_encoding, known_compatibles
+from kho.encodings.instructions import walk
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.scratch_array import read_scratch_array
 from kho.memory import intervals
@@ -169,45 +170,33 @@ def _read_handover(memory: PhysicalMemory, chosen, path: str, strict: bool):
     return fdt, areas
 
 
-def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
-         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0,
-         strict: bool = True) -> NextKernel:
-    """Boot the next kernel on ``memory`` with ``boot_dtb`` (see the module docstring).
+def _disable(messages: list[str], reason: str) -> None:
+    messages.append(f"disabling KHO revival: {reason}")
 
-    ``encoding_options``: the options the map was written with (e.g. kho-v1's bitmap size:
-    a kernel knows its own), from the handover image.  ``kernel_image``: bytes of the next
-    kernel's image, at ``image_phys`` (default: placed top-down in memblock, from scratch
-    when KHO is revived).  ``seed``: the buddy allocator's random allocations.  ``strict``:
-    False decodes the handover as leniently as Linux does (spec/hardening.md).
 
-    Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
-    no room for its image or memory map); a bad handover is logged and ignored.
-    O(pages + units) numpy work and about 10 bytes of host memory per page.
-    """
-    if path not in PATHS:
-        raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
-    ps, shift = memory.page_size, memory.page_shift
-    stages, messages = _Stages(), []
-
-    def disable(reason: str) -> None:
-        messages.append(f"disabling KHO revival: {reason}")
-
-    # 1. handover
-    handover = None
+def _receive(memory: PhysicalMemory, boot_dtb: bytes, path: str, strict: bool, messages: list[str]):
+    """Stage 1, handover: ``(chosen, fdt, areas)``, or None when there is no usable handover
+    (the reason logged in ``messages``)."""
     chosen = _chosen(boot_dtb)
     if chosen is None:
         messages.append("no KHO handover in /chosen")
-    else:
-        try:
-            handover = _read_handover(memory, chosen, path, strict)
-        except KHOError as err:
-            disable(err.message)
-    stages.done("handover")
+        return None
+    try:
+        return (chosen, *_read_handover(memory, chosen, path, strict))
+    except KHOError as err:
+        _disable(messages, err.message)
+        return None
 
-    # 2. memblock and early allocations
+
+def _early_memblock(memory: PhysicalMemory, handover, kernel_image: int, image_phys: int | None
+                    ) -> tuple[Memblock, int, int]:
+    """Stage 2, memblock and early allocations: the scratch areas received (the only memory
+    memblock may allocate from while KHO is revived), the RAM banks, the kernel image and
+    the memory map.  Returns ``(memblock, image phys, image bytes)``."""
+    ps, shift = memory.page_size, memory.page_shift
     mb = Memblock(ps)
     if handover:
-        fdt, areas = handover
+        chosen, _, areas = handover
         for area in areas:
             mb.add_node(area.addr, area.size, memory.bank_of(area.addr).node)
             mb.mark_kho_scratch(area.addr, area.size)
@@ -231,51 +220,89 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
         # page there is never handed out, as x86 reserves its first page (arm64 RAM seldom
         # starts at 0).  A preserved unit there still reaches its owner: restore is unaffected.
         mb.reserve(0, ps)
+    return mb, image_phys, image_size
+
+
+def _deserialize(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, fdt: KHOFdt, path: str,
+                 encoding_options: dict | None, strict: bool, messages: list[str]):
+    """Stage 3, deserialize: decode the map (memblock path) or walk the stream (instructions
+    path), reserve and mark the preserved units.  Returns ``(unit_phys, unit_order, runs,
+    fdt)``: ``runs`` the stream's free pfn runs (None on the memblock path or after an
+    error), ``fdt`` None when the map was refused (the reason logged in ``messages``)."""
+    ps = memory.page_size
+    unit_phys, unit_order = np.empty(0, np.uint64), np.empty(0, np.uint8)
+    runs = None
+    try:  # decoders and the walker check the units: sorted, disjoint, in RAM, outside scratch
+        if path == "memblock":
+            decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props, strict=strict)
+            unit_phys, unit_order = decoded.phys, decoded.order
+        else:
+            stream = walk(memory, fdt.props, strict=strict)
+            unit_phys, unit_order = stream.unit_phys, stream.unit_order
+            runs = (stream.free_start_pfn, stream.free_end_pfn)
+    except KHOError as err:
+        _disable(messages, f"preserved memory map: {err.message}")
+        fdt = None
+    if path == "memblock" and unit_phys.size:
+        mb.reserve_noinit_many(unit_phys, np.left_shift(np.uint64(ps), unit_order.astype(np.uint64)))
+    memmap.mark_preserved(unit_phys >> np.uint64(memory.page_shift), unit_order)
+    mb.clear_kho_scratch_only()
+    return unit_phys, unit_order, runs, fdt
+
+
+def _free_pages(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, segments: Segments, runs) -> np.ndarray:
+    """Stage 4, free lists: the page mask of free memory.  Without ``runs``, memory minus
+    memblock's reservations in whole pages; with the stream's free ``runs`` (pfns), those
+    plus the scratch areas minus memblock's few reservations (cut at segment boundaries)."""
+    page = np.uint64(memory.page_size)
+    if runs is None:
+        start, end, _ = mb.free_ranges()
+        return memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
+    free = memmap.ranges_mask(*runs)
+    for area in memory.scratch:
+        free[memmap.index_range(area.addr >> memory.page_shift, area.size >> memory.page_shift)] = True
+    res_s, res_e = mb.reserved.coverage()
+    res_s, res_e = intervals.split_at(res_s // page, (res_e + page - np.uint64(1)) // page, segments.boundaries())
+    for first, last in zip(res_s.tolist(), res_e.tolist()):
+        free[memmap.index_range(first, last - first)] = False
+    return free
+
+
+def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
+         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0,
+         strict: bool = True) -> NextKernel:
+    """Boot the next kernel on ``memory`` with ``boot_dtb`` (see the module docstring).
+
+    ``encoding_options``: the options the map was written with (e.g. kho-v1's bitmap size:
+    a kernel knows its own), from the handover image.  ``kernel_image``: bytes of the next
+    kernel's image, at ``image_phys`` (default: placed top-down in memblock, from scratch
+    when KHO is revived).  ``seed``: the buddy allocator's random allocations.  ``strict``:
+    False decodes the handover as leniently as Linux does (spec/hardening.md).
+
+    Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
+    no room for its image or memory map); a bad handover is logged and ignored.
+    O(pages + units) numpy work and about 10 bytes of host memory per page.
+    """
+    if path not in PATHS:
+        raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
+    stages, messages = _Stages(), []
+    handover = _receive(memory, boot_dtb, path, strict, messages)
+    stages.done("handover")
+    mb, image_phys, image_size = _early_memblock(memory, handover, kernel_image, image_phys)
     memmap = MemMap(memory)
     segments = Segments.from_memory(memory)
     stages.done("memblock")
-
-    # 3. deserialize
     unit_phys, unit_order = np.empty(0, np.uint64), np.empty(0, np.uint8)
-    runs = None
+    runs = fdt = None
     if handover:
-        try:  # decoders and the walker check the units: sorted, disjoint, in RAM, outside scratch
-            if path == "memblock":
-                decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props, strict=strict)
-                unit_phys, unit_order = decoded.phys, decoded.order
-            else:
-                from kho.encodings.instructions import walk
-
-                stream = walk(memory, fdt.props, strict=strict)
-                unit_phys, unit_order = stream.unit_phys, stream.unit_order
-                runs = (stream.free_start_pfn, stream.free_end_pfn)
-        except KHOError as err:
-            disable(f"preserved memory map: {err.message}")
-            fdt = None
-        if path == "memblock" and unit_phys.size:
-            mb.reserve_noinit_many(unit_phys, np.left_shift(np.uint64(ps), unit_order.astype(np.uint64)))
-        memmap.mark_preserved(unit_phys >> np.uint64(shift), unit_order)
-        mb.clear_kho_scratch_only()
+        _, fdt, _ = handover
+        unit_phys, unit_order, runs, fdt = _deserialize(memory, mb, memmap, fdt, path, encoding_options, strict, messages)
     stages.done("deserialize")
-
-    # 4. free lists
-    if runs is None:  # memory minus reserved, in whole pages
-        start, end, _ = mb.free_ranges()
-        page = np.uint64(ps)
-        free = memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
-    else:  # the stream's free runs, plus the scratch areas minus memblock's few reservations
-        free = memmap.ranges_mask(*runs)
-        for area in memory.scratch:
-            free[memmap.index_range(area.addr >> shift, area.size >> shift)] = True
-        res_s, res_e = mb.reserved.coverage()
-        page = np.uint64(ps)
-        res_s, res_e = intervals.split_at(res_s // page, (res_e + page - np.uint64(1)) // page, segments.boundaries())
-        for first, last in zip(res_s.tolist(), res_e.tolist()):
-            free[memmap.index_range(first, last - first)] = False
+    free = _free_pages(memory, mb, memmap, segments, runs)
     memmap.set_free(free)
     allocator = BuddyAllocator(memory, memmap, segments, build_free_areas(free, memmap, segments, memory.geometry.max_order), seed)
     stages.done("free_lists")
 
-    kho = IncomingKHO(memory, memmap, fdt if handover else None, unit_phys, unit_order)
+    kho = IncomingKHO(memory, memmap, fdt, unit_phys, unit_order)
     return NextKernel(memory, path, mb, memmap, allocator, kho, (image_phys, image_size), messages, stages.timings,
                       stages.cpu)
