@@ -1,15 +1,30 @@
-"""kho: a model of Linux Kexec HandOver (KHO)."""
+"""kho: a model of Linux Kexec HandOver (KHO), and a reader and checker of real handovers.
 
-from kho.currentkernel.pagealloc import PageAllocator
+The stable public API (documented in README.md, "Python API"); everything else is reachable
+through its module path (:mod:`kho.abi`, :mod:`kho.encodings`, :mod:`kho.nextkernel`, ...):
+
+- :class:`Machine`: a booted first kernel (RAM, its own regions, scratch areas, allocator).
+- :class:`PhysicalMemory`, :class:`Bank`, :class:`ScratchArea`: the memory that survives kexec.
+- :class:`Tracker` (6.16's per-order bitmaps in :class:`XArray`\\ s): what is preserved.
+- :class:`KHO`: the running kernel's KHO; ``finalize()`` gives a :class:`Handover`.
+- :func:`save_image` / :func:`load_image`: the ``.kho`` handover file.
+- :func:`get_encoding`: a preservation-map encoding by name (``kho-v1``, ``kho-v2``, ...).
+- :func:`boot`: the next kernel booting on a handover.
+- :class:`KHOError` / :class:`KHOFormatError`: every error kho raises.
+"""
+
+from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
 from kho.currentkernel.xarray import XArray
+from kho.encodings import get_encoding
 from kho.errors import KHOError, KHOFormatError
-from kho.memory.geometry import PageGeometry
+from kho.handover.imagefile import load_image, save_image
+from kho.handover.outgoing import KHO, Handover
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
-
-__version__ = "0.1.0"
+from kho.nextkernel.boot import boot
+from kho.version import __version__
 
 __all__ = [
-    "Bank", "KHOError", "KHOFormatError", "PageAllocator", "PageGeometry", "PhysicalMemory",
-    "ScratchArea", "Tracker", "XArray", "__version__",
+    "KHO", "Bank", "Handover", "KHOError", "KHOFormatError", "Machine", "PhysicalMemory", "ScratchArea", "Tracker",
+    "XArray", "__version__", "boot", "get_encoding", "load_image", "save_image",
 ]

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from kho import __version__
+from kho.version import __version__
 
 
 def _cpu_model() -> str:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
-from kho import __version__
+from kho.version import __version__
 from kho.errors import KHOError
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
@@ -27,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kho {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from kho.cli import __path__ as cli_path
-
-    for info in sorted(pkgutil.iter_modules(cli_path), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda i: i.name):
         if info.name.startswith("cmd_"):
             importlib.import_module(f"{__package__}.{info.name}").register(sub)
     return parser
