@@ -24,6 +24,7 @@ relocation mode's time against its memory cost, without running anything.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,19 +32,22 @@ import numpy as np
 
 from kho.currentkernel.machine import Machine
 from kho.devicetree.layout import FDT_HEADER, fdt_totalsize
+from kho.encodings import get_encoding
 from kho.errors import KHOError
+from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO
+from kho.kexec import entries as ent
 from kho.kexec import kimage as K
 from kho.kexec import purgatory as purg
 from kho.kexec import transpgd
+from kho.kexec.profiles import load_profile
 from kho.kexec.relocate import RELOCATION_MODES, check_mode, relocate
 from kho.kexec.timing import FitReport, Timeline, reboot_timeline
 from kho.memory import intervals
 from kho.memory.intervals import IntervalSet
+from kho.nextkernel.boot import KERNEL_IMAGE_ALIGN, boot
 from kho.simulation import workload as W
 
-#: arm64 Image load alignment (bytes).
-KERNEL_ALIGN = 2 << 20
 #: Largest kernel Image part of ``image_size`` (the rest is the initramfs), as in the
 #: published 13 MB Image + 24 MB initramfs.
 KERNEL_IMAGE_MAX = 13 << 20
@@ -83,8 +87,6 @@ class Config:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is smaller than two pages")
         if self.image_size > self.ram // 2:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is more than half of RAM")
-        from kho.encodings import get_encoding
-
         encoding = get_encoding(self.abi, self.page_size)
         if not encoding.keeps_orders:
             raise KHOError("EINVAL", f"encoding {self.abi} does not keep folio orders: the next kernel could not restore folios")
@@ -164,8 +166,8 @@ class Result:
         }
 
 
-class _Image:
-    """The kernel Image and initramfs of ``config.image_size`` bytes: sizes for placement,
+class _KexecKernel:
+    """The kernel Image and initramfs kexec loads, ``config.image_size`` bytes: sizes for placement,
     random contents made once (the same kernel is kexec'd every generation) when first loaded."""
 
     def __init__(self, config: Config, rng: np.random.Generator):
@@ -176,7 +178,7 @@ class _Image:
         self._data: dict[str, bytes] = {}
 
     def requests(self) -> list[K.SegmentRequest]:
-        return [K.SegmentRequest("kernel", b"", memsz=self.sizes["kernel"], align=KERNEL_ALIGN),
+        return [K.SegmentRequest("kernel", b"", memsz=self.sizes["kernel"], align=KERNEL_IMAGE_ALIGN),
                 K.SegmentRequest("initrd", b"", memsz=self.sizes["initrd"])]
 
     def fill(self, segment: K.Segment) -> K.Segment:
@@ -206,12 +208,30 @@ def _free_scratch(memory, allocator, first: bool) -> IntervalSet:
     return IntervalSet.of(starts, ends)
 
 
-def _boot_next(memory, dtb: bytes, config: Config, handover, kernel: K.Segment, seed: int):
-    """Boot the next kernel (:func:`kho.nextkernel.boot`) from ``dtb``, its image where kexec put it."""
-    from kho.nextkernel.boot import boot
+def _boot_next(memory, segments: list[K.Segment], config: Config, handover, seed: int):
+    """Boot the next kernel (:func:`kho.nextkernel.boot`) from the DTB kexec loaded, its
+    image (the first segment) where kexec put it."""
+    dtb = next(s for s in segments if s.name == "dtb")
+    size = fdt_totalsize(memory.read(dtb.mem, FDT_HEADER.size))
+    kernel = segments[0]
+    return boot(memory, memory.read(dtb.mem, min(size, dtb.memsz)), config.boot_path, encoding_options=handover.options,
+                kernel_image=kernel.memsz, image_phys=kernel.mem, seed=seed)
 
-    return boot(memory, dtb, config.boot_path, encoding_options=handover.options, kernel_image=kernel.memsz,
-                image_phys=kernel.mem, seed=seed)
+
+class _Stages:
+    """The stages of one generation: each announced through ``progress(stage, index)`` and
+    its host seconds recorded in ``host_s``."""
+
+    def __init__(self, progress: Callable[[str, int], None], index: int):
+        self.progress, self.index = progress, index
+        self.host_s: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.progress(name, self.index)
+        start = time.perf_counter()
+        yield
+        self.host_s[name] = time.perf_counter() - start
 
 
 def run(config: Config, progress: Callable[[str, int], None] | None = None) -> Result:
@@ -221,112 +241,97 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
     relocation that breaks the model's checks.  Verification failures do not raise: they
     are in the result (``Result.ok``).
     """
-    from kho.kexec.profiles import load_profile
-
     config.validate()
     profile = config.profile or load_profile("stingray")
-    step = progress or (lambda stage, gen: None)
     rng = np.random.default_rng(config.seed)
     machine = Machine.boot(config.ram, config.page_size, config.kho_scratch, config.seed)
     memory, allocator = machine.memory, machine.allocator
-    images = _Image(config, rng)
-    generations = []
-    previous = None  # the last generation's verify report: what the running kernel restored
+    kernel = _KexecKernel(config, rng)
+    generations: list[Generation] = []
     timelines: dict[str, Timeline] = {}
     for index in range(1, config.generations + 1):
-        host: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name):
-            nonlocal clock
-            now = time.perf_counter()
-            host[name] = now - clock
-            clock = now
-
-        if previous is not None:
-            step("release", index)
-            W.release(allocator, previous)
-            lap("release")
-        step("workload", index)
-        kho = KHO(memory, allocator, config.abi)
-        work = W.create(kho, allocator, config.preserve, config.pattern, config.seed + index)
-        lap("workload")
-        step("finalize", index)
-        handover = kho.finalize()
-        preserved_phys, preserved_order = kho.tracker.units_array()
-        if index == 1 and config.save_image:
-            from kho.handover.imagefile import save_image
-
-            save_image(config.save_image, handover)
-        lap("finalize")
-        step("kexec load", index)
-        image, trans, segments, region = _load(config, memory, allocator, handover, preserved_phys, preserved_order,
-                                               images, first=index == 1)
-        lap("kexec load")
-        step("relocation", index)
-        reloc = relocate(image, config.relocation, trans)
-        lap("relocation")
-        check = None
-        if config.checks:
-            step("purgatory", index)
-            check = purg.verify(memory, segments[-1].mem)
-            if not check.ok:
-                raise KHOError("EINVAL", "purgatory: sha256 digests do not match after relocation")
-            lap("purgatory")
-        step("next kernel boot", index)
-        dtb_seg = next(s for s in segments if s.name == "dtb")
-        dtb_size = fdt_totalsize(memory.read(dtb_seg.mem, FDT_HEADER.size))
-        nk = _boot_next(memory, memory.read(dtb_seg.mem, min(dtb_size, dtb_seg.memsz)), config, handover, segments[0],
-                        config.seed + index)
-        lap("next kernel boot")
-        lost = _lost_units(nk, preserved_phys, preserved_order)
-        step("verify", index)
-        report = W.verify(nk, memory, work)
-        leaked = int(nk.leaked()[0].size)
-        lap("verify")
-        hashed = check.bytes_hashed if check else 0
-        moved = image.nr_pages * memory.page_size
-        timeline = reboot_timeline(profile.profile, config.relocation, moved, hashed)
+        previous = generations[-1].verify if generations else None  # what the running kernel restored
+        stages = _Stages(progress or (lambda stage, gen: None), index)
+        generation, nk, moved, hashed = _generation(config, profile, index, memory, allocator, kernel, previous, stages)
         if index == 1:
             timelines = {m: reboot_timeline(profile.profile, m, moved, hashed) for m in RELOCATION_MODES}
-        generations.append(Generation(
-            index, int(preserved_phys.size), kho.tracker.nr_pages, handover.encoded.total_bytes,
-            [{"name": s.name, "mem": s.mem, "memsz": s.memsz, "bufsz": s.bufsz} for s in segments],
-            {"control": 1, "indirection": int(image.indirection_pages.size), "source": int(image.source_pages.size)},
-            None if trans is None else {"pages": trans.nr_pages, "bytes": trans.bytes, "linear_map": config.linear_map,
-                                        "by_level": trans.plan.tables_by_level(), "idmap_pages": int(trans.idmap_pages.size)},
-            region,
-            {"mode": reloc.mode, "pages_copied": reloc.pages_copied, "bytes_copied": reloc.bytes_copied,
-             "indirection_pages": reloc.indirection_pages, "tables_read": reloc.tables_read,
-             "pages_written": reloc.pages_written},
-            None if check is None else {"ok": check.ok, "bytes_hashed": check.bytes_hashed},
-            timeline, nk.report(), report, lost, leaked, host))
+        generations.append(generation)
         memory, allocator = nk.memory, nk.allocator
-        previous = report
     return Result(config, profile, generations, timelines)
 
 
-def _load(config, memory, allocator, handover, preserved_phys, preserved_order, images, first):
+def _generation(config: Config, profile: FitReport, index: int, memory, allocator, kernel: _KexecKernel,
+                previous: W.VerifyReport | None, stage: _Stages):
+    """One kexec from the running kernel (``memory``, ``allocator``): release what the last
+    generation restored, preserve, finalize, load, relocate, check, boot, verify.  Returns
+    ``(Generation, next kernel, bytes relocated, bytes hashed)``."""
+    if previous is not None:
+        with stage("release"):
+            W.release(allocator, previous)
+    with stage("workload"):
+        kho = KHO(memory, allocator, config.abi)
+        work = W.create(kho, allocator, config.preserve, config.pattern, config.seed + index)
+    with stage("finalize"):
+        handover = kho.finalize()
+        preserved_phys, preserved_order = kho.tracker.units_array()
+        if index == 1 and config.save_image:
+            save_image(config.save_image, handover)
+    with stage("kexec load"):
+        image, trans, segments, region = _load(config, memory, allocator, handover, preserved_phys, preserved_order,
+                                               kernel, first=index == 1)
+    with stage("relocation"):
+        reloc = relocate(image, config.relocation, trans)
+    check = None
+    if config.checks:
+        with stage("purgatory"):
+            check = purg.verify(memory, segments[-1].mem)
+            if not check.ok:
+                raise KHOError("EINVAL", "purgatory: sha256 digests do not match after relocation")
+    with stage("next kernel boot"):
+        nk = _boot_next(memory, segments, config, handover, config.seed + index)
+    with stage("verify"):
+        lost = _lost_units(nk, preserved_phys, preserved_order)
+        report = W.verify(nk, memory, work)
+        leaked = int(nk.leaked()[0].size)
+    hashed = check.bytes_hashed if check else 0
+    moved = image.nr_pages * memory.page_size
+    generation = Generation(
+        index, int(preserved_phys.size), kho.tracker.nr_pages, handover.encoded.total_bytes,
+        [{"name": s.name, "mem": s.mem, "memsz": s.memsz, "bufsz": s.bufsz} for s in segments],
+        {"control": 1, "indirection": int(image.indirection_pages.size), "source": int(image.source_pages.size)},
+        None if trans is None else {"pages": trans.nr_pages, "bytes": trans.bytes, "linear_map": config.linear_map,
+                                    "by_level": trans.plan.tables_by_level(), "idmap_pages": int(trans.idmap_pages.size)},
+        region,
+        {"mode": reloc.mode, "pages_copied": reloc.pages_copied, "bytes_copied": reloc.bytes_copied,
+         "indirection_pages": reloc.indirection_pages, "tables_read": reloc.tables_read,
+         "pages_written": reloc.pages_written},
+        None if check is None else {"ok": check.ok, "bytes_hashed": check.bytes_hashed},
+        reboot_timeline(profile.profile, config.relocation, moved, hashed), nk.report(), report, lost, leaked,
+        stage.host_s)
+    return generation, nk, moved, hashed
+
+
+def _load(config, memory, allocator, handover, preserved_phys, preserved_order, kernel: _KexecKernel, first: bool):
     """kexec load: place and load the segments, build the tables for mmu-on.  Returns
     ``(kimage, trans_pgd or None, segments, region dict or None)``."""
     shift = memory.page_shift
     unit_start, unit_end = intervals.of_units(preserved_phys >> np.uint64(shift), preserved_order)
     keep = handover.pages_to_keep() >> np.uint64(shift)
     busy = IntervalSet.of(np.concatenate([unit_start, keep]), np.concatenate([unit_end, keep + np.uint64(1)]))
-    requests = images.requests() + [K.SegmentRequest("dtb", handover.boot_dtb())]
+    requests = kernel.requests() + [K.SegmentRequest("dtb", handover.boot_dtb())]
     region = None
     allowed = K.scratch_pages(memory)
     if config.relocation == "reserved":
         # A kexeckernel= region: free scratch the running kernel does not use, sized to the image.
         ps = memory.page_size
-        need = sum(-(-max(len(r.data), r.memsz) // ps) * ps for r in requests) + (ps if config.checks else 0) + KERNEL_ALIGN
+        need = sum(-(-max(len(r.data), r.memsz) // ps) * ps for r in requests) + (ps if config.checks else 0) + KERNEL_IMAGE_ALIGN
         size = -(-need // REGION_ALIGN) * REGION_ALIGN
         free = _free_scratch(memory, allocator, first)
         spot = K.place_segments(memory, [K.SegmentRequest("kexeckernel= region", b"", memsz=size, align=REGION_ALIGN)],
                                 free, busy)[0]
         allowed = IntervalSet.of([spot.mem >> shift], [spot.end >> shift])
         region = {"phys": spot.mem, "size": spot.memsz}
-    segments = [images.fill(seg) for seg in K.place_segments(memory, requests, allowed, busy)]
+    segments = [kernel.fill(seg) for seg in K.place_segments(memory, requests, allowed, busy)]
     if config.checks:
         taken = K.destination_ranges(segments, shift)
         segments += K.place_segments(memory, [K.SegmentRequest("purgatory", purg.build(segments))], allowed.subtract(taken), busy)
@@ -377,8 +382,6 @@ def compare(ram: int, image_size: int, profile: FitReport, page_size: int = 4096
     """Every relocation mode (and linear-map granularity for mmu-on) for ``ram`` bytes of RAM
     in one bank and an image of ``image_size`` bytes.  Tables are counted by building their
     plan (:func:`kho.kexec.transpgd.plan_linear_map`).  O(tables)."""
-    from kho.kexec import entries as ent
-
     if ram <= 0 or ram % page_size or image_size <= 0:
         raise KHOError("EINVAL", "RAM and image sizes must be positive (RAM a multiple of the page size)")
     if image_size > ram // 2:
@@ -402,7 +405,7 @@ def compare(ram: int, image_size: int, profile: FitReport, page_size: int = 4096
                 out.append(TradeOff(mode, lm, t.relocation_s, t.total_s, base + tables, "until reboot", moved,
                                     f"{plan.nr_tables} linear-map + {transpgd.idmap_pages_needed(page_size)} idmap table pages"))
         else:
-            region = -(-(moved + KERNEL_ALIGN) // REGION_ALIGN) * REGION_ALIGN
+            region = -(-(moved + KERNEL_IMAGE_ALIGN) // REGION_ALIGN) * REGION_ALIGN
             out.append(TradeOff(mode, None, t.relocation_s, t.total_s, region + page_size, "forever", 0,
                                 "kexeckernel= region + control page"))
     return out
