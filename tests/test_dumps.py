@@ -1,25 +1,49 @@
 """kho.dumps: raw, zstd and ELF-core dumps of a handover kho wrote, found and decoded; the
 x86 and arm64 handoffs; a second kernel's dump with a stale FDT; sparse dumps."""
 
+import fdt as fdtlib
 import numpy as np
 import pytest
+import zstandard
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.abi.setup_data import (
+    BOOT_FLAG,
+    BOOT_PARAMS_DTYPE,
+    KHO_DATA_DTYPE,
+    SETUP_DATA_DTYPE,
+    SETUP_HEADER_MAGIC,
+    SETUP_KEXEC_KHO,
+    SETUP_RNG_SEED,
+)
 from kho.currentkernel.machine import Machine
 from kho.devicetree import KHOFdt
 from kho.devicetree.flat import new_tree, to_dtb
 from kho.devicetree.layout import pack_u64
 from kho.dumps import open_dump
+from kho.dumps.writers import write_elf_core, write_raw, write_zstd
 from kho.encodings import get_encoding
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.outgoing import KHO
 from kho.memory.physical import Bank
-from tests.dump_writers import write_boot_params, write_elf_core, write_raw, write_zstd
-
-import fdt as fdtlib
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+def write_boot_params(memory, phys: int, setup_data_phys: int, fdt: tuple[int, int], scratch: tuple[int, int]) -> None:
+    """An x86 ``boot_params`` at ``phys`` whose ``setup_data`` chain is an RNG seed node then a
+    ``SETUP_KEXEC_KHO`` node (both in the page at ``setup_data_phys``), as kexec leaves them."""
+    params = np.zeros(1, BOOT_PARAMS_DTYPE)
+    params["hdr"]["boot_flag"] = BOOT_FLAG
+    params["hdr"]["header"] = SETUP_HEADER_MAGIC
+    params["hdr"]["setup_data"] = setup_data_phys
+    memory.write(phys, params.tobytes())
+    rng, kho, data = np.zeros(1, SETUP_DATA_DTYPE), np.zeros(1, SETUP_DATA_DTYPE), np.zeros(1, KHO_DATA_DTYPE)
+    rng[0] = (setup_data_phys + SETUP_DATA_DTYPE.itemsize + 32, SETUP_RNG_SEED, 32)
+    kho[0] = (0, SETUP_KEXEC_KHO, KHO_DATA_DTYPE.itemsize)
+    data[0] = (*fdt, *scratch)
+    memory.write(setup_data_phys, rng.tobytes() + bytes(32) + kho.tobytes() + data.tobytes())
 
 
 def sub_fdt(compatible: str) -> bytes:
@@ -51,7 +75,7 @@ def written(tmp_path_factory):
     m, handover, reference = build()
     d = tmp_path_factory.mktemp("dumps")
     write_raw(m.memory, d / "mem.raw")
-    write_zstd(d / "mem.raw", d / "mem.raw.zst")
+    write_zstd(m.memory, d / "mem.raw.zst", level=3)
     write_elf_core(m.memory, d / "mem.elf")
     return m, handover, reference, d
 
@@ -86,7 +110,10 @@ def test_strict_decoding_and_the_same_handover_twice(written):
 
 def test_zstd_with_several_frames(written, tmp_path):
     _, _, reference, d = written
-    write_zstd(d / "mem.raw", tmp_path / "frames.zst", frames=5)
+    raw = (d / "mem.raw").read_bytes()
+    step = len(raw) // 5
+    cctx = zstandard.ZstdCompressor(level=1)
+    (tmp_path / "frames.zst").write_bytes(b"".join(cctx.compress(raw[i:i + step]) for i in range(0, len(raw), step)))
     with open_dump(tmp_path / "frames.zst") as dump:
         assert dump.memory.ram_size == 512 * MiB
         assert dump.handover().units() == reference.units()

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import zstandard
+from test_dumps import build, write_boot_params
 
+from kho.abi.elf import ET_EXEC
 from kho.abi.setup_data import SETUP_DATA_DTYPE, SETUP_KEXEC_KHO
 from kho.dumps import open_dump
 from kho.dumps.find import read_boot_params
+from kho.dumps.writers import write_elf_core, write_raw, write_zstd
 from kho.errors import KHOError, KHOFormatError
-from tests.dump_writers import ET_EXEC, write_boot_params, write_elf_core, write_raw, write_zstd
-from tests.test_dumps import build
 
 MiB = 1 << 20
 
@@ -19,7 +20,7 @@ def files(tmp_path_factory):
     m, handover, _ = build()
     d = tmp_path_factory.mktemp("bad")
     write_raw(m.memory, d / "mem.raw")
-    write_zstd(d / "mem.raw", d / "mem.zst")
+    write_zstd(m.memory, d / "mem.zst", level=3)
     write_elf_core(m.memory, d / "mem.elf")
     return m, handover, d
 

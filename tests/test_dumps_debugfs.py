@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_dumps import build, sub_fdt
 
 from kho.dumps import open_dump, read_debugfs
 from kho.errors import KHOError, KHOFormatError
-from tests.test_dumps import build, sub_fdt
 
 SHARED_BLOBS = Path(__file__).resolve().parents[2] / "shared" / "realkernel" / "linux-7.3-x86_64" / "blobs"
 
