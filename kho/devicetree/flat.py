@@ -110,6 +110,142 @@ def _cstring(data: bytes, start: int, end: int, field: str, strict: bool = True)
         raise KHOFormatError(field, "string is not ASCII", start, where="offset") from None
 
 
+def _reservations(data: bytes, head: dict[str, int], tree: fdt.FDT, what: str, strict: bool) -> int:
+    """Read the memory reservation block into ``tree.entries``; returns the offset just past
+    its terminating entry (or where a lenient read stopped at ``totalsize``)."""
+    pos = head["off_mem_rsvmap"]
+    while True:
+        if pos + FDT_RESERVE_ENTRY.size > head["totalsize"]:
+            if not strict:
+                return pos
+            raise KHOFormatError(f"{what}.mem_rsvmap", "the reservation block has no terminating entry", pos, where="offset")
+        address, size = FDT_RESERVE_ENTRY.unpack_from(data, pos)
+        pos += FDT_RESERVE_ENTRY.size
+        if address == 0 and size == 0:
+            return pos
+        tree.entries.append({"address": address, "size": size})
+
+
+def _check_blocks_disjoint(head: dict[str, int], rsvmap_end: int, what: str) -> None:
+    """KHOFormatError when two of the three blocks overlap (libfdt reads the reservations
+    until their terminator, so that block ends at ``rsvmap_end``)."""
+    strings = head["off_dt_strings"]
+    blocks = sorted([(head["off_mem_rsvmap"], rsvmap_end, "mem_rsvmap"), (strings, strings + head["size_dt_strings"], "off_dt_strings"),
+                     (head["off_dt_struct"], head["off_dt_struct"] + head["size_dt_struct"], "off_dt_struct")])
+    for (_, left_end, left), (right_start, right_end, right) in zip(blocks, blocks[1:]):
+        if right_end > right_start and left_end > right_start:
+            raise KHOFormatError(f"{what}.header.{right}", f"the block overlaps the {left} block", right_start, where="offset")
+
+
+class _StructWalk:
+    """One walk of the structure block into ``tree`` (see :func:`parse_fdt`).
+
+    One frame per open node on ``stack``: the node (None for a lenient duplicate being
+    skipped), the names of its sub-nodes and properties, and whether a sub-node has been
+    seen.  ``pos`` is the offset of the next token, ``end`` the end of the block.
+    """
+
+    def __init__(self, data: bytes, head: dict[str, int], tree: fdt.FDT, what: str, strict: bool):
+        self.data, self.tree, self.what, self.strict = data, tree, what, strict
+        self.pos = head["off_dt_struct"]
+        self.end = self.pos + head["size_dt_struct"]
+        self.str_start = head["off_dt_strings"]
+        self.str_size = head["size_dt_strings"]
+        self.stack: list[tuple[fdt.Node | None, set[str], set[str], list[bool]]] = []
+        self.root: fdt.Node | None = None
+
+    def fail(self, field: str, message: str, at: int) -> None:
+        raise KHOFormatError(f"{self.what}.{field}", message, at, where="offset")
+
+    def run(self) -> None:
+        """Read tokens until ``FDT_END`` (or, lenient, the root node's end)."""
+        while True:
+            if self.pos + FDT_TOKEN.size > self.end:
+                self.fail("struct", "the structure block ends without FDT_END", self.pos)
+            at = self.pos
+            token = FDT_TOKEN.unpack_from(self.data, at)[0]
+            self.pos += FDT_TOKEN.size
+            if self.root is not None and not self.stack:
+                if not self.strict:
+                    return  # the kernel never looks past the root node
+                if token != FDT_END:
+                    self.fail("struct", f"token {token:#x} after the root node (only FDT_END may follow)", at)
+            if token == FDT_NOP:
+                continue
+            if token == FDT_BEGIN_NODE:
+                self.begin_node(at)
+            elif token == FDT_END_NODE:
+                if not self.stack:
+                    self.fail("struct", "FDT_END_NODE outside any node", at)
+                self.stack.pop()
+            elif token == FDT_PROP:
+                self.prop(at)
+            elif token == FDT_END:
+                if self.root is None or self.stack:
+                    self.fail("struct", "FDT_END inside a node or before the root", at)
+                return
+            else:
+                self.fail("struct", f"unknown token {token:#x}", at)
+
+    def begin_node(self, at: int) -> None:
+        """``FDT_BEGIN_NODE`` at ``at``: open the root or a sub-node of the innermost node."""
+        strict = self.strict
+        name = _cstring(self.data, self.pos, self.end, f"{self.what}.node.name", strict)
+        self.pos = _align(self.data.index(b"\0", self.pos, self.end) + 1, FDT_TAG_ALIGN)
+        if self.root is None:
+            if name and strict:
+                self.fail("node.name", f"the root node is named {name!r}", at)
+            self.root = node = self.tree.root
+        else:
+            if len(self.stack) >= MAX_DEPTH:
+                self.fail("struct", f"nodes nested deeper than {MAX_DEPTH}", at)
+            parent, node_names, _, has_subnodes = self.stack[-1]
+            if strict and not NODE_NAME.fullmatch(name):
+                self.fail("node.name", f"{name!r} is not a valid node name", at)
+            has_subnodes[0] = True
+            if parent is None or name in node_names:
+                if strict:
+                    self.fail("node.name", f"duplicate node {name!r}", at)
+                node = None  # libfdt finds the first node of a name; this one is never seen
+            else:
+                node_names.add(name)
+                node = fdt.Node(name)
+                node.set_parent(parent)
+                parent.nodes.append(node)
+        self.stack.append((node, set(), set(), [False]))
+
+    def prop(self, at: int) -> None:
+        """``FDT_PROP`` at ``at``: a property of the innermost node (skipped, lenient, where
+        libfdt's lookups would never see it)."""
+        if not self.stack:
+            self.fail("struct", "a property outside any node", at)
+        if self.pos + FDT_PROP_HEADER.size > self.end:
+            self.fail("struct", "truncated property header", at)
+        length, nameoff = FDT_PROP_HEADER.unpack_from(self.data, self.pos)
+        self.pos += FDT_PROP_HEADER.size
+        if self.pos + length > self.end:
+            self.fail("prop.len", f"a {length}-byte value runs past the structure block", at)
+        value = self.data[self.pos:self.pos + length]
+        self.pos = _align(self.pos + length, FDT_TAG_ALIGN)
+        if nameoff >= self.str_size:
+            self.fail("prop.nameoff", f"name offset {nameoff} is outside the strings block", at)
+        name = _cstring(self.data, self.str_start + nameoff, self.str_start + self.str_size, f"{self.what}.prop.name", self.strict)
+        node, _, prop_names, has_subnodes = self.stack[-1]
+        if self.strict:
+            if not PROP_NAME.fullmatch(name):
+                self.fail("prop.name", f"{name!r} is not a valid property name", at)
+            if has_subnodes[0]:
+                self.fail("prop", f"property {name!r} follows a sub-node", at)
+            if name in prop_names:
+                self.fail("prop.name", f"duplicate property {name!r}", at)
+        elif node is None or has_subnodes[0] or name in prop_names:
+            return  # invisible to libfdt's lookups
+        prop_names.add(name)
+        prop = fdt.PropBytes(name, data=value) if length else fdt.Property(name)
+        prop.set_parent(node)
+        node.props.append(prop)
+
+
 def parse_fdt(data: bytes, what: str = "fdt", *, strict: bool = True) -> fdt.FDT:
     """Parse and check a flattened devicetree blob; field names start with ``what``.
 
@@ -128,108 +264,10 @@ def parse_fdt(data: bytes, what: str = "fdt", *, strict: bool = True) -> fdt.FDT
     data = bytes(data)
     head = _header(data, what)
     tree = new_tree()
-    pos = head["off_mem_rsvmap"]
-    while True:
-        if pos + FDT_RESERVE_ENTRY.size > head["totalsize"]:
-            if not strict:
-                break
-            raise KHOFormatError(f"{what}.mem_rsvmap", "the reservation block has no terminating entry", pos, where="offset")
-        address, size = FDT_RESERVE_ENTRY.unpack_from(data, pos)
-        pos += FDT_RESERVE_ENTRY.size
-        if address == 0 and size == 0:
-            break
-        tree.entries.append({"address": address, "size": size})
-
-    str_start = head["off_dt_strings"]
-    str_end = str_start + head["size_dt_strings"]
-    if strict:  # the three blocks must not overlap (libfdt reads the reservations until their terminator)
-        blocks = sorted([(head["off_mem_rsvmap"], pos, "mem_rsvmap"), (str_start, str_end, "off_dt_strings"),
-                         (head["off_dt_struct"], head["off_dt_struct"] + head["size_dt_struct"], "off_dt_struct")])
-        for (_, left_end, left), (right_start, right_end, right) in zip(blocks, blocks[1:]):
-            if right_end > right_start and left_end > right_start:
-                raise KHOFormatError(f"{what}.header.{right}", f"the block overlaps the {left} block", right_start, where="offset")
-    pos = head["off_dt_struct"]
-    end = pos + head["size_dt_struct"]
-    # One frame per open node: the node (None for a lenient duplicate being skipped), the
-    # names of its sub-nodes and properties, and whether a sub-node has been seen.
-    stack: list[tuple[fdt.Node | None, set[str], set[str], list[bool]]] = []
-    root = None
-    while True:
-        if pos + FDT_TOKEN.size > end:
-            raise KHOFormatError(f"{what}.struct", "the structure block ends without FDT_END", pos, where="offset")
-        token = FDT_TOKEN.unpack_from(data, pos)[0]
-        at = pos
-        pos += FDT_TOKEN.size
-        if root is not None and not stack:
-            if not strict:
-                break  # the kernel never looks past the root node
-            if token != FDT_END:
-                raise KHOFormatError(f"{what}.struct", f"token {token:#x} after the root node (only FDT_END may follow)", at, where="offset")
-        if token == FDT_NOP:
-            continue
-        if token == FDT_BEGIN_NODE:
-            name = _cstring(data, pos, end, f"{what}.node.name", strict)
-            pos = _align(data.index(b"\0", pos, end) + 1, FDT_TAG_ALIGN)
-            if root is None:
-                if name and strict:
-                    raise KHOFormatError(f"{what}.node.name", f"the root node is named {name!r}", at, where="offset")
-                root = tree.root
-                node = root
-            else:
-                if len(stack) >= MAX_DEPTH:
-                    raise KHOFormatError(f"{what}.struct", f"nodes nested deeper than {MAX_DEPTH}", at, where="offset")
-                parent, node_names, _, has_subnodes = stack[-1]
-                if strict and not NODE_NAME.fullmatch(name):
-                    raise KHOFormatError(f"{what}.node.name", f"{name!r} is not a valid node name", at, where="offset")
-                has_subnodes[0] = True
-                if parent is None or name in node_names:
-                    if strict:
-                        raise KHOFormatError(f"{what}.node.name", f"duplicate node {name!r}", at, where="offset")
-                    node = None  # libfdt finds the first node of a name; this one is never seen
-                else:
-                    node_names.add(name)
-                    node = fdt.Node(name)
-                    node.set_parent(parent)
-                    parent.nodes.append(node)
-            stack.append((node, set(), set(), [False]))
-        elif token == FDT_END_NODE:
-            if not stack:
-                raise KHOFormatError(f"{what}.struct", "FDT_END_NODE outside any node", at, where="offset")
-            stack.pop()
-        elif token == FDT_PROP:
-            if not stack:
-                raise KHOFormatError(f"{what}.struct", "a property outside any node", at, where="offset")
-            if pos + FDT_PROP_HEADER.size > end:
-                raise KHOFormatError(f"{what}.struct", "truncated property header", at, where="offset")
-            length, nameoff = FDT_PROP_HEADER.unpack_from(data, pos)
-            pos += FDT_PROP_HEADER.size
-            if pos + length > end:
-                raise KHOFormatError(f"{what}.prop.len", f"a {length}-byte value runs past the structure block", at, where="offset")
-            value = data[pos:pos + length]
-            pos = _align(pos + length, FDT_TAG_ALIGN)
-            if nameoff >= head["size_dt_strings"]:
-                raise KHOFormatError(f"{what}.prop.nameoff", f"name offset {nameoff} is outside the strings block", at, where="offset")
-            name = _cstring(data, str_start + nameoff, str_end, f"{what}.prop.name", strict)
-            node, _, prop_names, has_subnodes = stack[-1]
-            if strict:
-                if not PROP_NAME.fullmatch(name):
-                    raise KHOFormatError(f"{what}.prop.name", f"{name!r} is not a valid property name", at, where="offset")
-                if has_subnodes[0]:
-                    raise KHOFormatError(f"{what}.prop", f"property {name!r} follows a sub-node", at, where="offset")
-                if name in prop_names:
-                    raise KHOFormatError(f"{what}.prop.name", f"duplicate property {name!r}", at, where="offset")
-            elif node is None or has_subnodes[0] or name in prop_names:
-                continue  # invisible to libfdt's lookups
-            prop_names.add(name)
-            prop = fdt.PropBytes(name, data=value) if length else fdt.Property(name)
-            prop.set_parent(node)
-            node.props.append(prop)
-        elif token == FDT_END:
-            if root is None or stack:
-                raise KHOFormatError(f"{what}.struct", "FDT_END inside a node or before the root", at, where="offset")
-            break
-        else:
-            raise KHOFormatError(f"{what}.struct", f"unknown token {token:#x}", at, where="offset")
+    rsvmap_end = _reservations(data, head, tree, what, strict)
+    if strict:
+        _check_blocks_disjoint(head, rsvmap_end, what)
+    _StructWalk(data, head, tree, what, strict).run()
     return tree
 
 
