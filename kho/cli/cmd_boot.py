@@ -12,10 +12,13 @@ from rich.table import Table
 from kho.cli.imageio import emit
 from kho.cli.options import size_arg
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE
+from kho.encodings import get_encoding
 from kho.errors import KHOError
 from kho.handover.imagefile import load_image
+from kho.kexec.profiles import BUILTIN, load_profile
 from kho.nextkernel import PATHS, boot
 from kho.nextkernel.boot import INSTRUCTIONS_ENCODING
+from kho.nextkernel.memblock_cost import boot_restore_cost
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +36,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"size of the next kernel's image (default {DEFAULT_KERNEL_IMAGE >> 20}M)")
     p.add_argument("--lenient", action="store_true",
                    help="decode the handover as leniently as the Linux kernel does (see spec/hardening.md)")
+    p.add_argument("--profile", default="stingray", metavar="NAME|FILE",
+                   help=f"timing profile of the modelled KHO restore: {', '.join(BUILTIN)} or a TOML/JSON file "
+                        "(default stingray)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
+
+
+def _restore(nk, image, profile, strict: bool) -> dict:
+    """The modelled KHO restore of ``nk`` under ``profile``: seconds and counts (see
+    :func:`kho.nextkernel.memblock_cost.boot_restore_cost`); the map's pages are read back
+    with the image's encoding."""
+    map_pages = 0
+    if nk.revived:
+        encoding = get_encoding(image.encoding, image.memory.page_size, **image.options)
+        map_pages = int(encoding.decode(image.memory, nk.kho.fdt.props, strict=strict).metadata_pages.size)
+    try:
+        cost = boot_restore_cost(nk, profile.next_kernel, map_pages)
+    except KHOError as err:  # e.g. overlapping units read leniently: the counting needs disjoint units
+        return {"profile": profile.name, "error": err.message}
+    return {"profile": profile.name, **cost.to_dict()}
 
 
 def run(args) -> int:
@@ -42,9 +63,13 @@ def run(args) -> int:
     if args.path == "instructions" and image.encoding != INSTRUCTIONS_ENCODING:
         raise KHOError("EINVAL", f"--path instructions reads an instruction stream; {args.image} holds a "
                                  f"{image.encoding} map (serialize it with --abi {INSTRUCTIONS_ENCODING})")
+    profile = load_profile(args.profile).profile
     nk = boot(image.memory, image.boot_dtb, args.path, encoding_options=image.options, kernel_image=args.kernel_image,
               strict=not args.lenient)
-    report = {"image": args.image, "abi": image.encoding, **nk.report()}
+    restore = _restore(nk, image, profile, not args.lenient)
+    report = {"image": args.image, "abi": image.encoding, **nk.report(), "kho_restore_s": restore.get("kho_restore_s"),
+              "free_list_s": restore.get("free_list_s"), "memblock_region_visits": restore.get("memblock_region_visits", 0),
+              "kho_restore": restore}
     if args.json:
         emit([json.dumps(report, indent=2), "\n"])
         return 0
@@ -82,7 +107,26 @@ def run(args) -> int:
         orders.add_row(str(order), label, f"{n:,}", f"{s:,}", f"{(n + s) << order:,}")
     console.print(orders)
 
-    timings = Table(title="stages")
+    restore = report["kho_restore"]
+    model = Table(title=f"next kernel's KHO stages, modelled (profile {restore['profile']})")
+    model.add_column("what")
+    model.add_column("value", justify="right")
+    if "error" in restore:
+        model.add_row("not modelled", escape(restore["error"]))
+    else:
+        model.add_row("kho_restore_s (walk + memblock)", f"{restore['kho_restore_s']:.6g} s")
+        model.add_row("  map walk and head pages", f"{restore['walk_s']:.6g} s ({restore['map_pages']:,} map pages)")
+        if report["path"] == "memblock":
+            model.add_row("  memblock_reserve", f"{restore['reserve_s']:.6g} s")
+            model.add_row("  memblock_reserved_mark_noinit", f"{restore['noinit_s']:.6g} s")
+            model.add_row("memblock_region_visits", f"{restore['memblock_region_visits']:,}")
+            model.add_row("memblock regions moved", f"{restore['memblock_regions_moved']:,}")
+            model.add_row("counting passes / array doublings",
+                          f"{restore['counting_passes']:,} / {restore['doublings']} (max {restore['final_max']:,})")
+        model.add_row("free_list_s", f"{restore['free_list_s']:.6g} s")
+    console.print(model)
+
+    timings = Table(title="stages (this host)")
     timings.add_column("stage")
     timings.add_column("seconds", justify="right")
     timings.add_column("cpu seconds", justify="right")

@@ -15,6 +15,21 @@ bandwidth.  Those reboots are taken as without purgatory hashing: their startup 
 grow with the image (0.29 s for 37 MB and 47 MB), which SHA-256 with the D-cache off
 would make it do.
 
+The next kernel's KHO restore (:class:`~kho.kexec.timing.NextKernelCosts`):
+
+* ``qemu-tcg-x86`` is fitted (:func:`fit_next_kernel`) to a real Linux 7.3 kernel's restore
+  under QEMU TCG, ``data/linux-7.3-x86_64-kho-restore.json`` (provenance inside): least
+  squares, weighted by 1/measured, of ``memblock_reserve`` and ``mark_noinit`` seconds
+  against the model's counts (per call, per region visited; a moved entry costs a visit),
+  then of the rest of the walk against units (per unit); per map page, per page and per
+  block freed follow from the per-visit cost by bytes touched (:func:`costs_from_bandwidth`).
+  Its reboot parameters are Stingray's: no reboot was timed under the emulator.
+* ``stingray`` and every profile without next-kernel parameters derive them from their
+  memory bandwidth (``cached_copy``): a region visit or move streams one
+  ``struct memblock_region`` (24 B), a map page 4 KiB, a freed page one ``struct page``
+  (64 B), a freed block two; the per-call and per-unit costs are the emulator's, scaled
+  by the ratio of the two per-visit costs (the emulator taken to slow every step alike).
+
 A user profile is a TOML or JSON file (or ``KEY=VALUE`` overrides) with any of the
 parameters of :data:`kho.kexec.timing.PARAMETERS` — rates like ``"2857M/s"`` or bytes/s,
 times like ``0.29`` / ``"290ms"`` — and optionally measured reboots to fit::
@@ -31,14 +46,27 @@ times like ``0.29`` / ``"290ms"`` — and optionally measured reboots to fit::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from importlib import resources
 
+import numpy as np
 import tomllib
 
+from kho.currentkernel.scratch import STRUCT_PAGE_BYTES
 from kho.errors import KHOError
-from kho.kexec.timing import PARAMETERS, FitReport, Measurement, fit_profile
+from kho.kexec.timing import (
+    MEMBLOCK_REGION_BYTES,
+    NEXT_KERNEL_PARAMETERS,
+    PARAMETERS,
+    FitReport,
+    FitRow,
+    Measurement,
+    NextKernelCosts,
+    fit_profile,
+)
 from kho.sizes import parse_size
 
 MIB = 1 << 20
@@ -57,7 +85,122 @@ STINGRAY_NOTES = (
     "published reboots taken as without purgatory hashing (their startup does not grow with the image)",
 )
 
-BUILTIN = {"stingray": (STINGRAY_MEASUREMENTS, {"cached_copy": float(STINGRAY_MEMORY_BANDWIDTH)}, STINGRAY_NOTES)}
+#: The real-kernel restore timing the ``qemu-tcg-x86`` profile is fitted to (in ``kho/kexec/data/``).
+QEMU_TCG_TIMING = "linux-7.3-x86_64-kho-restore.json"
+QEMU_TCG_NOTES = (
+    "next-kernel costs fitted to a real Linux 7.3-rc7 kernel's KHO restore under QEMU TCG (emulator times)",
+    "reboot parameters borrowed from stingray: no reboot was timed under the emulator",
+)
+#: Page size of the map pages the bandwidth derivation reads (bytes).
+MAP_PAGE_BYTES = 4096
+
+BUILTIN = {
+    "stingray": (STINGRAY_MEASUREMENTS, {"cached_copy": float(STINGRAY_MEMORY_BANDWIDTH)}, STINGRAY_NOTES),
+    "qemu-tcg-x86": (STINGRAY_MEASUREMENTS, {"cached_copy": float(STINGRAY_MEMORY_BANDWIDTH)}, QEMU_TCG_NOTES),
+}
+
+
+def qemu_tcg_timing() -> dict:
+    """The packaged real-kernel restore timing (:data:`QEMU_TCG_TIMING`), parsed."""
+    return json.loads(resources.files("kho.kexec").joinpath("data", QEMU_TCG_TIMING).read_text(encoding="utf-8"))
+
+
+def costs_from_bandwidth(bandwidth_bps: float, reference: NextKernelCosts) -> tuple[NextKernelCosts, dict[str, str]]:
+    """Next-kernel costs of a machine streaming ``bandwidth_bps`` bytes/s: per region visited or
+    moved ``MEMBLOCK_REGION_BYTES / bw``, per map page ``MAP_PAGE_BYTES / bw``, per page freed
+    ``STRUCT_PAGE_BYTES / bw``, per block freed twice that; per call and per unit the
+    ``reference`` costs scaled by the ratio of the per-visit costs.  With the derivation."""
+    visit = MEMBLOCK_REGION_BYTES / bandwidth_bps
+    scale = visit / reference.region_visit_s
+    costs = NextKernelCosts(visit, visit, reference.reserve_call_s * scale, reference.noinit_call_s * scale,
+                            reference.unit_s * scale, MAP_PAGE_BYTES / bandwidth_bps, STRUCT_PAGE_BYTES / bandwidth_bps,
+                            2 * STRUCT_PAGE_BYTES / bandwidth_bps)
+    rate = f"{bandwidth_bps / (1 << 20):,.0f} MiB/s"
+    how = {
+        "region_visit_s": f"one {MEMBLOCK_REGION_BYTES}-byte struct memblock_region at {rate}",
+        "region_move_s": f"one {MEMBLOCK_REGION_BYTES}-byte struct memblock_region at {rate}",
+        "map_page_s": f"one {MAP_PAGE_BYTES}-byte map page at {rate}",
+        "free_page_s": f"one {STRUCT_PAGE_BYTES}-byte struct page at {rate}",
+        "free_block_s": f"two {STRUCT_PAGE_BYTES}-byte struct pages at {rate}",
+    }
+    for key in ("reserve_call_s", "noinit_call_s", "unit_s"):
+        how[key] = f"qemu-tcg-x86's fit x {scale:.4g} (ratio of the per-visit costs)"
+    return costs, how
+
+
+def _relative_lstsq(columns: list[np.ndarray], target: np.ndarray) -> list[float]:
+    """Least squares of ``target ~ sum(x_j * columns[j])`` with every row weighted by 1/target
+    (relative errors: the runs span three orders of magnitude)."""
+    weight = 1 / target
+    a = np.stack([c * weight for c in columns], axis=1)
+    return [float(x) for x in np.linalg.lstsq(a, target * weight, rcond=None)[0]]
+
+
+def fit_next_kernel(timing: dict) -> tuple[NextKernelCosts, dict[str, str], list[FitRow]]:
+    """The ``qemu-tcg-x86`` next-kernel costs fitted to ``timing`` (:func:`qemu_tcg_timing`),
+    how each was obtained, and every measured figure against the model.  O(runs)."""
+    runs = timing["runs"]
+
+    def col(key):
+        return np.array([float(r["model"][key]) for r in runs])
+
+    units = col("units")
+    zero = np.zeros_like(units)
+    r_work = col("reserve_scan_visits") + col("reserve_merge_iterations") + col("reserve_regions_moved") + col("reserve_doubling_copied")
+    n_work = col("isolate_scan_visits") + col("noinit_merge_iterations") + col("noinit_regions_moved") + col("noinit_doubling_copied")
+    reserve = np.array([r["reserve_s"] for r in runs])
+    noinit = np.array([r["noinit_s"] for r in runs])
+    total = np.array([r["total_s"] for r in runs])
+    r_call, n_call, visit = _relative_lstsq([np.concatenate([units, zero]), np.concatenate([zero, units]),
+                                              np.concatenate([r_work, n_work])], np.concatenate([reserve, noinit]))
+    rest = total - reserve - noinit
+    map_page = visit * MAP_PAGE_BYTES / MEMBLOCK_REGION_BYTES
+    (unit,) = _relative_lstsq([units], rest - map_page * col("map_pages"))
+    fitted = NextKernelCosts(visit, visit, r_call, n_call, unit, map_page, 0.0, 0.0)
+    costs, how = costs_from_bandwidth(MEMBLOCK_REGION_BYTES / visit, fitted)
+    n = len(runs)
+    how.update({
+        "region_visit_s": f"least squares over {n} runs' memblock_reserve and mark_noinit times (with the per-call costs)",
+        "region_move_s": "equal to region_visit_s (one entry read and written)",
+        "reserve_call_s": f"least squares over {n} runs' memblock_reserve times",
+        "noinit_call_s": f"least squares over {n} runs' memblock_reserved_mark_noinit times",
+        "unit_s": f"least squares over {n} runs' rest of the walk (total - reserve - noinit), after the map pages",
+    })
+    for key in ("map_page_s", "free_page_s", "free_block_s"):
+        how[key] += " (per-visit cost as a bandwidth)"
+    rows = []
+    for r in runs:
+        m = r["model"]
+        res = costs.reserve_s(m["units"], m["reserve_scan_visits"] + m["reserve_merge_iterations"],
+                              m["reserve_regions_moved"] + m["reserve_doubling_copied"])
+        noi = costs.noinit_s(m["units"], m["isolate_scan_visits"] + m["noinit_merge_iterations"],
+                             m["noinit_regions_moved"] + m["noinit_doubling_copied"])
+        walk = costs.walk_s(m["units"], m["map_pages"])
+        rows += [FitRow(r["run"], "memblock_reserve", r["reserve_s"], res),
+                 FitRow(r["run"], "memblock_reserved_mark_noinit", r["noinit_s"], noi),
+                 FitRow(r["run"], "walk + head pages", r["total_s"] - r["reserve_s"] - r["noinit_s"], walk),
+                 FitRow(r["run"], "KHO restore total", r["total_s"], res + noi + walk)]
+    return costs, how, rows
+
+
+def _with_next_kernel(report: FitReport, given: dict[str, float], fitted: tuple | None = None) -> FitReport:
+    """``report`` with next-kernel costs: ``fitted`` (costs, derivation, rows) when given, else
+    derived from the profile's cached_copy rate; parameters in ``given`` override either."""
+    reference, ref_how, ref_rows = fit_next_kernel(qemu_tcg_timing())
+    costs, how, rows = fitted if fitted else (*costs_from_bandwidth(report.profile.cached_copy_bps, reference), [])
+    values = costs.to_dict()
+    for key in NEXT_KERNEL_PARAMETERS:
+        if key in given:
+            values[key] = given[key]
+            how[key] = "given"
+    profile = dataclasses.replace(report.profile, next_kernel=NextKernelCosts(**values))
+    return FitReport(profile, {**report.derivation, **how}, report.rows + rows)
+
+
+def _split_given(given: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``given`` parameters: (reboot ones, next-kernel ones)."""
+    return ({k: v for k, v in given.items() if k not in NEXT_KERNEL_PARAMETERS},
+            {k: v for k, v in given.items() if k in NEXT_KERNEL_PARAMETERS})
 
 _RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*/\s*s\s*")
 _TIME = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|µs|ns)?\s*")
@@ -98,9 +241,12 @@ def parse_time(value) -> float:
 
 
 def parse_parameter(key: str, value) -> float:
-    """One profile parameter: a rate (bytes/s) or a time (s) by :data:`PARAMETERS`."""
+    """One profile parameter: a rate (bytes/s) or a time (s) by :data:`PARAMETERS`, or a
+    next-kernel cost (s) of :data:`~kho.kexec.timing.NEXT_KERNEL_PARAMETERS`."""
+    if key in NEXT_KERNEL_PARAMETERS:
+        return parse_time(value)
     if key not in PARAMETERS:
-        raise KHOError("EINVAL", f"unknown profile parameter {key!r} (known: {', '.join(PARAMETERS)})")
+        raise KHOError("EINVAL", f"unknown profile parameter {key!r} (known: {', '.join((*PARAMETERS, *NEXT_KERNEL_PARAMETERS))})")
     return parse_rate(value) if PARAMETERS[key][0] == "rate" else parse_time(value)
 
 
@@ -132,18 +278,20 @@ def profile_from_mapping(data, default_name: str, overrides: dict[str, str] | No
     """Fit a profile described by a parsed TOML/JSON mapping (see the module docstring)."""
     if not isinstance(data, dict):
         raise KHOError("EINVAL", "a profile must be a table/object")
-    extra = set(data) - set(PARAMETERS) - {"name", "measurement", "measurements", "notes"}
+    extra = set(data) - set(PARAMETERS) - set(NEXT_KERNEL_PARAMETERS) - {"name", "measurement", "measurements", "notes"}
     if extra:
-        raise KHOError("EINVAL", f"unknown profile keys {sorted(extra)} (known: name, measurement, {', '.join(PARAMETERS)})")
+        raise KHOError("EINVAL", f"unknown profile keys {sorted(extra)} (known: name, measurement, "
+                                 f"{', '.join((*PARAMETERS, *NEXT_KERNEL_PARAMETERS))})")
     raw = data.get("measurement", data.get("measurements", []))
     if not isinstance(raw, list):
         raise KHOError("EINVAL", "measurement must be a list of tables/objects")
     measurements = [_measurement(i, m) for i, m in enumerate(raw)]
-    given = {k: parse_parameter(k, v) for k, v in data.items() if k in PARAMETERS}
+    given = {k: parse_parameter(k, v) for k, v in data.items() if k in PARAMETERS or k in NEXT_KERNEL_PARAMETERS}
     given.update({k: parse_parameter(k, v) for k, v in (overrides or {}).items()})
     notes = data.get("notes", ())
     notes = (notes,) if isinstance(notes, str) else tuple(str(n) for n in notes)
-    return fit_profile(str(data.get("name", default_name)), measurements, given, notes)
+    reboot, next_kernel = _split_given(given)
+    return _with_next_kernel(fit_profile(str(data.get("name", default_name)), measurements, reboot, notes), next_kernel)
 
 
 def load_profile(spec: str, overrides: dict[str, str] | None = None) -> FitReport:
@@ -155,7 +303,12 @@ def load_profile(spec: str, overrides: dict[str, str] | None = None) -> FitRepor
         measurements, given, notes = BUILTIN[spec]
         given = dict(given)
         given.update({k: parse_parameter(k, v) for k, v in (overrides or {}).items()})
-        return fit_profile(spec, list(measurements), given, notes)
+        reboot, next_kernel = _split_given(given)
+        report = fit_profile(spec, list(measurements), reboot, notes)
+        if spec == "qemu-tcg-x86":
+            return _with_next_kernel(FitReport(report.profile, report.derivation, []), next_kernel,
+                                     fit_next_kernel(qemu_tcg_timing()))
+        return _with_next_kernel(report, next_kernel)
     if not os.path.isfile(spec):
         raise KHOError("EINVAL", f"no built-in profile or file named {spec!r} (built-in: {', '.join(BUILTIN)})")
     with open(spec, "rb") as f:

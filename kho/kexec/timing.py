@@ -73,9 +73,21 @@ class NextKernelCosts:
             if not (value >= 0 and math.isfinite(value)):
                 raise KHOError("EINVAL", f"next-kernel cost {key} must be a finite time >= 0, not {value}")
 
-    def scaled(self, factor: float) -> "NextKernelCosts":
-        """Every cost times ``factor``."""
-        return NextKernelCosts(**{k: v * factor for k, v in asdict(self).items()})
+    def reserve_s(self, calls: int, visits: int, moved: int) -> float:
+        """``calls`` memblock_reserve calls that visited ``visits`` regions and moved ``moved`` entries."""
+        return calls * self.reserve_call_s + visits * self.region_visit_s + moved * self.region_move_s
+
+    def noinit_s(self, calls: int, visits: int, moved: int) -> float:
+        """``calls`` memblock_reserved_mark_noinit calls that visited ``visits`` regions and moved ``moved`` entries."""
+        return calls * self.noinit_call_s + visits * self.region_visit_s + moved * self.region_move_s
+
+    def walk_s(self, units: int, map_pages: int) -> float:
+        """Walking a map of ``map_pages`` pages listing ``units`` units, each head page stamped."""
+        return units * self.unit_s + map_pages * self.map_page_s
+
+    def free_list_s(self, pages: int, blocks: int, regions_walked: int) -> float:
+        """Freeing ``pages`` pages in ``blocks`` blocks, walking ``regions_walked`` memblock regions."""
+        return pages * self.free_page_s + blocks * self.free_block_s + regions_walked * self.region_visit_s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +95,9 @@ class NextKernelCosts:
 
 #: Next-kernel cost parameters a profile file may set (seconds each): the fields of :class:`NextKernelCosts`.
 NEXT_KERNEL_PARAMETERS = tuple(NextKernelCosts.__dataclass_fields__)
+#: ``sizeof(struct memblock_region)`` on a 64-bit kernel (bytes): the layout is
+#: :data:`kho.nextkernel.memblock.REGION_DTYPE`, downstream of this module; a test checks they agree.
+MEMBLOCK_REGION_BYTES = 24
 
 
 @dataclass(frozen=True)

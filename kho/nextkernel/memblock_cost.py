@@ -333,20 +333,18 @@ def restore_cost(costs: NextKernelCosts, path: str, units: int, map_pages: int, 
     page freed and per free block.  O(1)."""
     if path not in (MEMBLOCK_PATH, INSTRUCTIONS_PATH):
         raise KHOError("EINVAL", f"unknown deserialization path {path!r}")
-    walk = units * costs.unit_s + map_pages * costs.map_page_s
+    walk = costs.walk_s(units, map_pages)
     reserve = noinit = 0.0
     regions_walked = 0
     if path == MEMBLOCK_PATH:
         if counts is None:
             raise KHOError("EINVAL", "the memblock path needs its memblock counts")
-        reserve = (counts.units * costs.reserve_call_s
-                   + (counts.reserve_scan_visits + counts.reserve_merge_iterations) * costs.region_visit_s
-                   + (counts.reserve_regions_moved + counts.reserve_doubling_copied) * costs.region_move_s)
-        noinit = (counts.units * costs.noinit_call_s
-                  + (counts.isolate_scan_visits + counts.noinit_merge_iterations) * costs.region_visit_s
-                  + (counts.noinit_regions_moved + counts.noinit_doubling_copied) * costs.region_move_s)
+        reserve = costs.reserve_s(counts.units, counts.reserve_scan_visits + counts.reserve_merge_iterations,
+                                  counts.reserve_regions_moved + counts.reserve_doubling_copied)
+        noinit = costs.noinit_s(counts.units, counts.isolate_scan_visits + counts.noinit_merge_iterations,
+                                counts.noinit_regions_moved + counts.noinit_doubling_copied)
         regions_walked = reserved_regions
-    free = free_pages * costs.free_page_s + free_blocks * costs.free_block_s + regions_walked * costs.region_visit_s
+    free = costs.free_list_s(free_pages, free_blocks, regions_walked)
     return RestoreCost(path, units, map_pages, free_pages, free_blocks, reserved_regions,
                        counts if path == MEMBLOCK_PATH else None, walk, reserve, noinit, free)
 
@@ -381,3 +379,56 @@ def adjacent_units(n: int, start: int = 1 << 30, page_size: int = 4096) -> tuple
     """``n`` order-0 units on consecutive pages from ``start``: ``(phys, size)``.  O(n)."""
     phys = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
     return phys, np.full(n, page_size, np.uint64)
+
+
+# -- the real-kernel timing runs ---------------------------------------------------------------
+
+#: Regions reserved before the walk in the reconstructions of the real-kernel runs: 8 below
+#: the preserved memory (x86's first page, BIOS areas, ...) and 8 above it (the next kernel's
+#: early allocations in scratch), one page each, flags 0.
+TIMING_BASE_BELOW = tuple(i << 20 for i in range(8))
+TIMING_BASE_ABOVE = tuple((0x78000 + 0x100 * i) << 12 for i in range(8))
+#: Where the reconstructions put the preserved sets (bytes): KHO's own units, the memfd.
+TIMING_EXTRA_AT, TIMING_MEMFD_AT = 0x0800_0000, 0x1000_0000
+
+
+def timing_run_layout(kind: str, memfd_pages: int, units: int, final_regions: int, page_size: int = 4096):
+    """A preserved set shaped like one run of ``deserialize-timing.txt`` (Linux 7.3, x86_64
+    under QEMU TCG): ``units`` order-0 units of which ``memfd_pages`` belong to the memfd —
+    ``interleaved`` (every other page: no two touch) or ``contiguous`` (equal runs of
+    adjacent pages) — and the rest KHO's own units, some isolated and the others one
+    adjacent block, their numbers chosen so that the walk ends with ``final_regions``
+    reserved regions as measured (``rsv_cnt``), with 16 regions reserved before it.
+
+    Returns ``(phys, size, base_regions)``, units in the radix walk order.  O(units)."""
+    if kind not in ("interleaved", "contiguous") or not 0 < memfd_pages <= units:
+        raise KHOError("EINVAL", f"no timing run of kind {kind!r} with {memfd_pages} of {units} units")
+    base = sorted(TIMING_BASE_BELOW + TIMING_BASE_ABOVE)
+    nbase = len(base)
+    extra = units - memfd_pages
+    if kind == "interleaved":
+        memfd, _ = fragmented_units(memfd_pages, TIMING_MEMFD_AT, page_size)
+        isolated = final_regions - nbase - memfd_pages - 1
+    else:
+        isolated = min(16, extra)
+        runs = final_regions - nbase - isolated - (1 if extra > isolated else 0)
+        if runs < 1:
+            raise KHOError("EINVAL", f"{final_regions} regions cannot hold a contiguous run of {memfd_pages} pages")
+        run_of = np.arange(memfd_pages, dtype=np.uint64) * np.uint64(runs) // np.uint64(memfd_pages)
+        memfd = np.uint64(TIMING_MEMFD_AT) + (np.arange(memfd_pages, dtype=np.uint64) + run_of) * np.uint64(page_size)
+    if not 0 <= isolated <= extra:
+        raise KHOError("EINVAL", f"{final_regions} final regions do not fit {kind} {memfd_pages} pages + {extra} others")
+    lone, _ = fragmented_units(isolated, TIMING_EXTRA_AT, page_size)
+    block, _ = adjacent_units(extra - isolated, TIMING_EXTRA_AT + (2 * isolated + 1) * page_size, page_size)
+    phys = np.sort(np.concatenate([lone, block, memfd]))
+    size = np.full(phys.size, page_size, np.uint64)
+    n = len(base)
+    return phys, size, (np.array(base, np.uint64), np.full(n, page_size, np.uint64), np.zeros(n, np.int64))
+
+
+def timing_run_counts(kind: str, memfd_pages: int, units: int, final_regions: int) -> dict:
+    """The model's counts for a :func:`timing_run_layout`: what the fit of a profile to the
+    real-kernel timing needs (units, map pages, the memblock counts).  O(R n)."""
+    phys, size, base = timing_run_layout(kind, memfd_pages, units, final_regions)
+    counts = count_memblock(phys, size, base)
+    return {"units": int(phys.size), "map_pages": radix_pages(phys, np.zeros(phys.size, np.int64)), **asdict(counts)}
