@@ -33,7 +33,11 @@ KERNEL_DEFAULT_SIZE_CELLS = 1
 
 @dataclass(frozen=True)
 class ChosenKHO:
-    """What ``/chosen`` says: the KHO FDT and the scratch array, ``phys`` and ``size`` in bytes."""
+    """What ``/chosen`` says: the KHO FDT and the scratch array, ``phys`` and ``size`` in bytes.
+
+    The one declaration of these four: a finalized handover
+    (:class:`kho.handover.outgoing.Handover`) and a loaded image
+    (:class:`kho.handover.imagefile.LoadedImage`) are ChosenKHOs with more fields."""
 
     fdt_phys: int
     fdt_size: int

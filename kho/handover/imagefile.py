@@ -50,19 +50,16 @@ MAX_BANKS = 4096
 PathOrFile = str | os.PathLike | BinaryIO
 
 
-@dataclass
-class LoadedImage:
+@dataclass(frozen=True)
+class LoadedImage(ChosenKHO):
     """An image read back: the machine's memory (scratch areas set, contents restored) and
-    where the handover is.  Addresses and sizes in bytes."""
+    where the handover is (the :class:`~kho.devicetree.chosen.ChosenKHO` fields, which its
+    ``boot_dtb`` says too).  Addresses and sizes in bytes."""
 
     memory: PhysicalMemory
     boot_dtb: bytes
     encoding: str
     options: dict
-    fdt_phys: int
-    fdt_size: int
-    scratch_phys: int
-    scratch_size: int
     version: int = IMAGE_VERSION
 
     @property
@@ -294,4 +291,5 @@ def load_image(path_or_file: PathOrFile) -> LoadedImage:
         raise KHOFormatError("image.boot_dtb", f"/chosen says {chosen}, the image says fdt {fdt_phys:#x}+{fdt_size:#x}, "
                                                f"scratch {scratch_phys:#x}+{scratch_size:#x}")
     _contents(top, memory)
-    return LoadedImage(memory, boot_dtb, name, options, fdt_phys, fdt_size, scratch_phys, scratch_size, IMAGE_VERSION)
+    return LoadedImage(fdt_phys, fdt_size, scratch_phys, scratch_size, memory=memory, boot_dtb=boot_dtb, encoding=name,
+                       options=options)

@@ -35,7 +35,7 @@ import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.currentkernel.tracker import Tracker
-from kho.devicetree import KERNEL_COMPATIBLES, KHOFdt, build_boot_dtb
+from kho.devicetree import KERNEL_COMPATIBLES, ChosenKHO, KHOFdt, build_boot_dtb
 from kho.devicetree.layout import pack_u64
 from kho.encodings import EncodedMap, get_encoding
 from kho.errors import KHOError
@@ -49,19 +49,16 @@ def order_for(size: int, page_size: int) -> int:
     return (pages - 1).bit_length()
 
 
-@dataclass
-class Handover:
+@dataclass(frozen=True)
+class Handover(ChosenKHO):
     """A finalized handover: where the next kernel finds everything (bytes, physical addresses).
 
-    ``fdt_size`` is the FDT's allocation (one page for the kernel ABIs), ``scratch_size`` the
-    array's length (16 bytes per area).  ``encoded`` is what the encoding wrote.
+    The :class:`~kho.devicetree.chosen.ChosenKHO` fields: ``fdt_size`` is the FDT's
+    allocation (one page for the kernel ABIs), ``scratch_size`` the array's length (16 bytes
+    per area).  ``encoded`` is what the encoding wrote.
     """
 
     memory: PhysicalMemory
-    fdt_phys: int
-    fdt_size: int
-    scratch_phys: int
-    scratch_size: int
     encoding: str
     options: dict
     encoded: EncodedMap
@@ -202,6 +199,6 @@ class KHO:
         fdt_size = ps << fdt_order
         self.memory.write(fdt_phys, blob + bytes(fdt_size - len(blob)))
         scratch_size = write_scratch_array(self.memory, scratch_phys, self.memory.scratch)
-        self.handover = Handover(self.memory, fdt_phys, fdt_size, scratch_phys, scratch_size, self.encoding.name,
-                                 self.encoding.options(), encoded, fdt.subtrees())
+        self.handover = Handover(fdt_phys, fdt_size, scratch_phys, scratch_size, memory=self.memory, encoding=self.encoding.name,
+                                 options=self.encoding.options(), encoded=encoded, subtrees=fdt.subtrees())
         return self.handover
