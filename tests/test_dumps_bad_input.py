@@ -1,8 +1,14 @@
 """kho.dumps on bad input: every case a KHOError or KHOFormatError naming what was recognised."""
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 import zstandard
+from fuzz.corpus import seeds
+from fuzz.targets import TARGETS, time_limit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_dumps import build, write_boot_params
 
 from kho.abi.elf import ET_EXEC
@@ -131,3 +137,26 @@ def test_setup_data_loops_and_bad_nodes_are_reported(files):
     m.memory.write(chain + 48, node.tobytes())
     bp = read_boot_params(m.memory, params)
     assert bp.handoff is None and "8-byte payload" in bp.error
+
+
+@lru_cache(maxsize=None)
+def dump_seeds() -> tuple[bytes, ...]:
+    return tuple(seeds("dump"))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_mutated_dumps_decode_or_are_refused(data):
+    """Bit flips, overwritten words and truncation of the fuzz seeds (zstd, ELF core, raw):
+    the dump target's checks hold or the input is refused."""
+    buf = bytearray(data.draw(st.sampled_from(dump_seeds())))
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(buf) - 8))
+        if data.draw(st.booleans()):
+            buf[at] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            buf[at:at + 8] = data.draw(st.integers(0, (1 << 64) - 1)).to_bytes(8, "little")
+    if data.draw(st.booleans()):
+        del buf[data.draw(st.integers(1, len(buf))):]
+    with time_limit(60):
+        TARGETS["dump"].run(bytes(buf))

@@ -16,11 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import fdt
+import numpy as np
 
 from kho.abi.kexec_handover import KHO_CHOSEN_FDT_PROP_NAME, KHO_CHOSEN_SCRATCH_PROP_NAME
+from kho.abi.setup_data import BOOT_FLAG, BOOT_PARAMS_DTYPE, KHO_DATA_DTYPE, SETUP_DATA_DTYPE, SETUP_HEADER_MAGIC, SETUP_KEXEC_KHO
 from kho.devicetree import build_boot_dtb
 from kho.devicetree.flat import new_tree, to_dtb
 from kho.devicetree.layout import FDT_HEADER, FDT_HEADER_FIELDS
+from kho.dumps.writers import page_runs, write_elf_core, write_zstd
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO, Handover
 from kho.handover.scratch_array import pack_scratch_array
@@ -68,6 +71,23 @@ def chosen_one_cell() -> bytes:
     return to_dtb(tree)
 
 
+def dump_seeds(h: Handover) -> list[bytes]:
+    """Dumps of a handover: zstd-compressed raw, an ELF core of the pages it holds (one
+    ``PT_LOAD`` a page run), and a three-page raw dump: the KHO FDT, an x86 ``boot_params``
+    and its ``setup_data`` node naming the FDT (the map itself is not in it)."""
+    zst, elf = io.BytesIO(), io.BytesIO()
+    write_zstd(h.memory, zst)
+    write_elf_core(h.memory, elf, segments=[(phys, len(data)) for phys, data in page_runs(h.memory)])
+    params = np.zeros(1, BOOT_PARAMS_DTYPE)
+    params["hdr"][["boot_flag", "header", "setup_data"]] = (BOOT_FLAG, SETUP_HEADER_MAGIC, 2 * PS)
+    node, kho = np.zeros(1, SETUP_DATA_DTYPE), np.zeros(1, KHO_DATA_DTYPE)
+    node[0] = (0, SETUP_KEXEC_KHO, KHO_DATA_DTYPE.itemsize)
+    kho[0] = (0, PS, 2 * PS + 64, 32)
+    scratch = np.array([(0, PS), (PS, PS)], np.uint64).tobytes()
+    raw = fdt_blob(h).ljust(PS, b"\0") + params.tobytes() + (node.tobytes() + kho.tobytes()).ljust(64, b"\0") + scratch
+    return [zst.getvalue(), elf.getvalue(), raw.ljust(3 * PS, b"\0")]
+
+
 @lru_cache(maxsize=None)
 def _handovers() -> tuple[Handover, ...]:
     return tuple(handover(name, options) for name, options in HANDOVER_ENCODINGS)
@@ -86,6 +106,11 @@ def seeds(target: str) -> list[bytes]:
     if target == "scratch-array":
         three = (*SCRATCH, ScratchArea(42 * (1 << 20), 1 << 20, "node0"))
         return [pack_scratch_array(SCRATCH), pack_scratch_array(three)]
+    if target == "dump":
+        return dump_seeds(_handovers()[2])
+    if target == "debugfs":  # the kernel ABIs' FDTs, whole and cut short as out/fdt can be
+        blobs = [fdt_blob(h) for h in _handovers()[:3]]
+        return blobs + [blob[:len(blob) * 2 // 3] for blob in blobs]
     if target == "image":
         out = []
         for h in _handovers():

@@ -12,14 +12,19 @@ outside scratch and at most MAX_PAGE_ORDER.  Input meanings: :mod:`tests.fuzz.sa
 from __future__ import annotations
 
 import io
+import os
 import signal
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
 
 from kho.devicetree import KHOFdt, parse_chosen
+from kho.dumps import open_dump
+from kho.dumps.debugfs import read_debugfs
 from kho.encodings import DecodedMap, get_encoding
 from kho.encodings.common import PHYS_ADDR_BITS
 from kho.errors import KHOError, KHOFormatError
@@ -193,6 +198,45 @@ def image_target(data: bytes) -> None:
         check_units(image.memory, decoded, strict)
 
 
+@lru_cache(maxsize=None)
+def _work_dir() -> str:
+    """A private directory for the files the dump targets hand to kho (one per process)."""
+    return tempfile.mkdtemp(prefix="kho-fuzz-dump-")
+
+
+def dump_target(data: bytes) -> None:
+    """A memory dump file (raw, zstd or ELF core, told apart by its first bytes): open it, find
+    the handover, decode it, in both modes.  Besides KHOFormatError, "no handover" (ENOENT)
+    and "not one handover / not a machine" (EINVAL) are refusals."""
+    path = os.path.join(_work_dir(), "dump")
+    with open(path, "wb") as f:
+        f.write(data)
+    for strict in MODES:
+        try:
+            with open_dump(path) as dump:
+                found = dump.handover(strict=strict)
+        except KHOError as err:
+            assert err.errno_name in ("EINVAL", "ENOENT"), err
+            continue
+        check_units(dump.memory, found.decoded, strict)
+        for node in found.subnodes:
+            assert node.data is None or node.size is None or len(node.data) == node.size
+
+
+def debugfs_target(data: bytes) -> None:
+    """A debugfs ``kho/out`` directory whose ``fdt`` file holds the input (whole or cut short)."""
+    folder = os.path.join(_work_dir(), "out")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "fdt"), "wb") as f:
+        f.write(data)
+    try:
+        found = read_debugfs(folder)
+    except KHOFormatError:
+        return
+    assert found.truncated == (found.totalsize > len(data))
+    assert found.truncated or found.compatible is not None
+
+
 @dataclass(frozen=True)
 class Target:
     """A fuzz target: its name, the function under test and the longest input it needs."""
@@ -213,4 +257,6 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("chosen", chosen_target, MAX_BLOB_INPUT),
     Target("scratch-array", scratch_array_target, MAX_BLOB_INPUT),
     Target("image", image_target, MAX_IMAGE_INPUT),
+    Target("dump", dump_target, MAX_IMAGE_INPUT),
+    Target("debugfs", debugfs_target, MAX_BLOB_INPUT),
 )}
