@@ -114,11 +114,7 @@ def image_map(handover: Handover) -> dict:
     starts, ends = intervals.normalize(*intervals.of_units((decoded.phys >> np.uint64(shift)).astype(np.int64), decoded.order))
     keep = (handover.pages_to_keep() >> np.uint64(shift)).astype(np.int64)
     stored = np.fromiter((pfn for pfn, _ in memory.stored_pages()), dtype=np.int64)
-    if stored.size and starts.size:
-        i = np.searchsorted(starts, stored, side="right") - 1
-        stored = stored[(i >= 0) & (stored < ends[np.maximum(i, 0)])]
-    else:
-        stored = stored[:0]
+    stored = stored[intervals.contains(starts, ends, stored)]
     explicit = np.union1d(keep, stored)
     generated = []
     for first, end, seed in memory.generated_runs():

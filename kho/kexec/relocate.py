@@ -59,11 +59,7 @@ def _seeds_at(runs: set, pfn: np.ndarray) -> list:
     runs = sorted(runs)
     starts = np.array([r[0] for r in runs], dtype=np.int64)
     ends = np.array([r[1] for r in runs], dtype=np.int64)
-    if not starts.size:
-        return [None] * pfn.size
-    i = np.searchsorted(starts, pfn, side="right") - 1
-    inside = (i >= 0) & (ends[np.maximum(i, 0)] > pfn)
-    return [runs[j][2] if ok else None for j, ok in zip(i.tolist(), inside.tolist())]
+    return [runs[j][2] if j >= 0 else None for j in intervals.locate(starts, ends, pfn).tolist()]
 
 
 def _written_pages(memory: PhysicalMemory, before) -> np.ndarray:
