@@ -62,8 +62,11 @@ def test_set_algebra_matches_sets(a, b, dtype):
     # subtract keeps A's own boundaries: no piece crosses an end of A.
     s, e = intervals.subtract(a_s, a_e, b_s, b_e)
     assert not any(((s < x) & (e > x)).any() for x in a_e.tolist())
-    union = IntervalSet(a_s, a_e).union(IntervalSet(b_s, b_e))
+    union = IntervalSet.of(np.concatenate([a_s, b_s]), np.concatenate([a_e, b_e]))
     assert covered(union.start, union.end) == covered(a_s, a_e) | covered(b_s, b_e)
+    assert union.size == len(covered(union.start, union.end))
+    left = IntervalSet(a_s, a_e).subtract(IntervalSet(b_s, b_e))
+    assert covered(left.start, left.end) == covered(a_s, a_e) - covered(b_s, b_e)
 
 
 @settings(max_examples=200, deadline=None)
@@ -117,7 +120,7 @@ def test_of_units(units, dtype):
     order = np.array([o for _, o in units], dtype=np.uint8)
     s, e = intervals.of_units(start, order)
     assert s.dtype == dtype and (e - s).tolist() == [1 << o for _, o in units]
-    one = IntervalSet.of_units(start, 2)
+    one = IntervalSet.of(*intervals.of_units(start, 2))
     assert covered(one.start, one.end) == {x for p, _ in units for x in range(p, p + 4)}
 
 

@@ -151,7 +151,7 @@ def test_segments_must_be_in_scratch_and_off_busy_pages(machine):
     with pytest.raises(KHOError, match="scratch") as info:
         K.check_segments(memory, [seg(area.addr - PS, 2 * PS)], allowed=allowed)
     assert info.value.errno_name == "EADDRNOTAVAIL"
-    busy = IntervalSet.of_units([(area.addr + PS) >> 12], 0)
+    busy = IntervalSet.of([(area.addr + PS) >> 12], [(area.addr + 2 * PS) >> 12])
     with pytest.raises(KHOError, match="preserved") as info:
         K.check_segments(memory, [seg(area.addr, 2 * PS)], allowed=allowed, busy=busy)
     assert info.value.errno_name == "EADDRNOTAVAIL"
@@ -162,7 +162,7 @@ def test_place_segments_aligned_in_scratch_avoiding_busy(machine):
     memory = machine.memory
     allowed = scratch_ranges(memory)
     first = memory.scratch[0]
-    busy = IntervalSet.of_units([first.addr >> 12], 0)
+    busy = IntervalSet.of([first.addr >> 12], [(first.addr + PS) >> 12])
     segs = K.place_segments(memory, [K.SegmentRequest("kernel", b"k" * 5000, align=2 << 20),
                                      K.SegmentRequest("initrd", b"i" * 10)], allowed, busy)
     assert segs[0].mem % (2 << 20) == 0 and segs[0].memsz == 2 * PS

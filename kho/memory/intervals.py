@@ -302,11 +302,6 @@ class IntervalSet:
         """The union of intervals in any order (:func:`normalize`).  O(n log n)."""
         return cls(*normalize(start, end, merge_touching=merge_touching))
 
-    @classmethod
-    def of_units(cls, start, order) -> "IntervalSet":
-        """The pfns of units ``(start pfn, order)``, overlaps allowed.  O(n log n)."""
-        return cls.of(*of_units(start, order))
-
     def __len__(self) -> int:
         return int(self.start.size)
 
@@ -314,11 +309,6 @@ class IntervalSet:
     def size(self) -> int:
         """Points in the set.  O(n)."""
         return size(self.start, self.end)
-
-    def union(self, other: "IntervalSet") -> "IntervalSet":
-        """O((n + m) log (n + m))."""
-        return IntervalSet.of(np.concatenate([self.start, _array(other.start, self.start)]),
-                              np.concatenate([self.end, _array(other.end, self.start)]))
 
     def subtract(self, other: "IntervalSet") -> "IntervalSet":
         """:func:`subtract`: this set's own boundaries are kept."""
@@ -335,7 +325,3 @@ class IntervalSet:
     def overlaps(self, lo, hi) -> np.ndarray:
         """:func:`overlaps`."""
         return overlaps(self.start, self.end, lo, hi)
-
-    def points(self) -> np.ndarray:
-        """:func:`points`."""
-        return points(self.start, self.end)
