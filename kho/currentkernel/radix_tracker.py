@@ -1,0 +1,517 @@
+"""The stateless Linux 7.x tracker: the KHO radix tree is the tracker and the map.
+
+Since Linux 7.1 (``kho: adopt radix tree for preserved memory tracking``, ``kho: remove
+finalize state and clients``) the running kernel keeps no separate tracker: preserving a
+unit walks the radix tree of ``include/linux/kho/abi`` from the root and creates the
+missing page-sized nodes on the way (``kho_radix_add_page``), unpreserving clears the bit
+and frees nothing (``kho_radix_del_page``).  There is no finalize step: the tree in memory
+is the kho-v2 .. kho-v4 map at every moment, and ``preserved-memory-map`` holds
+:attr:`RadixTracker.root_phys`.  The modelled kernel memory is the radix pages.
+
+Layout, as the kernel's (and kho's kho-v2 encoder's) radix tree: a unit of ``order`` at
+``phys`` has the key of :class:`~kho.abi.kexec_handover.RadixGeometry`; the leaf (level 0)
+holding it is the one whose *leaf key* is ``key >> BITMAP_LOG2`` and its bit is
+``key % 2**BITMAP_LOG2``; the level-``l`` node on its path is the one whose prefix is
+``leaf key >> (l * TABLE_LOG2)``, and a child sits in its parent's slot ``prefix %
+2**TABLE_LOG2``.  Every node is one page allocated from the kernel's page allocator and
+written zeroed, then kept current in :class:`~kho.memory.physical.PhysicalMemory` after
+every change.  Host-side, nodes are also kept in plain dicts (prefix -> phys per level,
+phys -> ``bytearray`` contents) for O(1) lookups.
+
+Orders above MAX_PAGE_ORDER are real here: :meth:`RadixTracker.split` is the 7.x
+``kho_preserve_pages`` split, not capped, cut where the NUMA node changes.  The tree's
+depth formula is the geometry's: with 16 KiB pages and the formula first merged
+(``depth_fix=False``) the 4-level tree cannot hold an order-0 key, and such units are
+refused (EINVAL) instead of being silently stored under another key as the kernel would.
+
+Differences from the kernel, on purpose (the same as :class:`~kho.currentkernel.tracker.Tracker`):
+
+* strict mode refuses (EEXIST) a unit covering an already preserved page; ``strict=False``
+  is the kernel's way (re-preserving a unit is a no-op, overlapping units are kept);
+* every call is all or nothing: everything is checked and every node page allocated before
+  anything changes (the kernel frees the nodes it created and rolls back on failure);
+* unpreserving a unit that is not preserved is ENOENT (the kernel WARNs and returns);
+* a unit never spans two RAM banks, so :meth:`RadixTracker.split` also cuts where two banks
+  of one node meet (the kernel cuts only where the node changes);
+* there is no finalize, so no EBUSY either;
+* a :class:`~kho.currentkernel.cover.PageCover` (one byte per RAM page) answers overlap
+  and ``is_preserved`` questions; it is not part of the modelled kernel memory.
+
+Units: ``phys`` in bytes, ``pfn`` page frame numbers, ``order`` log2 of pages, keys as
+the kernel's ``unsigned long``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from kho.abi.kexec_handover import RadixGeometry
+from kho.currentkernel.cover import PageCover
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.errors import KHOError
+from kho.memory.geometry import greedy_split_array
+from kho.memory.physical import PhysicalMemory
+
+
+@dataclass(frozen=True)
+class RadixMemory:
+    """Modelled kernel memory of a :class:`RadixTracker`: its node pages."""
+
+    nr_leaves: int
+    nr_tables: int
+    page_size: int
+
+    @property
+    def leaves(self) -> int:
+        """Bytes of leaf (bitmap) pages."""
+        return self.nr_leaves * self.page_size
+
+    @property
+    def tables(self) -> int:
+        """Bytes of inner-node (table) pages, the root included."""
+        return self.nr_tables * self.page_size
+
+    @property
+    def total(self) -> int:
+        """Bytes of all radix pages."""
+        return self.leaves + self.tables
+
+
+class RadixTracker:
+    """The 7.x preservation tracker: a live KHO radix tree.  See the module docstring.
+
+    ``memory``: the machine; ``allocator``: where node pages come from (``alloc_pages(0)``
+    / ``free_pages``); ``depth_fix``: the ``KHO_TREE_MAX_DEPTH`` formula (False: the one
+    first merged).  The root node is allocated here, as the kernel does at boot (ENOMEM
+    when no page is free).
+    """
+
+    #: Leaf bits gathered per numpy pass when setting or clearing bits in bulk.
+    _DENSE_BITS = 1 << 28
+
+    def __init__(self, memory: PhysicalMemory, allocator: PageAllocator, *, strict: bool = True, depth_fix: bool = True):
+        g = RadixGeometry(memory.page_shift, depth_fix)
+        self.memory = memory
+        self.allocator = allocator
+        self.strict = strict
+        self.geometry = g
+        self._page_size = memory.page_size
+        self._page_shift = memory.page_shift
+        self._slot_mask = (1 << g.table_log2) - 1
+        self._bit_mask = (1 << g.bitmap_log2) - 1
+        #: Largest order kho accepts: the order bit of its key stays above the leaf bits.
+        self.max_order = g.order0_log2 - g.bitmap_log2
+        #: Smallest order whose key the tables can hold (1 for 16 KiB pages without the fix).
+        self.min_order = max(0, g.order0_log2 + 1 - (g.bitmap_log2 + g.root_level * g.table_log2))
+        self._cover = PageCover(memory)
+        self._nodes: list[dict[int, int]] = [{} for _ in range(g.depth)]  # level -> prefix -> phys
+        self._pages: dict[int, bytearray] = {}  # phys -> contents of every node page
+        self._nr_units = 0
+        self._nr_pages = 0
+        self._units_per_order: dict[int, int] = {}
+        root = self._alloc_pages(1)[0]
+        self._nodes[g.root_level][0] = root
+        self._pages[root] = bytearray(self._page_size)
+        memory.write(root, self._pages[root])
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def root_phys(self) -> int:
+        """Phys of the root node: what the KHO FDT's ``preserved-memory-map`` holds."""
+        return self._nodes[self.geometry.root_level][0]
+
+    def __len__(self) -> int:
+        """Number of preserved units."""
+        return self._nr_units
+
+    @property
+    def nr_pages(self) -> int:
+        """Number of preserved pages (sum of ``2**order`` over units)."""
+        return self._nr_pages
+
+    def radix_pages(self) -> np.ndarray:
+        """Phys of every node page, root, tables and leaves (uint64, ascending).  O(nodes)."""
+        return np.array(sorted(self._pages), dtype=np.uint64)
+
+    def kernel_memory(self) -> RadixMemory:
+        """The modelled kernel memory: leaves and tables, one page each.  O(depth)."""
+        nr_leaves = len(self._nodes[0])
+        return RadixMemory(nr_leaves, len(self._pages) - nr_leaves, self._page_size)
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_order(self, order: int) -> None:
+        if not 0 <= order <= self.max_order:
+            raise KHOError("EINVAL", f"order {order} is outside 0..{self.max_order} (the radix key's order bit must stay above the leaf bits)")
+        if order < self.min_order:
+            g = self.geometry
+            raise KHOError("EINVAL", f"order {order} cannot be preserved with {self._page_size}-byte pages: the {g.depth}-level radix tree "
+                                     f"(KHO_TREE_MAX_DEPTH without the 2026 depth fix) covers key bits 0..{g.bitmap_log2 + g.root_level * g.table_log2 - 1}, "
+                                     f"and the order bit of an order-{order} key is bit {g.order0_log2 - order}")
+
+    def _locate_unit(self, phys: int, order: int) -> tuple[int, int]:
+        """Checks one unit and returns (bank index, pfn offset in bank)."""
+        if not self.min_order <= order <= self.max_order:
+            self._check_order(order)
+        size = self._page_size << order
+        if phys < 0 or phys & (size - 1):
+            raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
+        where = self._cover.bank_offset(phys >> self._page_shift, 1 << order)
+        if where is None:
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
+        if self.memory.overlaps_scratch(phys, size):
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
+        return where
+
+    def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate a batch; return (phys uint64, order uint8, bank index int64) arrays."""
+        phys = np.asarray(phys).reshape(-1)
+        if phys.size and (phys.dtype.kind not in "iu" or (phys.dtype.kind == "i" and phys.min() < 0)):
+            raise KHOError("EINVAL", "physical addresses must be non-negative integers")
+        phys = phys.astype(np.uint64, copy=False)
+        orders = np.asarray(orders)
+        if orders.dtype.kind not in "iu":
+            raise KHOError("EINVAL", "orders must be integers")
+        if orders.ndim and orders.shape != phys.shape:
+            raise KHOError("EINVAL", f"{orders.size} orders for {phys.size} addresses")
+        if orders.size:
+            low, high = int(orders.min()), int(orders.max())
+            if low < self.min_order or high > self.max_order:
+                self._check_order(low if low < self.min_order else high)
+        orders = np.broadcast_to(orders, phys.shape).astype(np.uint8)
+        sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(self._page_shift))
+        misaligned = (phys & (sizes - np.uint64(1))) != 0
+        if misaligned.any():
+            i = int(np.argmax(misaligned))
+            raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
+        outside = ~self.memory.in_ram_array(phys, sizes)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} is outside RAM")
+        if self.memory.scratch:
+            in_scratch = self.memory.overlaps_scratch_array(phys, sizes)
+            if in_scratch.any():
+                i = int(np.argmax(in_scratch))
+                raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
+        return phys, orders, self._cover.bank_array(phys)
+
+    # -- nodes ------------------------------------------------------------------------------
+    def _leaf_of(self, phys: int, order: int) -> tuple[int, int]:
+        """``(leaf key, bit)`` of one unit.  O(1)."""
+        key = self.geometry.encode_key(phys, order)
+        return key >> self.geometry.bitmap_log2, self.geometry.bitmap_index(key)
+
+    def _add_paths(self, leaf_keys: list[int]) -> None:
+        """Create the missing nodes on the paths to ``leaf_keys`` (kho_radix_add_page's walk).
+
+        All pages are allocated first (ENOMEM frees them and changes nothing), then linked
+        top-down and written zeroed with their parents' new slots.  O(new nodes) page
+        allocations and writes.
+        """
+        g = self.geometry
+        plan: list[tuple[int, int]] = []
+        for level in range(g.root_level - 1, -1, -1):
+            nodes, shift = self._nodes[level], level * g.table_log2
+            seen = set()
+            for leaf_key in leaf_keys:
+                prefix = leaf_key >> shift
+                if prefix not in nodes and prefix not in seen:
+                    seen.add(prefix)
+                    plan.append((level, prefix))
+        if not plan:
+            return
+        pages = self._alloc_pages(len(plan))
+        dirty = set(pages)
+        for (level, prefix), page in zip(plan, pages):
+            self._nodes[level][prefix] = page
+            self._pages[page] = bytearray(self._page_size)
+            parent = self._nodes[level + 1][prefix >> g.table_log2]
+            slot = prefix & self._slot_mask
+            self._pages[parent][slot * 8:slot * 8 + 8] = page.to_bytes(8, "little")
+            dirty.add(parent)
+        for page in dirty:
+            self.memory.write(page, self._pages[page])
+
+    def _alloc_pages(self, count: int) -> list[int]:
+        """``count`` zeroed node pages from the allocator, in its order; never page 0 (phys
+        0 is an empty slot).  All or nothing: ENOMEM frees what was taken.  O(count) calls."""
+        pages: list[int] = []
+        null_page = False
+        try:
+            while len(pages) < count:
+                page = self.allocator.alloc_pages(0)
+                if page == 0:
+                    null_page = True
+                else:
+                    pages.append(page)
+        except KHOError:
+            for page in pages:
+                self.allocator.free_pages(page, 0)
+            raise
+        finally:
+            if null_page:
+                self.allocator.free_pages(0, 0)
+        return pages
+
+    def _test_bit(self, phys: int, order: int) -> bool:
+        leaf_key, bit = self._leaf_of(phys, order)
+        leaf = self._nodes[0].get(leaf_key)
+        return leaf is not None and bool(self._pages[leaf][bit >> 3] & (1 << (bit & 7)))
+
+    # -- one unit -----------------------------------------------------------------------------
+    def preserve_folio(self, phys: int, order: int = 0) -> None:
+        """Preserve the folio of ``2**order`` pages at ``phys`` (kho_preserve_folio).
+
+        O(1) dict work plus one leaf page write; O(depth) page allocations when the path
+        is new.
+        """
+        bank, off = self._locate_unit(phys, order)
+        nr = 1 << order
+        if self._cover.covered(bank, off, nr):
+            if self.strict:
+                what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
+                raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
+            if self._test_bit(phys, order):
+                return
+        leaf_key, bit = self._leaf_of(phys, order)
+        leaf = self._nodes[0].get(leaf_key)
+        if leaf is None:
+            self._add_paths([leaf_key])
+            leaf = self._nodes[0][leaf_key]
+        page = self._pages[leaf]
+        page[bit >> 3] |= 1 << (bit & 7)
+        self.memory.write(leaf, page)
+        self._cover.add(bank, off, nr, 1)
+        self._count(order, 1)
+
+    def unpreserve_folio(self, phys: int, order: int = 0) -> None:
+        """Undo :meth:`preserve_folio` (kho_unpreserve_folio); ENOENT when that exact unit
+        is not preserved.  Nodes stay allocated even when they become empty, as in the kernel."""
+        bank, off = self._locate_unit(phys, order)
+        if not self._test_bit(phys, order):
+            raise KHOError("ENOENT", f"{phys:#x} order {order} is not preserved")
+        leaf_key, bit = self._leaf_of(phys, order)
+        leaf = self._nodes[0][leaf_key]
+        page = self._pages[leaf]
+        page[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+        self.memory.write(leaf, page)
+        self._cover.add(bank, off, 1 << order, -1)
+        self._count(order, -1)
+
+    def _count(self, order: int, units: int) -> None:
+        """Account ``units`` (negative: removed) units of ``order``."""
+        self._nr_units += units
+        self._nr_pages += units << order
+        left = self._units_per_order.get(order, 0) + units
+        if left:
+            self._units_per_order[order] = left
+        else:
+            self._units_per_order.pop(order, None)
+
+    # -- ranges -------------------------------------------------------------------------------
+    def split(self, phys: int, nr_pages: int) -> tuple[np.ndarray, np.ndarray]:
+        """The units ``(phys uint64, order uint8)`` the 7.x ``kho_preserve_pages`` makes of a range.
+
+        ``order = min(ctz(pfn), floor(log2(pages left)))``, not capped at MAX_PAGE_ORDER,
+        and cut where the range passes from one RAM bank (NUMA node) to the next.  O(units).
+        """
+        if phys < 0 or phys & (self._page_size - 1):
+            raise KHOError("EINVAL", f"{phys:#x} is not page-aligned")
+        if nr_pages <= 0:
+            raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
+        first = phys >> self._page_shift
+        end = first + nr_pages
+        cuts = sorted({p for b in range(len(self._cover.first_pfn))
+                       for p in (self._cover.first_pfn[b], self._cover.end_pfn[b]) if first < p < end})
+        starts = np.array([first] + cuts, dtype=np.int64)
+        ends = np.array(cuts + [end], dtype=np.int64)
+        pfn, order = greedy_split_array(starts, ends, self.max_order)
+        return pfn.astype(np.uint64) << np.uint64(self._page_shift), order
+
+    def preserve_pages(self, phys: int, nr_pages: int) -> None:
+        """Preserve ``nr_pages`` pages from ``phys`` as :meth:`split` cuts them (kho_preserve_pages)."""
+        self.preserve_many(*self.split(phys, nr_pages))
+
+    def unpreserve_pages(self, phys: int, nr_pages: int) -> None:
+        """Undo :meth:`preserve_pages` of the same range (the same split, as the kernel's fix of May 2026)."""
+        self.unpreserve_many(*self.split(phys, nr_pages))
+
+    def preserve_phys(self, phys: int, size: int) -> None:
+        """Preserve ``size`` bytes from ``phys``; both must be page-aligned."""
+        if size & (self._page_size - 1):
+            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
+        self.preserve_pages(phys, size >> self._page_shift)
+
+    def unpreserve_phys(self, phys: int, size: int) -> None:
+        """Undo :meth:`preserve_phys` of the same range."""
+        if size & (self._page_size - 1):
+            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
+        self.unpreserve_pages(phys, size >> self._page_shift)
+
+    # -- batches ------------------------------------------------------------------------------
+    def _packed_leaves(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(leaf key, packed bits uint8[page_size])`` for the units of a validated batch.
+
+        Per order: unit numbers ``phys >> (PAGE_SHIFT + order)`` split into leaf index and
+        bit, scattered into a dense bool array and packed, at most ``_DENSE_BITS`` bits a
+        pass.  O(units + touched leaf bits) numpy work.
+        """
+        g = self.geometry
+        nbits = 1 << g.bitmap_log2
+        rows_per_pass = max(1, self._DENSE_BITS // nbits)
+        present = np.flatnonzero(np.bincount(orders))
+        for order in present.tolist():
+            unit = (phys if present.size == 1 else phys[orders == order]) >> np.uint64(self._page_shift + order)
+            unit = unit.view(np.int64)
+            index, bit = unit >> g.bitmap_log2, unit & self._bit_mask
+            lo, hi = int(index.min()), int(index.max())
+            if hi - lo < rows_per_pass:
+                row_index, row = np.arange(lo, hi + 1, dtype=np.int64), index - lo
+            else:
+                row_index, row = np.unique(index, return_inverse=True)
+            leaf_keys = g.leaf_key_array(order, row_index).tolist()
+            for first in range(0, row_index.size, rows_per_pass):
+                rows = min(rows_per_pass, row_index.size - first)
+                sel = slice(None) if rows == row_index.size else (row >= first) & (row < first + rows)
+                dense = np.zeros(rows * nbits, dtype=bool)
+                dense[(row[sel] - first) * nbits + bit[sel]] = True
+                packed = np.packbits(dense, bitorder="little").reshape(rows, nbits // 8)
+                for r in np.flatnonzero(packed.any(axis=1)).tolist():
+                    yield leaf_keys[first + r], packed[r]
+
+    def _leaf_array(self, leaf_key: int) -> np.ndarray | None:
+        """The contents of a leaf as a writable uint8 view, or None when it does not exist."""
+        leaf = self._nodes[0].get(leaf_key)
+        return None if leaf is None else np.frombuffer(self._pages[leaf], dtype=np.uint8)
+
+    def _drop_already_set(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray):
+        """Kernel-compatible mode: drop units named twice in the batch or whose bit is set.
+
+        O(n log n) for the duplicates plus O(n) Python for the bit tests.
+        """
+        _, first = np.unique(np.stack([phys, orders.astype(np.uint64)]), axis=1, return_index=True)
+        keep = np.zeros(phys.size, dtype=bool)
+        keep[first] = True
+        for i in np.flatnonzero(keep).tolist():
+            if self._test_bit(int(phys[i]), int(orders[i])):
+                keep[i] = False
+        return phys[keep], orders[keep], bank[keep]
+
+    def preserve_many(self, phys, orders=0) -> None:
+        """Preserve a batch of units: ``phys`` an array of addresses, ``orders`` an int or an array.
+
+        All or nothing: validated, checked for overlaps (strict mode), the missing node
+        pages allocated, then every touched leaf updated and written once.  Vectorized:
+        O(units + pages) numpy work plus O(touched nodes) Python.
+        """
+        phys, orders, bank = self._check_batch(phys, orders)
+        if not phys.size:
+            return
+        if not self.strict:
+            phys, orders, bank = self._drop_already_set(phys, orders, bank)
+            if not phys.size:
+                return
+        pages = self._cover.pages_of(phys, orders, bank)
+        if self.strict:
+            self._cover.mark_unique(pages)
+        else:
+            self._cover.add_pages(pages, 1)
+        packed = list(self._packed_leaves(phys, orders))
+        try:
+            self._add_paths([leaf_key for leaf_key, _ in packed if leaf_key not in self._nodes[0]])
+        except KHOError:
+            if self.strict:
+                self._cover.unmark_unique(pages)
+            else:
+                self._cover.add_pages(pages, -1)
+            raise
+        for leaf_key, bits in packed:
+            self._leaf_array(leaf_key)[:] |= bits
+            leaf = self._nodes[0][leaf_key]
+            self.memory.write(leaf, self._pages[leaf])
+        self._count_batch(orders, 1)
+
+    def unpreserve_many(self, phys, orders=0) -> None:
+        """Unpreserve a batch of exact units; ENOENT (and no change) if any is not preserved
+        or the batch names a unit twice.  O(units + pages) numpy work."""
+        phys, orders, bank = self._check_batch(phys, orders)
+        if not phys.size:
+            return
+        plan, cleared = [], 0
+        for leaf_key, bits in self._packed_leaves(phys, orders):
+            leaf = self._leaf_array(leaf_key)
+            if leaf is None or np.any(leaf & bits != bits):
+                missing = bits if leaf is None else bits & ~leaf
+                bit = int(np.flatnonzero(np.unpackbits(missing, bitorder="little"))[0])
+                where, order = self.geometry.decode_key((leaf_key << self.geometry.bitmap_log2) | bit)
+                raise KHOError("ENOENT", f"{where:#x} order {order} is not preserved")
+            plan.append((leaf_key, leaf, bits))
+            cleared += int(np.unpackbits(bits).sum())
+        if cleared != phys.size:
+            raise KHOError("ENOENT", "the batch unpreserves some unit twice")
+        for leaf_key, leaf, bits in plan:
+            leaf &= ~bits
+            page = self._nodes[0][leaf_key]
+            self.memory.write(page, self._pages[page])
+        pages = self._cover.pages_of(phys, orders, bank)
+        if self.strict:  # distinct units never share a page: each page goes back to 0
+            self._cover.unmark_unique(pages)
+        else:
+            self._cover.add_pages(pages, -1)
+        self._count_batch(orders, -1)
+
+    def _count_batch(self, orders: np.ndarray, sign: int) -> None:
+        counts = np.bincount(orders)
+        for order in np.flatnonzero(counts).tolist():
+            self._count(order, sign * int(counts[order]))
+
+    # -- queries ------------------------------------------------------------------------------
+    def is_preserved(self, phys: int) -> bool:
+        """True when the page holding byte ``phys`` is covered by a preserved unit.  O(log banks)."""
+        return self._cover.is_preserved(phys)
+
+    def is_preserved_array(self, phys: np.ndarray) -> np.ndarray:
+        """Vectorized :meth:`is_preserved` (bool array)."""
+        return self._cover.is_preserved_array(phys)
+
+    def unit_at(self, phys: int) -> tuple[int, int] | None:
+        """The preserved unit ``(phys, order)`` covering byte ``phys`` (lowest order first), or None."""
+        if not self.is_preserved(phys):
+            return None
+        for order in sorted(self._units_per_order):
+            head = phys & ~((self._page_size << order) - 1)
+            if self._test_bit(head, order):
+                return head, order
+        return None
+
+    def walk_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """All preserved units ``(phys uint64, order uint8)`` in the kernel's walk order
+        (``kho_radix_walk_tree``: ascending key, so highest order first, then address).
+
+        One unpack of all leaves: O(leaves * PAGE_SIZE * 8) numpy work.
+        """
+        g = self.geometry
+        if not self._nodes[0]:
+            return np.empty(0, np.uint64), np.empty(0, np.uint8)
+        leaf_keys = sorted(self._nodes[0])
+        maps = np.stack([np.frombuffer(self._pages[self._nodes[0][k]], dtype=np.uint8) for k in leaf_keys])
+        pos = np.flatnonzero(np.unpackbits(maps, axis=1, bitorder="little"))
+        keys = np.array(leaf_keys, dtype=np.uint64)[pos >> g.bitmap_log2]
+        order = g.leaf_order_array(keys)
+        unit = g.leaf_first_unit_array(keys) + (pos & self._bit_mask)
+        phys = (unit.view(np.uint64) << (order + self._page_shift).astype(np.uint64))
+        return phys, order.astype(np.uint8)
+
+    def units_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """All preserved units as ``(phys uint64, order uint8)`` sorted by address (then
+        order), like :meth:`Tracker.units_array <kho.currentkernel.tracker.Tracker.units_array>`."""
+        phys, order = self.walk_array()
+        sort = np.lexsort((order, phys))
+        return phys[sort], order[sort]
+
+    def units(self) -> list[tuple[int, int]]:
+        """All preserved units as sorted ``(phys, order)`` pairs."""
+        phys, orders = self.units_array()
+        return list(zip(phys.tolist(), orders.tolist()))
