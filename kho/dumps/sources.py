@@ -21,6 +21,7 @@ over the pages of a chunk).  Units: ``phys`` and sizes in bytes.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from bisect import bisect_right
 from collections import OrderedDict
@@ -58,12 +59,13 @@ class PageScan:
     boot_params: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     scanned_bytes: int = 0
 
-    def add(self, phys: int, data: bytes | memoryview, page_size: int) -> None:
-        """Scan ``data`` (whole pages from page-aligned ``phys``).  O(pages), vectorized."""
-        count = len(data) // page_size
-        if not count:
+    def add(self, phys: int, data: bytes | memoryview | mmap.mmap, page_size: int, offset: int = 0) -> None:
+        """Scan the whole pages of ``data`` from byte ``offset`` on, the first at page-aligned
+        ``phys``.  Only the first bytes of each page are touched.  O(pages), vectorized."""
+        count = (len(data) - offset) // page_size
+        if count <= 0:
             return
-        words = np.frombuffer(data, dtype=np.uint8, count=count * page_size).reshape(count, page_size)
+        words = np.frombuffer(data, dtype=np.uint8, count=count * page_size, offset=offset).reshape(count, page_size)
         magic = words[:, :4].view(">u4")[:, 0]
         starts = np.uint64(phys) + np.arange(count, dtype=np.uint64) * np.uint64(page_size)
         hits = np.flatnonzero(magic == FDT_MAGIC)
@@ -76,6 +78,7 @@ class PageScan:
             if hits.size:
                 self.boot_params = np.concatenate([self.boot_params, starts[hits]])
         self.scanned_bytes += count * page_size
+        del words, magic  # no view of ``data`` outlives the call (an mmap can be closed)
 
 
 class Source:
@@ -127,22 +130,19 @@ class _FileSource(Source):
         self.pieces = sorted(pieces)
         self._piece_starts = [p[0] for p in self.pieces]
 
-    def _pread(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at file ``offset``, zero-padded past the end of the file."""
-        data = os.pread(self.file.fileno(), size, offset) if size > 0 else b""
-        return data + bytes(size - len(data)) if len(data) < size else data
-
     def read(self, phys: int, size: int) -> bytes:
+        """Bytes of the pieces read straight into the result (``preadv``); holes, the part of
+        a segment past its file bytes and anything past the end of the file read as zeros."""
         out = bytearray(size)
+        view = memoryview(out)
         end = phys + size
+        fd = self.file.fileno()
         i = max(bisect_right(self._piece_starts, phys) - 1, 0)
         while i < len(self.pieces) and self.pieces[i][0] < end:
             start, stop, offset, in_file = self.pieces[i]
-            lo, hi = max(start, phys), min(stop, end)
+            lo, hi = max(start, phys), min(stop, end, start + in_file)
             if lo < hi:
-                file_hi = min(hi, start + in_file)
-                if file_hi > lo:
-                    out[lo - phys:file_hi - phys] = self._pread(offset + lo - start, file_hi - lo)
+                os.preadv(fd, [view[lo - phys:hi - phys]], offset + lo - start)
             i += 1
         return bytes(out)
 
@@ -166,17 +166,22 @@ class _FileSource(Source):
             pos = hi
 
     def scan(self) -> PageScan:
-        """Scan the file's data (holes skipped) :data:`SCAN_CHUNK_BYTES` at a time, once."""
+        """Scan the whole pages in the file's data (holes skipped), once: each window of
+        :data:`SCAN_CHUNK_BYTES` is mapped, its page starts read, and unmapped (so neither
+        copies nor resident pages accumulate).  O(data pages)."""
         if self._scan is None:
             ps = self.page_size
             scan = PageScan()
             for start, stop, offset, in_file in self.pieces:
                 for lo, hi in self._file_data_ranges(offset, min(in_file, stop - start)):
-                    phys = _page_floor(start + lo - offset, ps)
-                    end = min(_page_ceil(start + hi - offset, ps), _page_floor(stop, ps))
+                    phys = _page_ceil(start + lo - offset, ps)
+                    end = _page_floor(start + hi - offset, ps)
                     while phys < end:
                         n = min(SCAN_CHUNK_BYTES, end - phys)
-                        scan.add(phys, self.read(phys, n), ps)
+                        at = offset + phys - start
+                        base = at - at % mmap.ALLOCATIONGRANULARITY
+                        with mmap.mmap(self.file.fileno(), at - base + n, access=mmap.ACCESS_READ, offset=base) as window:
+                            scan.add(phys, window, ps, at - base)
                         phys += n
             self._scan = scan
         return self._scan
