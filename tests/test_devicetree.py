@@ -120,7 +120,7 @@ def fdt_with(**props):
 @pytest.mark.parametrize("blob, field", [
     pytest.param(b"\xd0\x0d\xfe", "fdt.header", id="short"),
     pytest.param(b"\0" * 64, "fdt.header.magic", id="magic"),
-    pytest.param(fdt_with(compatible=b"kho-v3\0", preserved_memory_map=u64(1)), "fdt.compatible", id="compatible"),
+    pytest.param(fdt_with(compatible=b"kho-v5\0", preserved_memory_map=u64(1)), "fdt.compatible", id="compatible"),
     pytest.param(fdt_with(preserved_memory_map=u64(1)), "fdt.compatible", id="no-compatible"),
     pytest.param(fdt_with(compatible=b"kho-v2\0", preserved_memory_map=u64(1)[:4]), "fdt.preserved-memory-map", id="map-4-bytes"),
     pytest.param(fdt_with(compatible=b"kho-v2\0", preserved_memory_map=u64(0)), "fdt.preserved-memory-map", id="map-zero"),

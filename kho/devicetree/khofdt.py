@@ -29,12 +29,16 @@ import numpy as np
 
 from kho.abi.kexec_handover import (
     KHO_FDT_COMPATIBLE_V1,
-    KHO_FDT_COMPATIBLE_V2,
+    KHO_FDT_COMPATIBLE_V3,
+    KHO_FDT_COMPATIBLE_V4,
+    KHO_FDT_COMPATIBLES,
     KHO_FDT_MEMORY_MAP_PROP_NAME,
     KHO_SUB_TREE_PROP_NAME,
     KHO_SUB_TREE_SIZE_PROP_NAME,
     KHO_V1_SUB_TREE_PROP_NAME,
 )
+from kho.devicetree.fdt_rw import ReadWriteFdt
+from kho.devicetree.fdt_sw import SequentialFdt
 from kho.devicetree.flat import NODE_NAME, kernel_string_list, new_tree, parse_fdt, prop_bytes, string_list, to_dtb
 from kho.devicetree.layout import (
     COMPATIBLE_PROP,
@@ -48,7 +52,10 @@ from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
 #: The ABIs the kernel defines; their root must carry a valid ``preserved-memory-map``.
-KERNEL_COMPATIBLES = (KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLE_V2)
+KERNEL_COMPATIBLES = KHO_FDT_COMPATIBLES
+#: The ABIs whose root is kept live in one page by libfdt (Linux 7.x): every sub-node has a
+#: ``blob-size`` (required when reading) and the blob is laid out as libfdt edits it.
+LIVE_FDT_COMPATIBLES = (KHO_FDT_COMPATIBLE_V3, KHO_FDT_COMPATIBLE_V4)
 DEFAULT_PAGE_SIZE = 4096
 
 
@@ -95,6 +102,11 @@ class KHOFdt:
     def subtree_prop(self) -> str:
         return subtree_prop(self.compatible)
 
+    @property
+    def live(self) -> bool:
+        """Whether this ABI keeps the FDT live in one page, edited by libfdt (kho-v3 and later)."""
+        return self.compatible in LIVE_FDT_COMPATIBLES
+
     def memory_map(self) -> int:
         """The ``preserved-memory-map`` pointer (KHOFormatError when missing or not 8 bytes)."""
         return unpack_u64_prop(self.props.get(KHO_FDT_MEMORY_MAP_PROP_NAME), f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}")
@@ -114,9 +126,14 @@ class KHOFdt:
         root = self.tree.root
         if root.get_subnode(name) is not None:
             raise KHOError("EEXIST", f"sub-tree {name!r} already exists")
+        if self.live and size is None:
+            raise KHOError("EINVAL", f"a {self.compatible} sub-tree needs its {KHO_SUB_TREE_SIZE_PROP_NAME}")
         node = fdt.Node(name)
+        # libfdt inserts a new property first: the kernel sets the pointer, then the size.
+        if size is not None and self.live:
+            node.append(fdt.PropBytes(KHO_SUB_TREE_SIZE_PROP_NAME, data=pack_u64(size)))
         node.append(fdt.PropBytes(self.subtree_prop, data=pack_u64(phys)))
-        if size is not None:
+        if size is not None and not self.live:
             node.append(fdt.PropBytes(KHO_SUB_TREE_SIZE_PROP_NAME, data=pack_u64(size)))
         node.set_parent(root)
         root.nodes.insert(0, node)
@@ -133,10 +150,13 @@ class KHOFdt:
         self.tree.root.remove_subnode(name)
 
     def retrieve_subtree(self, name: str) -> int:
-        """The pointer of sub-node ``name``: ENOENT if absent, EINVAL if the property is missing or not 8 bytes."""
+        """The pointer of sub-node ``name``: ENOENT if absent, EINVAL if the property is missing
+        or not 8 bytes, or (kho-v3 and later) ``blob-size`` is."""
         node = self.tree.root.get_subnode(name)
         if node is None:
             raise KHOError("ENOENT", f"no sub-tree {name!r}")
+        if self.live:
+            self.subtree_size(name)
         value = prop_bytes(node.get_property(self.subtree_prop))
         if value is None or len(value) != U64_PROP.size:
             raise KHOError("EINVAL", f"sub-tree {name!r} has no 8-byte {self.subtree_prop} property")
@@ -148,10 +168,11 @@ class KHOFdt:
         if node is None:
             raise KHOError("ENOENT", f"no sub-tree {name!r}")
         value = prop_bytes(node.get_property(KHO_SUB_TREE_SIZE_PROP_NAME))
-        if value is None:
+        if value is None and not self.live:
             return None
-        if len(value) != U64_PROP.size:
-            raise KHOError("EINVAL", f"sub-tree {name!r} has a {len(value)}-byte {KHO_SUB_TREE_SIZE_PROP_NAME}")
+        if value is None or len(value) != U64_PROP.size:
+            what = "no" if value is None else f"a {len(value)}-byte"
+            raise KHOError("EINVAL", f"sub-tree {name!r} has {what} {KHO_SUB_TREE_SIZE_PROP_NAME}")
         return U64_PROP.unpack(value)[0]
 
     def subtrees(self) -> dict[str, int]:
@@ -172,8 +193,42 @@ class KHOFdt:
         """The blob (E2BIG beyond ``max_size``)."""
         return self._check_size()
 
+    def page_image(self) -> bytes:
+        """The whole page holding a live (kho-v3+) FDT, as libfdt leaves it: the blob, then
+        what its edits left behind (E2BIG beyond ``max_size``).  Other ABIs: the blob, zero-padded."""
+        if self.live:
+            return bytes(self._live_buffer()[1])
+        return self.to_dtb().ljust(self.max_size, b"\0")
+
+    def _live_buffer(self) -> tuple[bytes, bytearray]:
+        """Replay how the kernel built this tree: ``fdt_create`` .. ``fdt_finish`` with the root
+        properties, then per sub-node, oldest (last in the blob) first, ``fdt_open_into``,
+        ``fdt_add_subnode``, its properties last to first with ``fdt_setprop``, ``fdt_pack``.
+        (blob, page buffer).  O(sub-nodes * page)."""
+        root = self.tree.root
+        try:
+            sw = SequentialFdt(self.max_size)
+            sw.finish_reservemap()
+            sw.begin_node("")
+            for prop in root.props:
+                sw.property(prop.name, prop_bytes(prop))
+            sw.end_node()
+            blob, page = sw.finish(), sw.buffer
+            for node in reversed(root.nodes):
+                rw = ReadWriteFdt(blob, self.max_size, page)
+                at = rw.add_subnode(0, node.name)
+                for prop in reversed(node.props):
+                    rw.setprop(at, prop.name, prop_bytes(prop))
+                rw.pack()
+                blob, page = rw.blob(), rw.buffer
+        except KHOError as err:
+            if err.errno_name != "ENOMEM":
+                raise
+            raise KHOError("E2BIG", f"the KHO FDT does not fit its {self.max_size}-byte page") from None
+        return blob, page
+
     def _check_size(self) -> bytes:
-        blob = to_dtb(self.tree)
+        blob = self._live_buffer()[0] if self.live else to_dtb(self.tree)
         if len(blob) > self.max_size:
             raise KHOError("E2BIG", f"the KHO FDT needs {len(blob)} bytes, more than {self.max_size}")
         return blob
