@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kho.benchmark.encodings import Point
+from kho.benchmark.restore import compare_encodings
 from kho.cli.options import add_machine_options, size_arg
 from kho.errors import KHOError
 from kho.kexec.profiles import load_profile
@@ -21,6 +23,7 @@ from kho.kexec.relocate import RELOCATION_MODES
 from kho.kexec.timing import PARAMETERS, FitReport, reboot_timeline
 from kho.kexec.transpgd import LINEAR_MAPS
 from kho.simulation import simulate as sim
+from kho.simulation.preserved_sets import PATTERNS as SET_PATTERNS
 from kho.simulation.workload import WORKLOAD_PATTERNS
 
 MODE_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved (kexeckernel=)"}
@@ -57,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="trade-off report instead of a run: each relocation mode's time against its memory cost")
     p.add_argument("--plot", metavar="PATH", help="with --compare: also draw the trade-off as a PNG")
+    p.add_argument("--compare-encodings", action="store_true",
+                   help="end to end per encoding instead of a run: one preserved set (--set-pattern, --preserve, "
+                        "--ram) through every encoding: what the current kernel keeps for the map, the handover's "
+                        "bytes, and the next kernel's modelled restore and free-list time on each path")
+    p.add_argument("--set-pattern", choices=sorted(SET_PATTERNS), default="random",
+                   help="with --compare-encodings: the preserved set's pattern (default random order-0 pages)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -96,6 +105,8 @@ def run(args) -> int:
         return _show_profile(report, args.json, out)
     if args.compare:
         return _compare(args, report, out)
+    if args.compare_encodings:
+        return _compare_encodings(args, report, out)
     config = sim.Config(ram=args.ram, page_size=args.page_size, kho_scratch=args.kho_scratch, preserve=args.preserve,
                         pattern=args.pattern, abi=args.abi, relocation=args.relocation, linear_map=args.linear_map,
                         image_size=args.image_size, generations=args.generations, seed=args.seed,
@@ -194,6 +205,14 @@ def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:
     for key, value in rows:
         table.add_row(key, value, report.derivation.get(key, ""))
     out.print(table)
+    if p.next_kernel is not None:
+        nk = Table(title=f"Next kernel's KHO restore costs ({p.name})")
+        nk.add_column("parameter")
+        nk.add_column("time", justify="right")
+        nk.add_column("derived from")
+        for key, value in p.next_kernel.to_dict().items():
+            nk.add_row(key, f"{value * 1e9:,.2f} ns", report.derivation.get(key, ""))
+        out.print(nk)
     if report.rows:
         fit = Table(title="Fit to the measurements")
         for col in ("measurement", "quantity", "measured", "model", "error"):
@@ -228,6 +247,34 @@ def _compare(args, report: FitReport, out: Console) -> int:
     out.print(table)
     if args.plot:
         out.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _compare_encodings(args, report: FitReport, out: Console) -> int:
+    """``--compare-encodings``: :func:`kho.benchmark.restore.compare_encodings` as a table or JSON."""
+    point = Point(args.set_pattern, args.ram, args.preserve / args.ram if args.ram else 0.0)
+    point.validate(args.page_size)
+    result = compare_encodings(point, report, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    figures = result["set"]
+    table = Table(title=f"End to end per encoding: {figures['units']:,} {args.set_pattern} units "
+                        f"({_bytes(figures['preserved_bytes'])} of {_bytes(args.ram)}), profile {result['profile']}")
+    for col in ("encoding", "path", "kept by current kernel", "handover", "kho_restore", "free_list", "next kernel",
+                "memblock region visits"):
+        table.add_column(col, justify="left" if col in ("encoding", "path") else "right")
+    for e in result["encodings"]:
+        if "error" in e:
+            table.add_row(e["encoding"], "-", "-", e["error"], "-", "-", "-", "-")
+            continue
+        for path, c in e["paths"].items():
+            table.add_row(e["encoding"], path, _bytes(e["keep_bytes"]), _bytes(e["handover_bytes"]), _s(c["kho_restore_s"]),
+                          _s(c["free_list_s"]), _s(c["kho_restore_s"] + c["free_list_s"]),
+                          f"{c.get('memblock_region_visits', 0):,}")
+    out.print(table)
+    out.print("kept: the serialized map plus kho's tracker, except the radix tree, which is the tracker in Linux 7.x; "
+              "times: the next kernel's KHO stages under the profile (walk + memblock, free lists).")
     return 0
 
 
