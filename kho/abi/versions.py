@@ -23,6 +23,10 @@ from kho.abi.kexec_handover import (
     KHO_SUB_TREE_SIZE_PROP_NAME,
     KHO_V1_SUB_TREE_PROP_NAME,
 )
+from kho.abi.kexec_metadata import KHO_METADATA_NODE_NAME
+from kho.abi.luo import LUO_KHO_ENTRY_NAME
+from kho.abi.memblock import MEMBLOCK_KHO_FDT
+from kho.abi.test_kho import KHO_TEST_FDT
 from kho.errors import KHOError
 
 # -- names ------------------------------------------------------------------------------------
@@ -43,12 +47,6 @@ SUB_NODES_OLDEST_FIRST = "oldest-first"
 #: ``sub_node_order``: every new sub-node is inserted before the existing ones (libfdt
 #: ``fdt_add_subnode`` on the live FDT), so the newest comes first.
 SUB_NODES_NEWEST_FIRST = "newest-first"
-
-#: Sub-node names, as the subsystems name their KHO entries.
-SUB_NODE_MEMBLOCK = "memblock"  # mm/memblock.c, reserve_mem regions
-SUB_NODE_KHO_TEST = "kho_test"  # lib/test_kho.c
-SUB_NODE_LUO = "LUO"  # kernel/liveupdate/luo_core.c
-SUB_NODE_KEXEC_METADATA = "kexec-metadata"  # include/linux/kho/abi/kexec_metadata.h
 
 #: ``handoff``: how the first kernel tells the next one where the KHO FDT and scratch are.
 HANDOFF_ARM64_CHOSEN = "arm64: /chosen linux,kho-fdt and linux,kho-scratch"
@@ -110,11 +108,11 @@ def _v1(version: str, preserve_bits: int | str, sub_nodes: tuple[str, ...], sour
                          False, _HANDOFF, source, chosen + ("sub_node_order", "fdt_page_preserved", "handoff"))
 
 
-_V1_NODES = (SUB_NODE_MEMBLOCK,)
-_TEST_NODES = (SUB_NODE_MEMBLOCK, SUB_NODE_KHO_TEST)
-_LUO_NODES = (SUB_NODE_MEMBLOCK, SUB_NODE_KHO_TEST, SUB_NODE_LUO)
+_V1_NODES = (MEMBLOCK_KHO_FDT,)
+_TEST_NODES = (MEMBLOCK_KHO_FDT, KHO_TEST_FDT)
+_LUO_NODES = (MEMBLOCK_KHO_FDT, KHO_TEST_FDT, LUO_KHO_ENTRY_NAME)
 #: 7.3's FDT (newest first) holds memblock, LUO, kho_test, kexec-metadata: added in reverse.
-_META_NODES = (SUB_NODE_KEXEC_METADATA, SUB_NODE_KHO_TEST, SUB_NODE_LUO, SUB_NODE_MEMBLOCK)
+_META_NODES = (KHO_METADATA_NODE_NAME, KHO_TEST_FDT, LUO_KHO_ENTRY_NAME, MEMBLOCK_KHO_FDT)
 _V3_PROPS = (KHO_SUB_TREE_SIZE_PROP_NAME, KHO_SUB_TREE_PROP_NAME)
 
 #: Every release kho knows, oldest first.

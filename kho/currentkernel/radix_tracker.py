@@ -486,23 +486,29 @@ class RadixTracker:
                 return head, order
         return None
 
+    #: Leaves unpacked per numpy pass when listing units.
+    _WALK_LEAVES = 1024
+
     def walk_array(self) -> tuple[np.ndarray, np.ndarray]:
         """All preserved units ``(phys uint64, order uint8)`` in the kernel's walk order
         (``kho_radix_walk_tree``: ascending key, so highest order first, then address).
 
-        One unpack of all leaves: O(leaves * PAGE_SIZE * 8) numpy work.
+        Leaves unpacked ``_WALK_LEAVES`` at a time: O(leaves * PAGE_SIZE * 8) numpy work,
+        O(``_WALK_LEAVES`` pages * 8) temporary memory besides the result.
         """
         g = self.geometry
-        if not self._nodes[0]:
-            return np.empty(0, np.uint64), np.empty(0, np.uint8)
         leaf_keys = sorted(self._nodes[0])
-        maps = np.stack([np.frombuffer(self._pages[self._nodes[0][k]], dtype=np.uint8) for k in leaf_keys])
-        pos = np.flatnonzero(np.unpackbits(maps, axis=1, bitorder="little"))
-        keys = np.array(leaf_keys, dtype=np.uint64)[pos >> g.bitmap_log2]
-        order = g.leaf_order_array(keys)
-        unit = g.leaf_first_unit_array(keys) + (pos & self._bit_mask)
-        phys = (unit.view(np.uint64) << (order + self._page_shift).astype(np.uint64))
-        return phys, order.astype(np.uint8)
+        phys_parts, order_parts = [np.empty(0, np.uint64)], [np.empty(0, np.uint8)]
+        for first in range(0, len(leaf_keys), self._WALK_LEAVES):
+            chunk = leaf_keys[first:first + self._WALK_LEAVES]
+            maps = np.stack([np.frombuffer(self._pages[self._nodes[0][k]], dtype=np.uint8) for k in chunk])
+            pos = np.flatnonzero(np.unpackbits(maps, axis=1, bitorder="little"))
+            keys = np.array(chunk, dtype=np.uint64)[pos >> g.bitmap_log2]
+            order = g.leaf_order_array(keys)
+            unit = g.leaf_first_unit_array(keys) + (pos & self._bit_mask)
+            phys_parts.append(unit.view(np.uint64) << (order + self._page_shift).astype(np.uint64))
+            order_parts.append(order.astype(np.uint8))
+        return np.concatenate(phys_parts), np.concatenate(order_parts)
 
     def units_array(self) -> tuple[np.ndarray, np.ndarray]:
         """All preserved units as ``(phys uint64, order uint8)`` sorted by address (then
