@@ -37,6 +37,7 @@ from kho.handover.scratch_array import read_scratch_array
 from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes
 from kho.devicetree.khofdt import KHOFdt
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER, FDT_HEADER_FIELDS, FDT_MAGIC
+from kho.dumps.subnodes import decode_subnode
 from kho.encodings import DecodedMap, Encoding, encoding_for_compatible, get_encoding
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory, ScratchArea
@@ -101,7 +102,9 @@ class BootParams:
 class SubNode:
     """A sub-node of the KHO FDT: the blob it points at (``data``, read up to ``blob-size``,
     or the FDT's ``totalsize`` / one page without one), ``format`` ``fdt`` or ``binary``,
-    ``compatible`` the blob's root compatible (FDT) or its leading NUL-terminated name."""
+    ``compatible`` the blob's root compatible (FDT) or its leading NUL-terminated name;
+    ``decoded`` the :mod:`kho.subsystems` object when a reader knows the sub-node (else
+    None), ``error`` why the blob could not be read or decoded."""
 
     name: str
     phys: int | None
@@ -110,6 +113,7 @@ class SubNode:
     format: str | None = None
     compatible: str | None = None
     error: str | None = None
+    decoded: object | None = None
 
 
 @dataclass
@@ -257,9 +261,10 @@ def chosen_handoff(memory: PhysicalMemory, candidate: FdtCandidate) -> Handoff |
 # -- sub-nodes ---------------------------------------------------------------------------------
 
 
-def read_subnodes(memory: PhysicalMemory, kho_fdt: KHOFdt) -> list[SubNode]:
-    """Every sub-node of the KHO FDT with its blob, in blob order; a pointer or size that
-    cannot be read is recorded in the sub-node's ``error``.  O(blob bytes)."""
+def read_subnodes(memory: PhysicalMemory, kho_fdt: KHOFdt, *, strict: bool = False) -> list[SubNode]:
+    """Every sub-node of the KHO FDT with its blob, decoded when a reader knows it
+    (:func:`~kho.dumps.subnodes.decode_subnode`), in blob order; a pointer, size or blob that
+    cannot be read is recorded in the sub-node's ``error``.  O(blob bytes + decoding)."""
     out = []
     for name, props in kho_fdt.subnode_props().items():
         node = SubNode(name, None, None)
@@ -284,6 +289,10 @@ def read_subnodes(memory: PhysicalMemory, kho_fdt: KHOFdt) -> list[SubNode]:
             node.error = str(err)
             continue
         node.format, node.compatible = blob_format(node.data)
+        try:
+            node.decoded = decode_subnode(memory, name, node.phys, len(node.data), node.compatible, strict=strict)
+        except KHOError as err:
+            node.error = str(err)
     return out
 
 
@@ -381,4 +390,4 @@ def find_handover(memory: PhysicalMemory, fdt_pages: np.ndarray, boot_params_pag
                 raise KHOFormatError("fdt", f"{what}: the map does not decode against the scratch areas: {chosen.error}",
                                      chosen.phys)
     return DumpHandover(chosen.phys, chosen.size, chosen.fdt.compatible, chosen.fdt, chosen.decoded, chosen.encoding,
-                        read_subnodes(memory, chosen.fdt), scratch, handoff, boot_params, candidates, notes)
+                        read_subnodes(memory, chosen.fdt, strict=strict), scratch, handoff, boot_params, candidates, notes)
