@@ -8,10 +8,11 @@ A source maps physical addresses to bytes and never holds the dump in host memor
   a kdump vmcore), by ``p_paddr``; bytes past ``p_filesz`` read as zeros; overlapping
   segments (a vmcore maps the kernel text twice) are cut so the first by address wins.
 * :class:`ZstdSource`: one streaming decompression at open, :data:`ZSTD_BLOCK_PAGES` pages at
-  a time: all-zero blocks are dropped, the others are kept recompressed (zstd level 1) in a
-  dict, and the page starts are scanned on the way (:meth:`Source.scan`), so host memory is
-  about the compressed size of the non-zero content and one pass costs the decompression.
-  A read decompresses the blocks it touches (a few are cached).
+  a time: all-zero blocks are dropped, the others are recompressed (zstd level 1) into an
+  anonymous temporary file (an index of their offsets stays in memory), and the page starts
+  are scanned on the way (:meth:`Source.scan`): host memory is the index and one chunk,
+  disk the compressed size of the non-zero content, time one decompression.  A read
+  decompresses the blocks it touches (a few are cached).
 
 Every source also scans its data for the page starts that hold an FDT header or an x86
 ``boot_params`` (:class:`PageScan`), in chunks of :data:`SCAN_CHUNK_BYTES` (numpy, vectorized
@@ -23,6 +24,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import tempfile
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -282,7 +284,8 @@ class ZstdSource(Source):
             raise KHOError("EINVAL", f"base {base:#x} is not a page-aligned address")
         self.base = base
         self.block_bytes = ZSTD_BLOCK_PAGES * page_size
-        self.blocks: dict[int, bytes] = {}  # block number -> zstd-compressed block
+        self.blocks: dict[int, tuple[int, int]] = {}  # block number -> (offset, length) in the spill file
+        self._spill = tempfile.TemporaryFile(prefix="kho-zstd-blocks-")
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._dctx = zstandard.ZstdDecompressor()
         compressed_size = os.fstat(file.fileno()).st_size
@@ -294,11 +297,12 @@ class ZstdSource(Source):
                                  0, where="offset")
         self.size = whole
         self.extents = [(base, base + whole)]
-        self.stored_bytes = sum(len(b) for b in self.blocks.values())
+        self._spill.flush()
+        self.stored_bytes = self._spill.tell()
         tail = f" ({total - whole} trailing bytes ignored)" if whole != total else ""
         self.description = (f"zstd-compressed raw dump, {compressed_size} bytes -> {whole} bytes at phys {base:#x}"
-                            f"{tail}; {len(self.blocks)} non-zero {self.block_bytes >> 10} KiB blocks kept in "
-                            f"{self.stored_bytes} bytes")
+                            f"{tail}; {len(self.blocks)} non-zero {self.block_bytes >> 10} KiB blocks kept recompressed "
+                            f"in {self.stored_bytes} bytes of a temporary file")
         file.close()
 
     def _index(self, file: BinaryIO) -> int:
@@ -321,7 +325,9 @@ class ZstdSource(Source):
                 first = pos // block
                 view = memoryview(padded)
                 for k in np.flatnonzero(nonzero).tolist():
-                    self.blocks[first + k] = cctx.compress(view[k * block:(k + 1) * block])
+                    packed = cctx.compress(view[k * block:(k + 1) * block])
+                    self.blocks[first + k] = (self._spill.tell(), len(packed))
+                    self._spill.write(packed)
                 pos += len(data)
                 if len(data) % block:
                     break
@@ -336,10 +342,10 @@ class ZstdSource(Source):
         if number in self._cache:
             self._cache.move_to_end(number)
             return self._cache[number]
-        packed = self.blocks.get(number)
-        if packed is None:
+        where = self.blocks.get(number)
+        if where is None:
             return None
-        data = self._dctx.decompress(packed, max_output_size=self.block_bytes)
+        data = self._dctx.decompress(os.pread(self._spill.fileno(), where[1], where[0]), max_output_size=self.block_bytes)
         self._cache[number] = data
         if len(self._cache) > ZSTD_CACHE_BLOCKS:
             self._cache.popitem(last=False)
@@ -361,6 +367,9 @@ class ZstdSource(Source):
     def scan(self) -> PageScan:
         """Computed while indexing."""
         return self._scan
+
+    def close(self) -> None:
+        self._spill.close()
 
 
 def _read_full(reader, size: int) -> bytes:
