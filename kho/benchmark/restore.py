@@ -193,10 +193,10 @@ def plot_curve(curves: dict[str, list[dict]], crossings: dict[str, dict], path: 
     styles = {("fragmented", MEMBLOCK_PATH): ("C3", "-"), ("adjacent", MEMBLOCK_PATH): ("C0", "-"),
               ("fragmented", INSTRUCTIONS_PATH): ("C2", "--"), ("adjacent", INSTRUCTIONS_PATH): ("C1", ":")}
     for ax, (name, rows) in zip(axes[0], curves.items()):
-        for (kind, path), (color, line) in styles.items():
-            sel = [r for r in rows if r["kind"] == kind and r["path"] == path]
+        for (kind, boot_path), (color, line) in styles.items():
+            sel = [r for r in rows if r["kind"] == kind and r["path"] == boot_path]
             ax.plot([r["units"] for r in sel], [r["kho_restore_s"] for r in sel], line, color=color, lw=1.8,
-                    label=f"{path} path, {kind}")
+                    label=f"{boot_path} path, {kind}")
         if name == "qemu-tcg-x86":
             for p in measured_points():
                 ax.scatter(p["units"], p["total_s"], marker="x" if p["kind"] == "fragmented" else "o", s=50,
