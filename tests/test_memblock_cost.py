@@ -25,9 +25,10 @@ class DirectMemblock:
         self.max = initial_max
         while self.max < len(self.r):
             self.max *= 2
-        self.c = dict(counting_passes=0, reserve_scan_visits=0, reserve_merge_iterations=0, reserve_regions_moved=0,
-                      reserve_doubling_copied=0, isolate_scan_visits=0, noinit_merge_iterations=0,
-                      noinit_regions_moved=0, noinit_doubling_copied=0, doublings=0)
+        self.c = {key: 0 for key in ("counting_passes", "reserve_scan_visits", "reserve_merge_iterations",
+                                     "reserve_regions_moved", "reserve_doubling_copied", "isolate_scan_visits",
+                                     "noinit_merge_iterations", "noinit_regions_moved", "noinit_doubling_copied",
+                                     "doublings")}
         self.call = "reserve"
 
     @property

@@ -150,7 +150,7 @@ def compare_encodings(point: Point, profile: FitReport, encodings=None, *, seed:
     (E2BIG, ENOMEM) is listed with the error.  O(encodings x boot)."""
     costs = profile.profile.next_kernel
     names = check_encodings(encodings)
-    machine, tracker, phys, order, figures = prepare(point, seed=seed)
+    machine, tracker, _, _, figures = prepare(point, seed=seed)
     tracker_bytes = figures["tracker_bytes"]
     rows = []
     for name in names:
@@ -264,8 +264,9 @@ def _s(seconds: float | None) -> str:
 
 def markdown(res: dict, machine_line: str) -> str:
     """The benchmark's results as markdown tables."""
-    lines = ["# Next-kernel KHO restore, modelled\n", f"{machine_line}  Times are the model's predictions (seconds of "
-             "the next kernel), computed from exact counts of the kernel's memblock work.\n"]
+    lines = ["# Next-kernel KHO restore, modelled\n", (f"{machine_line}  Times are the model's predictions (seconds of "
+                                                         "the next kernel), computed from exact counts of the kernel's "
+                                                         "memblock work.\n")]
     for name, p in res["profiles"].items():
         lines.append(f"## Profile {name}\n")
         cr = p["crossings"]

@@ -186,8 +186,11 @@ def fit_next_kernel(timing: dict) -> tuple[NextKernelCosts, dict[str, str], list
 def _with_next_kernel(report: FitReport, given: dict[str, float], fitted: tuple | None = None) -> FitReport:
     """``report`` with next-kernel costs: ``fitted`` (costs, derivation, rows) when given, else
     derived from the profile's cached_copy rate; parameters in ``given`` override either."""
-    reference, ref_how, ref_rows = fit_next_kernel(qemu_tcg_timing())
-    costs, how, rows = fitted if fitted else (*costs_from_bandwidth(report.profile.cached_copy_bps, reference), [])
+    if fitted is None:
+        costs, how = costs_from_bandwidth(report.profile.cached_copy_bps, fit_next_kernel(qemu_tcg_timing())[0])
+        rows = []
+    else:
+        costs, how, rows = fitted
     values = costs.to_dict()
     for key in NEXT_KERNEL_PARAMETERS:
         if key in given:

@@ -1,9 +1,10 @@
 """What the kernel's memblock does for the preserved units, counted exactly, and its time.
 
 :mod:`kho.nextkernel.memblock` gets the *end state* of memblock right with O(n) numpy
-work; this module counts the *work* the kernel's own algorithm (``mm/memblock.c``, Linux
-6.5 .. 7.3) does to get there, one ``memblock_reserve`` + ``memblock_reserved_mark_noinit``
-per unit in the order the next kernel walks the map (:func:`walk_order`):
+work; this module counts the *work* the kernel's own algorithm (``mm/memblock.c`` as in
+the kernels KHO runs on, 6.16 .. 7.3) does to get there, one ``memblock_reserve`` +
+``memblock_reserved_mark_noinit`` per unit in the order the next kernel walks the map
+(:func:`walk_order`):
 
 * ``memblock_add_range`` (reserve): one linear scan of ``memblock.reserved`` from the
   first region up to the first region at or past the unit's end; when the array is more
@@ -43,7 +44,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kho.abi.kexec_handover import KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLES, RadixGeometry
+from kho.abi.kexec_handover import (
+    KHO_FDT_COMPATIBLE_V1,
+    KHO_FDT_COMPATIBLES,
+    RadixGeometry,
+)
 from kho.errors import KHOError
 from kho.kexec.timing import NextKernelCosts
 from kho.memory import intervals
@@ -256,24 +261,21 @@ def count_memblock(unit_base, unit_size, base_regions=None,
     max_before_reserve = before[0::2]
     passes = np.where(2 * cnt + 1 <= max_before_reserve, 1, 2)
 
-    def copied(b: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """Entries memcpy'd by the doublings from ``b`` to ``a`` entries: b + 2b + ... + a/2."""
-        return a - b
-
+    # A doubling from m entries copies m: from ``before`` to ``after`` that is after - before.
+    copied = after - before
     reserve_scan = passes * (p + nx)
     reserve_moved = (cnt - p) + l0 * (cnt - p) + r0 * (cnt - p - 1)
     isolate_scan = p + 1 + r0 + nx
     noinit_moved = l0 * (cnt_iso - p + 1) + r0 * (cnt_iso + l0 - p) + ml * (cnt - p) + mr * (cnt - p - 1)
     merge_iter = left + nx
-    growth = after - before
     final_max = int(after[-1]) if n else initial_max
     return MemblockCounts(
         units=n, base_regions=nb, counting_passes=int((passes == 2).sum()),
         reserve_scan_visits=int(reserve_scan.sum()), reserve_merge_iterations=int(merge_iter.sum()),
-        reserve_regions_moved=int(reserve_moved.sum()), reserve_doubling_copied=int(copied(before[0::2], after[0::2]).sum()),
+        reserve_regions_moved=int(reserve_moved.sum()), reserve_doubling_copied=int(copied[0::2].sum()),
         isolate_scan_visits=int(isolate_scan.sum()), noinit_merge_iterations=int(merge_iter.sum()),
-        noinit_regions_moved=int(noinit_moved.sum()), noinit_doubling_copied=int(copied(before[1::2], after[1::2]).sum()),
-        doublings=int(np.log2(final_max // initial_max)) if growth.any() else 0,
+        noinit_regions_moved=int(noinit_moved.sum()), noinit_doubling_copied=int(copied[1::2].sum()),
+        doublings=(final_max // initial_max).bit_length() - 1,
         final_regions=int(nb + v.sum()), final_max=final_max)
 
 
