@@ -133,19 +133,28 @@ def _print_result(result: sim.Result, out: Console) -> None:
               f"{_bytes(c.image_size)} kernel + initramfs, profile {result.profile.profile.name}")
     table = Table(title=f"Reboot timeline (modelled; {_bytes(moved)} of segments, purgatory checks "
                         f"{'on' if c.checks else 'off'})")
-    for col in ("mode", "shutdown (s)", "relocation (s)", "purgatory (s)", "startup (s)", "total (s)", "reloc. share",
-                "speedup"):
+    for col in ("mode", "shutdown (s)", "relocation (s)", "purgatory (s)", "startup (s)", "KHO restore (s)",
+                "free lists (s)", "total (s)", "reloc. share", "speedup"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for mode, t in result.timelines.items():
         label = SHORT_LABEL[mode] + (" *" if mode == c.relocation else "")
-        table.add_row(label, _t(t.shutdown_s), _t(t.relocation_s), _t(t.purgatory_s), _t(t.startup_s), _t(t.total_s),
-                      f"{t.relocation_share:.1%}", f"{result.speedup(mode):.2f}x",
-                      style="bold" if mode == c.relocation else None)
+        table.add_row(label, _t(t.shutdown_s), _t(t.relocation_s), _t(t.purgatory_s), _t(t.startup_s),
+                      _t(t.kho_restore_s), _t(t.free_list_s), _t(t.total_s), f"{t.relocation_share:.1%}",
+                      f"{result.speedup(mode):.2f}x", style="bold" if mode == c.relocation else None)
     out.print(table)
+    restore = g1.boot.get("kho_restore")
+    if restore:
+        visits = (f"{restore['memblock_region_visits']:,} memblock region visits, "
+                  f"{restore['counting_passes']:,} counting passes, {restore['doublings']} array doublings"
+                  if restore["path"] == "memblock" else "no memblock call")
+        out.print(f"Next kernel's KHO stages ({restore['path']} path, generation 1, modelled): {restore['units']:,} "
+                  f"units, {restore['map_pages']:,} map pages, {visits}; restore {_s(restore['kho_restore_s'])}, "
+                  f"free lists {_s(restore['free_list_s'])}.")
     note = "* simulated; the others modelled for the same segments.  Speedup is the whole reboot against MMU off"
     if c.checks:
         p = result.profile.profile
-        bare = {m: reboot_timeline(p, m, moved).total_s for m in result.timelines}
+        bare = {m: reboot_timeline(p, m, moved, kho_restore_s=t.kho_restore_s, free_list_s=t.free_list_s).total_s
+                for m, t in result.timelines.items()}
         note += (f"; without purgatory checks (--no-checks, as in the published runs): MMU on "
                  f"{bare['mmu-off'] / bare['mmu-on']:.2f}x, reserved {bare['mmu-off'] / bare['reserved']:.2f}x")
     out.print(note + ".")
