@@ -244,3 +244,19 @@ def test_a_dump_is_read_only(written):
                 call()
         with pytest.raises(KHOError, match="outside RAM"):
             dump.memory.read(512 * MiB - 8, 16)
+
+
+@pytest.mark.parametrize("options, encoding", [({}, "kho-v1 (page-byte bitmaps)"),
+                                               ({"bitmap_bytes": 512}, "kho-v1 (512-byte bitmaps)")])
+def test_kho_v1_dumps_with_either_bitmap_size(tmp_path, options, encoding):
+    m = Machine.boot(512 * MiB, seed=2)
+    kho = KHO(m.memory, m.allocator, "kho-v1", preserve_bits=4096 if options else "page", **options)
+    for order, count in ((0, 300), (4, 20)):
+        kho.tracker.preserve_many(m.allocator.alloc_many(count, order), order)
+    kho.add_blob("workload", b"v1")
+    handover = kho.finalize()
+    write_raw(m.memory, tmp_path / "v1.raw")
+    with open_dump(tmp_path / "v1.raw") as dump:
+        found = dump.handover()
+        assert (found.compatible, found.encoding) == ("kho-v1", encoding)
+        assert found.units() == kho.tracker.units() and found.fdt_phys == handover.fdt_phys

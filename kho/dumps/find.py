@@ -48,10 +48,8 @@ MAX_FDT_BYTES = 2 << 20
 MAX_SETUP_DATA = 256
 #: Largest blob read for a sub-node (``blob-size`` beyond it is reported, not read).
 MAX_BLOB_BYTES = 64 << 20
-#: Encoding registry names for the KHO ABIs' maps: kho-v1's chunk list (both bitmap sizes
-#: shipped under that compatible) and kho-v2's radix tree (unchanged in kho-v3 and kho-v4).
+#: kho-v1's chunk list with each bitmap size shipped under that compatible (6.17+, 6.16).
 KHO_V1_ENCODINGS = (("kho-v1", {"bitmap_bytes": "page"}), ("kho-v1", {"bitmap_bytes": 512}))
-RADIX_ENCODING = "kho-v2"
 
 
 @dataclass
@@ -158,17 +156,13 @@ def read_fdt(memory: PhysicalMemory, phys: int) -> bytes:
 
 
 def map_encodings(compatible: str, page_size: int) -> list[tuple[str, Encoding]]:
-    """The encodings that may read the map of a KHO FDT of ``compatible``, most likely first:
-    kho-v1's two bitmap sizes, else the encoding registered for it, else the radix tree
-    (kho-v2, unchanged in kho-v3 and kho-v4)."""
+    """The encodings that may read the map of a KHO FDT of ``compatible``: kho-v1's two bitmap
+    sizes (both shipped under that compatible), else the one registered for it."""
     if compatible == KHO_FDT_COMPATIBLE_V1:
         return [(f"{name} ({opts['bitmap_bytes']}-byte bitmaps)", get_encoding(name, page_size, **opts))
                 for name, opts in KHO_V1_ENCODINGS]
-    try:
-        cls = encoding_for_compatible(compatible)
-        return [(cls.name, cls(page_size))]
-    except KHOFormatError:
-        return [(RADIX_ENCODING, get_encoding(RADIX_ENCODING, page_size))]
+    cls = encoding_for_compatible(compatible)
+    return [(cls.name, cls(page_size))]
 
 
 def classify(memory: PhysicalMemory, phys: int, *, strict: bool = False) -> FdtCandidate:
