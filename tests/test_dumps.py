@@ -24,6 +24,7 @@ from kho.dumps import open_dump
 from kho.dumps.writers import write_elf_core, write_raw, write_zstd
 from kho.encodings import get_encoding
 from kho.errors import KHOError, KHOFormatError
+from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO
 from kho.memory.physical import Bank
 
@@ -260,3 +261,20 @@ def test_kho_v1_dumps_with_either_bitmap_size(tmp_path, options, encoding):
         found = dump.handover()
         assert (found.compatible, found.encoding) == ("kho-v1", encoding)
         assert found.units() == kho.tracker.units() and found.fdt_phys == handover.fdt_phys
+
+
+@pytest.mark.parametrize("encoding", ["kho-v2", "ranges"])
+def test_a_kho_image_opens_like_a_dump(tmp_path, encoding):
+    m = Machine.boot(512 * MiB, seed=4)
+    kho = KHO(m.memory, m.allocator, encoding)
+    kho.tracker.preserve_many(m.allocator.alloc_many(50, 1), 1)
+    kho.add_blob("workload", b"luo-v5\0")
+    handover = kho.finalize()
+    save_image(tmp_path / "h.kho", handover)
+    with open_dump(tmp_path / "h.kho") as dump:
+        assert dump.format == "kho" and f"kho handover image, {encoding}" in dump.description
+        found = dump.handover()
+        assert found.units() == kho.tracker.units() and found.fdt_phys == handover.fdt_phys
+        assert spans(found.scratch) == spans(m.memory.scratch) and found.handoff.source.startswith("the image")
+    with pytest.raises(KHOError, match="records its own RAM"):
+        open_dump(tmp_path / "h.kho", base=0)

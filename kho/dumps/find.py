@@ -22,6 +22,7 @@ Everything is read through :class:`~kho.dumps.memory.DumpMemory`; units in bytes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -165,16 +166,18 @@ def map_encodings(compatible: str, page_size: int) -> list[tuple[str, Encoding]]
     return [(cls.name, cls(page_size))]
 
 
-def classify(memory: PhysicalMemory, phys: int, *, strict: bool = False) -> FdtCandidate:
-    """Read the FDT at ``phys`` and, for a KHO FDT, decode its map.  Never raises for bad data:
-    the candidate's ``kind`` / ``error`` say what it is.  O(blob + map)."""
+def classify(memory: PhysicalMemory, phys: int, *, strict: bool = False,
+             compatibles: Collection[str] = KHO_FDT_COMPATIBLES) -> FdtCandidate:
+    """Read the FDT at ``phys`` and, for a KHO FDT (a root compatible among ``compatibles``),
+    decode its map.  Never raises for bad data: the candidate's ``kind`` / ``error`` say what
+    it is.  O(blob + map)."""
     try:
         blob = read_fdt(memory, phys)
         tree = parse_fdt(blob, "fdt", strict=False)
     except KHOFormatError as err:
         return FdtCandidate(phys, 0, "invalid", error=str(err))
     names = kernel_string_list(prop_bytes(tree.root.get_property(COMPATIBLE_PROP)) or b"")
-    kho = [name for name in names if name in KHO_FDT_COMPATIBLES]
+    kho = [name for name in names if name in compatibles]
     if not kho:
         chosen = tree.root.get_subnode("chosen")
         kind = "boot-dtb" if chosen is not None and chosen.get_property(KHO_CHOSEN_FDT_PROP_NAME) is not None else "other"
@@ -325,19 +328,23 @@ def describe(candidate: FdtCandidate) -> str:
 
 
 def find_handover(memory: PhysicalMemory, fdt_pages: np.ndarray, boot_params_pages: np.ndarray, *,
-                  what: str, fdt: int | None = None, strict: bool = False) -> DumpHandover:
+                  what: str, fdt: int | None = None, strict: bool = False, handoffs: Sequence[Handoff] = (),
+                  compatibles: Collection[str] = KHO_FDT_COMPATIBLES) -> DumpHandover:
     """The handover in ``memory`` (see the module docstring).  ``fdt_pages`` /
-    ``boot_params_pages``: the scanned page starts; ``what`` names the dump in errors.
+    ``boot_params_pages``: the scanned page starts; ``what`` names the dump in errors;
+    ``handoffs``: known besides those found in memory; ``compatibles``: the KHO FDT root
+    compatibles looked for (kho's own encodings' too, for a kho image).
     KHOError(ENOENT) when there is no KHO FDT, KHOFormatError when the one asked for or
     every candidate fails to decode, KHOError(EINVAL) when several decode and none is named."""
-    candidates = [classify(memory, int(p), strict=strict) for p in np.unique(fdt_pages).tolist()]
+    candidates = [classify(memory, int(p), strict=strict, compatibles=compatibles) for p in np.unique(fdt_pages).tolist()]
     boot_params = [read_boot_params(memory, int(p)) for p in np.unique(boot_params_pages).tolist()]
-    handoffs = [b.handoff for b in boot_params if b.handoff is not None]
+    handoffs = list(handoffs) + [b.handoff for b in boot_params if b.handoff is not None]
     handoffs += [h for h in (chosen_handoff(memory, c) for c in candidates if c.kind == "boot-dtb") if h is not None]
     notes = []
     kho = [c for c in candidates if c.kind == "kho"]
     if fdt is not None:
-        chosen = next((c for c in candidates if c.phys == fdt), None) or classify(memory, fdt, strict=strict)
+        chosen = next((c for c in candidates if c.phys == fdt), None) or classify(memory, fdt, strict=strict,
+                                                                                   compatibles=compatibles)
         if chosen.kind != "kho":
             raise KHOFormatError("fdt", f"{what}: no KHO FDT at the requested address ({describe(chosen)})", fdt)
         if not chosen.decodes:

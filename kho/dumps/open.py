@@ -1,6 +1,8 @@
 """``open_dump``: a memory dump or a debugfs directory, recognised by content.
 
 * a directory: debugfs's ``kho/out`` or ``kho/in`` (:mod:`kho.dumps.debugfs`);
+* a kho handover image (``.kho``, a msgpack map starting with its magic): its memory and
+  recorded addresses (:class:`ImageDump`);
 * a file starting with the zstd frame magic: a zstd-compressed raw dump;
 * a file starting with ``\\x7fELF``: an ELF core (``PT_LOAD`` by physical address);
 * any other non-empty file: a raw physical-memory dump (offset = ``phys - base``).
@@ -16,13 +18,22 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import msgpack
+import numpy as np
+
 from kho.dumps.debugfs import DebugfsHandover, read_debugfs
-from kho.dumps.find import DumpHandover, FdtCandidate, classify, find_handover
+from kho.dumps.find import DumpHandover, FdtCandidate, Handoff, classify, find_handover
 from kho.dumps.memory import DumpMemory
 from kho.dumps.sources import ELF_MAGIC, ZSTD_MAGIC, ElfSource, PageScan, RawSource, Source, ZstdSource
+from kho.encodings import known_compatibles
 from kho.errors import KHOError
+from kho.handover.imagefile import IMAGE_MAGIC, LoadedImage, load_image
 from kho.memory.geometry import PageGeometry
-from kho.memory.physical import Bank
+from kho.memory.physical import Bank, PhysicalMemory
+
+#: A kho image starts with a msgpack map (fixmap, map 16, map 32) whose first value is the magic.
+IMAGE_MAP_MARKERS = tuple(bytes([0x80 | n]) for n in range(16)) + (b"\xde", b"\xdf")
+IMAGE_MAGIC_BYTES = msgpack.packb(IMAGE_MAGIC)
 
 
 class Dump:
@@ -30,19 +41,13 @@ class Dump:
     ``format`` (raw, zstd, elf) and ``description`` (what was recognised).  Close it (or use
     it as a context manager) to release the file."""
 
-    def __init__(self, path: str, source: Source, memory: DumpMemory):
+    def __init__(self, path: str, source: Source | None, memory: PhysicalMemory):
         self.path = path
         self.source = source
         self.memory = memory
+        self.format = source.format if source is not None else ""
+        self.description = source.description if source is not None else ""
         self._handovers: dict[tuple[int | None, bool], DumpHandover] = {}
-
-    @property
-    def format(self) -> str:
-        return self.source.format
-
-    @property
-    def description(self) -> str:
-        return self.source.description
 
     @property
     def page_size(self) -> int:
@@ -68,13 +73,47 @@ class Dump:
         return self._handovers[key]
 
     def close(self) -> None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
 
     def __enter__(self) -> "Dump":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ImageDump(Dump):
+    """A kho handover image (``.kho``) opened like a dump: its memory, the KHO FDT and scratch
+    array where the image records them (no scan), kho's own encodings recognised too."""
+
+    def __init__(self, path: str, image: LoadedImage):
+        super().__init__(path, None, image.memory)
+        self.image = image
+        self.format = "kho"
+        self.description = (f"kho handover image, {image.encoding}, RAM in {len(image.memory.banks)} bank(s), "
+                            f"{image.memory.ram_size} bytes of RAM")
+
+    def scan(self) -> PageScan:
+        """The recorded KHO FDT only."""
+        return PageScan(fdt=np.array([self.image.fdt_phys], np.uint64))
+
+    def handover(self, *, fdt: int | None = None, strict: bool = False) -> DumpHandover:
+        key = (fdt, strict)
+        if key not in self._handovers:
+            image = self.image
+            recorded = Handoff(image.fdt_phys, image.fdt_size, image.scratch_phys, image.scratch_size,
+                               f"the image {self.path}")
+            self._handovers[key] = find_handover(self.memory, self.scan().fdt, self.scan().boot_params,
+                                                 what=f"{self.path} ({self.description})", fdt=fdt, strict=strict,
+                                                 handoffs=[recorded], compatibles=known_compatibles())
+        return self._handovers[key]
+
+
+def is_image(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a kho handover image (a msgpack map whose
+    first entry is ``magic: "kho-image"``)."""
+    return head[:1] in IMAGE_MAP_MARKERS and IMAGE_MAGIC_BYTES in head[:32]
 
 
 def _banks(source: Source, ram: Sequence | None, page_size: int) -> list[Bank]:
@@ -109,13 +148,19 @@ def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence
     except OSError as err:
         raise KHOError("EINVAL", f"{path}: cannot be read: {err.strerror}") from None
     try:
-        head = file.read(4)
+        head = file.read(32)
         file.seek(0)
         if not head:
             raise KHOError("EINVAL", f"{path}: an empty file is not a memory dump")
-        if head == ZSTD_MAGIC:
+        if is_image(head):
+            if base is not None or ram is not None:
+                raise KHOError("EINVAL", f"{path}: a kho handover image records its own RAM (no base or RAM)")
+            image = load_image(file)
+            file.close()
+            return ImageDump(path, image)
+        if head[:4] == ZSTD_MAGIC:
             source: Source = ZstdSource(path, page_size, base or 0, file)
-        elif head == ELF_MAGIC:
+        elif head[:4] == ELF_MAGIC:
             if base is not None:
                 raise KHOError("EINVAL", f"{path}: an ELF core carries its own physical addresses (no base)")
             source = ElfSource(path, page_size, file)
