@@ -1,7 +1,7 @@
 """Reading real kernels' handovers from memory dumps and debugfs (issue 13).
 
 :func:`open_dump` recognises a raw or zstd-compressed raw physical-memory dump, an ELF core,
-or a debugfs ``kho/out`` / ``kho/in`` directory; :meth:`Dump.handover` finds the KHO FDT in
+a debugfs ``kho/out`` / ``kho/in`` directory or a kho handover image; :meth:`Dump.handover` finds the KHO FDT in
 a dump, decodes its map and sub-nodes, and reads the scratch areas from the x86
 ``setup_data`` or arm64 ``/chosen`` handoff when the dump holds one.
 """
@@ -9,7 +9,7 @@ a dump, decodes its map and sub-nodes, and reads the scratch areas from the x86
 from kho.dumps.debugfs import DebugfsHandover, read_debugfs
 from kho.dumps.find import BootParams, DumpHandover, FdtCandidate, Handoff, SubNode, find_handover
 from kho.dumps.memory import DumpMemory
-from kho.dumps.open import Dump, open_dump
+from kho.dumps.open import Dump, ImageDump, open_dump
 
 __all__ = ["BootParams", "DebugfsHandover", "Dump", "DumpHandover", "DumpMemory", "FdtCandidate", "Handoff",
-           "SubNode", "find_handover", "open_dump", "read_debugfs"]
+           "ImageDump", "SubNode", "find_handover", "open_dump", "read_debugfs"]
