@@ -15,6 +15,7 @@ from kho.abi.elf import ET_EXEC
 from kho.abi.setup_data import SETUP_DATA_DTYPE, SETUP_KEXEC_KHO
 from kho.dumps import open_dump
 from kho.dumps.find import read_boot_params
+from kho.dumps.open import parse_ranges
 from kho.dumps.writers import write_elf_core, write_raw, write_zstd
 from kho.errors import KHOError, KHOFormatError
 
@@ -160,3 +161,15 @@ def test_mutated_dumps_decode_or_are_refused(data):
         del buf[data.draw(st.integers(1, len(buf))):]
     with time_limit(60):
         TARGETS["dump"].run(bytes(buf))
+
+
+@pytest.mark.parametrize("text", ["abc", "0x10-", "5+0", "1-0", "0x1000+12Q"])
+def test_bad_ram_ranges(text):
+    with pytest.raises(KHOError, match="RAM range") as err:
+        parse_ranges(text)
+    assert err.value.errno_name == "EINVAL"
+
+
+def test_ram_range_without_a_whole_page(files):
+    _, _, d = files
+    assert "no whole 4096-byte page" in str(errno_of(d / "mem.raw", ram=[(0x1800, 0x1000)]))

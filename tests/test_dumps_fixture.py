@@ -13,6 +13,7 @@ from kho.devicetree import KHOFdt
 from kho.devicetree.layout import pack_u64
 from kho.dumps import open_dump
 from kho.dumps.cut import cut, referenced_pages
+from kho.dumps.open import parse_ranges
 from kho.dumps.writers import write_elf_core, write_raw
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "linux-7.3-x86_64"
@@ -118,3 +119,11 @@ def test_the_full_shared_dump():
         assert list(test.folios) == [(int(folios[i], 16), int(folios[i + 1])) for i in range(0, len(folios), 2)]
         with open_dump(FIXTURE) as fixture:  # the fixture keeps every page the handover references
             assert np.array_equal(referenced_pages(found, 4096), referenced_pages(fixture.handover(), 4096))
+
+
+def test_the_guests_ram_ranges():
+    """RAM as the guest's e820 map gave it (/proc/iomem style, END inclusive)."""
+    ram = parse_ranges("0x1000-0x9fbff, 0x100000-0x1ffdffff")
+    with open_dump(FIXTURE, ram=ram) as dump:
+        assert [(b.start, b.end) for b in dump.memory.banks] == [(0x1000, 0x9f000), (0x100000, 0x1ffe0000)]
+        check_real_handover(dump.handover())

@@ -30,6 +30,7 @@ from kho.errors import KHOError
 from kho.handover.imagefile import IMAGE_MAGIC, LoadedImage, load_image
 from kho.memory.geometry import PageGeometry
 from kho.memory.physical import Bank, PhysicalMemory
+from kho.sizes import parse_size
 
 #: A kho image starts with a msgpack map (fixmap, map 16, map 32) whose first value is the magic.
 IMAGE_MAP_MARKERS = tuple(bytes([0x80 | n]) for n in range(16)) + (b"\xde", b"\xdf")
@@ -116,16 +117,45 @@ def is_image(head: bytes) -> bool:
     return head[:1] in IMAGE_MAP_MARKERS and IMAGE_MAGIC_BYTES in head[:32]
 
 
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """RAM ranges from ``START-END`` (END inclusive, as ``/proc/iomem`` and the kernel's e820
+    lines print them) or ``START+SIZE`` items, comma-separated; numbers in any base Python
+    reads (``0x...``), a size also with a K/M/G/T suffix.  Returns ``(start, size)`` pairs in
+    bytes; KHOError(EINVAL) for anything else.  O(items)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "+" in item:
+                start, size = item.split("+", 1)
+                out.append((int(start, 0), parse_size(size.strip())))
+            elif "-" in item:
+                start, last = item.split("-", 1)
+                out.append((int(start, 0), int(last, 0) + 1 - int(start, 0)))
+            else:
+                raise ValueError(item)
+        except (ValueError, KHOError):
+            raise KHOError("EINVAL", f"RAM range {item!r} is neither START-END nor START+SIZE") from None
+        if out[-1][0] < 0 or out[-1][1] <= 0:
+            raise KHOError("EINVAL", f"RAM range {item!r} is empty")
+    return out
+
+
 def _banks(source: Source, ram: Sequence | None, page_size: int) -> list[Bank]:
     """The RAM banks: the source's extents, or ``ram`` (``(start, size)`` pairs or Banks in
-    bytes), each inside one extent (KHOError(EINVAL) otherwise)."""
+    bytes, shrunk to whole pages), each inside one extent (KHOError(EINVAL) otherwise)."""
     if ram is None:
         return [Bank(start, end - start) for start, end in source.extents]
-    banks = [r if isinstance(r, Bank) else Bank(*r) for r in ram]
-    for bank in banks:
-        if not any(start <= bank.start and bank.end <= end for start, end in source.extents):
+    banks = []
+    for r in ram:
+        start, size = (r.start, r.size) if isinstance(r, Bank) else r
+        lo, hi = -(-start // page_size) * page_size, (start + size) // page_size * page_size
+        if hi <= lo:
+            raise KHOError("EINVAL", f"RAM range {start:#x}+{size:#x} holds no whole {page_size}-byte page")
+        if not any(s <= lo and hi <= e for s, e in source.extents):
             covered = ", ".join(f"{s:#x}-{e:#x}" for s, e in source.extents)
-            raise KHOError("EINVAL", f"RAM range {bank.start:#x}+{bank.size:#x} is not inside the dump ({covered})")
+            raise KHOError("EINVAL", f"RAM range {start:#x}+{size:#x} is not inside the dump ({covered})")
+        banks.append(Bank(lo, hi - lo))
     return banks
 
 
