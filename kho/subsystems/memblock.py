@@ -57,8 +57,9 @@ class Memblock:
     regions: tuple[ReservedRegion, ...]
 
     def referenced_ranges(self) -> list[Range]:
+        """The FDT blob and every non-empty region."""
         return ([Range(self.phys, self.size, f"{MEMBLOCK_KHO_FDT} FDT")]
-                + [Range(r.start, r.size, f"reserve_mem {r.name}") for r in self.regions])
+                + [Range(r.start, r.size, f"reserve_mem {r.name}") for r in self.regions if r.size])
 
     def to_json(self) -> dict:
         return {"compatible": MEMBLOCK_KHO_NODE_COMPATIBLE, "regions": [r.to_json() for r in self.regions]}

@@ -30,6 +30,7 @@ from kho.handover.scratch_array import pack_scratch_array
 from kho.memory.physical import ScratchArea
 
 from .samples import PS, SCRATCH, encode_map, handover_allocator, machine, tracker
+from .subnodes import SUBNODE_SEEDS
 from .targets import TARGETS
 
 KINDS = ("mixed", "folio", "patch", "empty")
@@ -118,6 +119,8 @@ def seeds(target: str) -> list[bytes]:
             save_image(buf, h)
             out.append(buf.getvalue())
         return out
+    if target in SUBNODE_SEEDS:  # the sub-nodes a 7.3 kernel writes
+        return SUBNODE_SEEDS[target]()
     raise KeyError(target)
 
 

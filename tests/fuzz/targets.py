@@ -33,6 +33,8 @@ from kho.handover.scratch_array import read_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 from .samples import ARENA, ARENA_PAGES, MAX_MAP_INPUT, PS, load_map, machine
+from .subnodes import (MAX_SUBNODE_INPUT, kexec_metadata_target, kho_test_target, luo_target, memblock_target,
+                       memfd_target)
 
 #: Both decoding modes, strict first.
 MODES = (True, False)
@@ -259,4 +261,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("image", image_target, MAX_IMAGE_INPUT),
     Target("dump", dump_target, MAX_IMAGE_INPUT),
     Target("debugfs", debugfs_target, MAX_BLOB_INPUT),
+    Target("kexec-metadata", kexec_metadata_target, MAX_SUBNODE_INPUT),
+    Target("memblock", memblock_target, MAX_SUBNODE_INPUT),
+    Target("kho-test", kho_test_target, MAX_SUBNODE_INPUT),
+    Target("luo", luo_target, MAX_SUBNODE_INPUT),
+    Target("memfd", memfd_target, MAX_SUBNODE_INPUT),
 )}
