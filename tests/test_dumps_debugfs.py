@@ -1,5 +1,6 @@
 """kho.dumps on debugfs kho/out and kho/in directories, including the truncated out/fdt."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -118,3 +119,11 @@ def test_real_kernel_debugfs(tmp_path):
     assert found.fdt.subtrees() == {"kexec-metadata": 0x34a000, "kho_test": 0x2fc000, "LUO": 0x3563000,
                                     "memblock": 0x2de1000}
     assert {n.name: n.size for n in found.subnodes} == {"kexec-metadata": 73, "kho_test": 240, "LUO": 32, "memblock": 214}
+
+
+def test_debugfs_json(kernel_out, tmp_path):
+    _, blob, blobs = kernel_out
+    found = read_debugfs(debugfs_dir(tmp_path / "out", blob[:len(blob) - 60], blobs)).to_json()
+    assert found["source"]["format"] == "debugfs" and found["truncated"] and found["totalsize"] == len(blob)
+    assert found["partial"][0]["node"] == "/" and {s["name"] for s in found["subtrees"]} == set(blobs)
+    assert json.loads(json.dumps(found)) == found

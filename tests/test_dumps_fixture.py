@@ -2,6 +2,7 @@
 dump (always), as zstd, raw and ELF core, with a stale FDT added; and the full shared dump
 (where ``../shared`` is)."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -127,3 +128,13 @@ def test_the_guests_ram_ranges():
     with open_dump(FIXTURE, ram=ram) as dump:
         assert [(b.start, b.end) for b in dump.memory.banks] == [(0x1000, 0x9f000), (0x100000, 0x1ffe0000)]
         check_real_handover(dump.handover())
+
+
+def test_json_of_the_real_handover(fixture_dump):
+    found = json.loads(json.dumps({"source": fixture_dump.source_json(), **fixture_dump.handover().to_json()}))
+    assert found["source"]["format"] == "zstd" and (found["fdt_phys"], found["compatible"]) == (FDT_PHYS, "kho-v4")
+    assert found["units_by_order"] == {str(k): v for k, v in ORDER_COUNTS.items()} and found["map_pages"] == 50
+    assert [(s["name"], s["format"], s["size"]) for s in found["subtrees"]] == [
+        ("memblock", "fdt", 214), ("LUO", "binary", 32), ("kho_test", "fdt", 240), ("kexec-metadata", "binary", 73)]
+    assert found["subtrees"][3]["decoded"] == {"version": 1, "previous_release": "7.3.0-rc7", "kexec_count": 1}
+    assert [c["kind"] for c in found["candidates"]] == ["other", "kho", "other"] and found["handoff"] is None

@@ -78,6 +78,15 @@ class DebugfsHandover:
     notes: list[str]
     format: str = "debugfs"
 
+    def to_json(self) -> dict:
+        """``source`` (``format`` debugfs), ``compatible``, ``truncated``, ``fdt_bytes`` and
+        ``totalsize``, ``partial`` (when truncated), ``subtrees``, ``scratch``, ``notes``."""
+        return {"source": {"path": self.path, "format": self.format}, "compatible": self.compatible,
+                "truncated": self.truncated, "fdt_bytes": len(self.fdt_bytes), "totalsize": self.totalsize,
+                "partial": [{"node": n.name, "props": {k: v.hex() for k, v in n.props.items()}} for n in self.partial],
+                "subtrees": [n.to_json() for n in self.subnodes],
+                "scratch": [{"addr": a.addr, "size": a.size, "kind": a.kind} for a in self.scratch], "notes": self.notes}
+
 
 def _read(path: str) -> bytes:
     size = os.path.getsize(path)

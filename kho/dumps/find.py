@@ -72,6 +72,11 @@ class FdtCandidate:
     def decodes(self) -> bool:
         return self.decoded is not None
 
+    def to_json(self) -> dict:
+        return {"phys": self.phys, "size": self.size, "kind": self.kind, "compatible": self.compatible,
+                "decodes": self.decodes, "units": None if self.decoded is None else len(self.decoded),
+                "error": self.error}
+
 
 @dataclass
 class Handoff:
@@ -84,6 +89,10 @@ class Handoff:
     scratch_size: int
     source: str
 
+    def to_json(self) -> dict:
+        return {"fdt_addr": self.fdt_addr, "fdt_size": self.fdt_size, "scratch_addr": self.scratch_addr,
+                "scratch_size": self.scratch_size, "source": self.source}
+
 
 @dataclass
 class BootParams:
@@ -95,6 +104,11 @@ class BootParams:
     e820_ram: list[tuple[int, int]]
     handoff: Handoff | None = None
     error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"phys": self.phys, "setup_data": [{"phys": p, "type": t, "len": n} for p, t, n in self.setup_data],
+                "e820_ram": [{"start": s, "size": n} for s, n in self.e820_ram],
+                "handoff": None if self.handoff is None else self.handoff.to_json(), "error": self.error}
 
 
 @dataclass
@@ -113,6 +127,13 @@ class SubNode:
     compatible: str | None = None
     error: str | None = None
     decoded: object | None = None
+
+    def to_json(self) -> dict:
+        """``name``, ``phys``, ``size``, ``format``, ``compatible``, ``decoded`` (the reader's
+        JSON or None) and ``error``."""
+        return {"name": self.name, "phys": self.phys, "size": self.size, "format": self.format,
+                "compatible": self.compatible, "decoded": None if self.decoded is None else self.decoded.to_json(),
+                "error": self.error}
 
 
 @dataclass
@@ -137,6 +158,21 @@ class DumpHandover:
     def units(self) -> list[tuple[int, int]]:
         """``(phys, order)`` of every preserved unit, by address."""
         return self.decoded.units()
+
+    def to_json(self) -> dict:
+        """Everything found, JSON-ready (spec/dumps.md): ``fdt_phys``, ``fdt_size``, ``compatible``,
+        ``encoding``, ``units``, ``units_by_order`` (order -> count), ``map_pages``, ``subtrees``,
+        ``scratch``, ``handoff``, ``boot_params``, ``candidates``, ``notes``."""
+        orders, counts = np.unique(self.decoded.order, return_counts=True)
+        return {"fdt_phys": self.fdt_phys, "fdt_size": self.fdt_size, "compatible": self.compatible,
+                "encoding": self.encoding, "units": len(self.decoded),
+                "units_by_order": {str(o): int(c) for o, c in zip(orders.tolist(), counts.tolist())},
+                "map_pages": int(self.decoded.metadata_pages.size),
+                "subtrees": [n.to_json() for n in self.subnodes],
+                "scratch": [{"addr": a.addr, "size": a.size, "kind": a.kind} for a in self.scratch],
+                "handoff": None if self.handoff is None else self.handoff.to_json(),
+                "boot_params": [b.to_json() for b in self.boot_params],
+                "candidates": [c.to_json() for c in self.candidates], "notes": self.notes}
 
 
 # -- reading FDTs ------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class Dump:
     def page_size(self) -> int:
         return self.memory.page_size
 
+    def source_json(self) -> dict:
+        """``path``, ``format`` (raw, zstd, elf, kho) and ``description``."""
+        return {"path": self.path, "format": self.format, "description": self.description}
+
     def scan(self) -> PageScan:
         """Page starts holding an FDT or an x86 boot_params (scanned once, O(dump data))."""
         return self.source.scan()
