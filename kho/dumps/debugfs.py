@@ -167,9 +167,10 @@ def _scratch(path: str, notes: list[str]) -> list[ScratchArea]:
     return [ScratchArea(a, s, scratch_kind(i)) for i, (a, s) in enumerate(zip(addrs, sizes))]
 
 
-def read_debugfs(path: str) -> DebugfsHandover:
+def read_debugfs(path: str | os.PathLike) -> DebugfsHandover:
     """Read a ``kho/out`` or ``kho/in`` directory (see the module docstring).  KHOFormatError
     when it has no ``fdt`` file or the file is not an FDT at all."""
+    path = os.fspath(path)
     fdt_path = os.path.join(path, FDT_FILE)
     if not os.path.isfile(fdt_path):
         raise KHOFormatError("debugfs", f"{path}: a directory without an '{FDT_FILE}' file is not debugfs kho/out "
