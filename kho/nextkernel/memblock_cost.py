@@ -89,11 +89,9 @@ def radix_pages(phys: np.ndarray, order: np.ndarray, page_shift: int = 12) -> in
     geo = RadixGeometry(page_shift)
     order = np.asarray(order, dtype=np.uint64)
     keys = (np.uint64(1) << (np.uint64(geo.order0_log2) - order)) | (np.asarray(phys, np.uint64) >> (np.uint64(page_shift) + order))
-    total = 0
-    for level in range(geo.depth):
-        shift = geo.bitmap_log2 + level * geo.table_log2
-        total += int(np.unique(keys >> np.uint64(min(shift, 63))).size) if shift < 64 else 1
-    return total
+    # a node on level l holds the keys sharing key >> (BITMAP_LOG2 + l * TABLE_LOG2); the root's shift is below 64
+    return sum(int(np.unique(keys >> np.uint64(geo.bitmap_log2 + level * geo.table_log2)).size)
+               for level in range(geo.depth))
 
 
 @dataclass(frozen=True)
