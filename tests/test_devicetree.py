@@ -287,14 +287,25 @@ def test_scratch_array_round_trip():
     assert read_scratch_array(m, 0x5000, size) == areas
 
 
-@pytest.mark.parametrize("entries, size, field", [
+SCRATCH_ERRORS = [
     ([(0x200000, 0x200000)], 20, "scratch.size"),
     ([(0x200000, 0x200000)], 0, "scratch.size"),
     ([(0x200100, 0x200000)], 16, "scratch.area"),
-    ([(0x200000, 0)], 16, "scratch.area"),
+    ([(0x200000, 0)], 16, "scratch.size"),  # an empty entry is skipped: no area is left
     ([(60 << 20, 8 << 20)], 16, "scratch.area"),  # crosses the end of bank 0
     ([(0x200000, 0x200000), (0x300000, 0x200000)], 32, "scratch.area"),
-])
+]
+
+
+def test_scratch_array_skips_empty_entries():
+    """The kernel writes lowmem at index 0 and global at 1 even when one came out empty."""
+    m = memory()
+    m.write(0x5000, struct.pack("<QQ", 0x200000, 0x200000) + struct.pack("<QQ", 0, 0) + struct.pack("<QQ", 0x600000, 0x200000))
+    areas = read_scratch_array(m, 0x5000, 48)
+    assert [(a.addr, a.kind) for a in areas] == [(0x200000, "lowmem"), (0x600000, "node0")]
+
+
+@pytest.mark.parametrize("entries, size, field", SCRATCH_ERRORS)
 def test_scratch_array_errors(entries, size, field):
     m = memory()
     m.write(0x5000, b"".join(struct.pack("<QQ", a, s) for a, s in entries))

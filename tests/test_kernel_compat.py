@@ -79,9 +79,9 @@ def test_v2_order_above_max_page_order():
         memory.write(node + 8 * g.table_index(key, level), u64(child))
     bit = g.bitmap_index(key)
     memory.write(pages[-1] + bit // 8, bytes([1 << (bit % 8)]))
-    err, decoded = both("kho-v2", memory, {MAP: u64(pages[0])})
-    assert err.field == "radix.key"
-    assert decoded.units() == [(1 << 30, 18)]
+    # Linux 7.x writes such units (kho_preserve_pages does not cap its split): both modes keep it.
+    for strict in (True, False):
+        assert get_encoding("kho-v2", PS).decode(memory, {MAP: u64(pages[0])}, strict=strict).units() == [(1 << 30, 18)]
 
 
 @pytest.mark.parametrize("encoding", ["kho-v1", "kho-v2"])

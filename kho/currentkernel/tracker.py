@@ -34,13 +34,11 @@ from typing import Iterator
 
 import numpy as np
 
+from kho.abi.kho_v1 import PRESERVE_BITS_6_16
 from kho.currentkernel.xarray import XA_NODE_BYTES, XArray
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split_array
 from kho.memory.physical import PhysicalMemory
-
-#: PRESERVE_BITS of Linux 6.16 (512-byte bitmaps).
-PRESERVE_BITS_6_16 = 4096
 
 
 @dataclass(frozen=True)

@@ -179,11 +179,12 @@ def check_distinct(phys: np.ndarray, field: str, what: str) -> None:
 
 
 # -- units -------------------------------------------------------------------------------------
-def max_unit_order(memory: PhysicalMemory, strict: bool) -> int:
-    """The largest order a decoded unit may have: MAX_PAGE_ORDER when ``strict``; else the
-    largest unit that fits in the 52-bit physical address space (a kernel reads and
-    reserves units above MAX_PAGE_ORDER, which only its restore refuses).  O(1)."""
-    return memory.geometry.max_order if strict else PHYS_ADDR_BITS - memory.page_shift
+def max_unit_order(memory: PhysicalMemory, strict: bool, capped: bool = True) -> int:
+    """The largest order a decoded unit may have: MAX_PAGE_ORDER when ``strict`` and the
+    format's writers cap their units (``capped``); else the largest unit that fits in the
+    52-bit physical address space (a kernel reads and reserves units above MAX_PAGE_ORDER,
+    which only its restore refuses; Linux 7.x writes them).  O(1)."""
+    return memory.geometry.max_order if strict and capped else PHYS_ADDR_BITS - memory.page_shift
 
 
 def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarray, page_shift: int,
@@ -235,10 +236,11 @@ def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarr
 
 
 def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, field: str = "unit",
-                locate: Callable[[int], int | None] | None = None, *, strict: bool = True) -> None:
+                locate: Callable[[int], int | None] | None = None, *, strict: bool = True, capped: bool = True) -> None:
     """KHOFormatError unless the units ``(phys, order)``, sorted by phys, are valid.
 
-    Both modes: every order at most :func:`max_unit_order`, every unit inside one RAM
+    Both modes: every order at most :func:`max_unit_order` (``capped``: the format's writers
+    never exceed MAX_PAGE_ORDER), every unit inside one RAM
     bank.  ``strict`` adds: no unit overlapping (or repeating) the one before it, none
     meeting a scratch area.  ``locate(i)`` gives the address where unit ``i`` was read, for
     the error (default: the unit's own phys).  O(n) numpy for orders and overlaps, then
@@ -252,10 +254,10 @@ def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, fie
     def fail(i: int, message: str) -> None:
         raise KHOFormatError(field, f"unit {int(phys[i]):#x} order {int(order[i])}: {message}", locate(i))
 
-    limit = max_unit_order(memory, strict)
+    limit = max_unit_order(memory, strict, capped)
     top = int(order.max())
     if top > limit:
-        fail(int(np.argmax(order > limit)), f"above MAX_PAGE_ORDER {limit}" if strict
+        fail(int(np.argmax(order > limit)), f"above MAX_PAGE_ORDER {limit}" if strict and capped
              else f"too large for the {PHYS_ADDR_BITS}-bit physical address space")
     if not strict:
         outside = ~memory.in_ram_array(phys, np.left_shift(np.uint64(memory.page_size), order.astype(np.uint64)))
@@ -307,7 +309,7 @@ def check_metadata_disjoint(memory: PhysicalMemory, pages: np.ndarray, phys: np.
 
 def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, metadata: np.ndarray, *,
                  strict: bool = True, field: str = "unit", metadata_field: str = "metadata",
-                 exact_orders: bool = True) -> DecodedMap:
+                 exact_orders: bool = True, capped: bool = True) -> DecodedMap:
     """Sort decoded units by address, validate them (:func:`check_units`; when ``strict``
     also :func:`check_metadata_disjoint` for the ``metadata`` pages) and return the map.
 
@@ -320,7 +322,7 @@ def finish_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, me
         sort = np.argsort(phys, kind="stable")
         phys, order = phys[sort], order[sort]
     metadata = np.unique(np.asarray(metadata, dtype=np.uint64))
-    check_units(memory, phys, order, field, strict=strict)
+    check_units(memory, phys, order, field, strict=strict, capped=capped)
     if strict:
         check_metadata_disjoint(memory, metadata, phys, order, metadata_field)
     return DecodedMap(phys, order, exact_orders, metadata)

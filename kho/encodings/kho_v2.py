@@ -43,6 +43,7 @@ import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME, KHO_KEY_BITS, RadixGeometry
 from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.radix_tracker import RadixTracker
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import pack_u64
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
@@ -65,16 +66,23 @@ from kho.memory.physical import PhysicalMemory
 
 @register
 class KhoV2(Encoding):
-    """The kho-v2 radix tree."""
+    """The kho-v2 radix tree (Linux 7.1).  ``depth_fix``: the ``KHO_TREE_MAX_DEPTH`` formula
+    (only 16 KiB pages tell them apart); the kernel that wrote the map decides it."""
 
     name = "kho-v2"
     compatible = "kho-v2"
     keeps_orders = True
+    #: Whether the kernels writing this ABI had the depth fix, when not told otherwise.
+    default_depth_fix = False
 
-    def __init__(self, page_size: int = 4096, **options):
+    def __init__(self, page_size: int = 4096, depth_fix: bool | None = None, **options):
         super().__init__(page_size, **options)
-        self.geometry = RadixGeometry(page_size.bit_length() - 1)
+        self.depth_fix = self.default_depth_fix if depth_fix is None else bool(depth_fix)
+        self.geometry = RadixGeometry(page_size.bit_length() - 1, self.depth_fix)
         self.slots = page_size // 8
+
+    def options(self) -> dict:
+        return {} if self.depth_fix == self.default_depth_fix else {"depth_fix": self.depth_fix}
 
     # -- encode ------------------------------------------------------------------------------
     def leaf_keys(self, tracker: Tracker) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +101,7 @@ class KhoV2(Encoding):
         sort = np.argsort(keys_arr, kind="stable")
         return keys_arr[sort], maps_arr[sort]
 
-    def encode(self, tracker: Tracker, allocator: PageAllocator) -> EncodedMap:
+    def encode(self, tracker: Tracker | RadixTracker, allocator: PageAllocator) -> EncodedMap:
         """Write the radix tree for ``tracker`` into ``tracker.memory``.
 
         Pages: the leaves plus, per level, one node per distinct key prefix (5 inner nodes
@@ -102,6 +110,8 @@ class KhoV2(Encoding):
         """
         memory = tracker.memory
         check_page_size(self.name, self.page_size, memory)
+        if isinstance(tracker, RadixTracker):
+            return self._live_map(tracker)
         g = self.geometry
         leaf_key, leaves = self.leaf_keys(tracker)
         lost = (leaf_key >> np.uint64(g.root_level * g.table_log2)) != 0
@@ -180,7 +190,7 @@ class KhoV2(Encoding):
             check_distinct(np.concatenate(visited), field, "a radix tree page")
         leaf_phys, leaf_key = node_phys, node_prefix
         order = g.leaf_order_array(leaf_key)
-        limit = max_unit_order(memory, strict)
+        limit = max_unit_order(memory, strict, capped=False)
         bad = (leaf_key == 0) | (order < 0) | (order > limit)
         if bad.any():
             i = int(np.argmax(bad))
@@ -195,4 +205,32 @@ class KhoV2(Encoding):
             order_parts.append(unit_order)
         phys = np.concatenate(phys_parts) if phys_parts else np.empty(0, np.uint64)
         unit_order = np.concatenate(order_parts) if order_parts else np.empty(0, np.uint8)
-        return finish_units(memory, phys, unit_order, np.concatenate(visited), strict=strict, metadata_field="radix.node")
+        return finish_units(memory, phys, unit_order, np.concatenate(visited), strict=strict, metadata_field="radix.node",
+                            capped=False)
+
+    def _live_map(self, tracker: RadixTracker) -> EncodedMap:
+        """A 7.x kernel's map needs no writing: the live radix tree is it.  EINVAL when the
+        tree was built with another depth formula.  O(nodes)."""
+        if tracker.geometry != self.geometry:
+            raise KHOError("EINVAL", f"{self.name} with depth_fix={self.depth_fix} cannot hand over a tree built "
+                                     f"with depth_fix={tracker.geometry.depth_fix}")
+        return EncodedMap(self.name, self.compatible, {KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(tracker.root_phys)},
+                          tracker.radix_pages(), self.page_size, self.options())
+
+
+@register
+class KhoV3(KhoV2):
+    """kho-v3 (Linux 7.2): the kho-v2 radix map; sub-nodes gain a required ``blob-size``."""
+
+    name = "kho-v3"
+    compatible = "kho-v3"
+    default_depth_fix = True
+
+
+@register
+class KhoV4(KhoV2):
+    """kho-v4 (Linux 7.3): the same root and map as kho-v3 (LUO's blocks are what changed)."""
+
+    name = "kho-v4"
+    compatible = "kho-v4"
+    default_depth_fix = True

@@ -1,28 +1,31 @@
-"""The running kernel's KHO subsystem: preserve memory, register sub-trees, finalize.
+"""The running kernel's KHO subsystem: preserve memory, register sub-trees, hand over.
 
-:class:`KHO` owns a :class:`~kho.currentkernel.tracker.Tracker` and the list of subsystem sub-trees;
-:meth:`KHO.finalize` freezes the tracker, has the chosen encoding write the preserved-memory
-map (metadata pages from the caller's allocator), builds the KHO root FDT and writes it and
-the scratch-area array into freshly allocated pages, and returns a :class:`Handover`: where
-everything is, for kexec (``boot_dtb()``) and for a handover image (``pages_to_keep()``).
+Two models, chosen by the kernel version (``kernel=``, :mod:`kho.abi.versions`):
 
-The allocator is anything with :class:`~kho.currentkernel.pagealloc.PageAllocator`'s ``alloc_pages(order)``
-and ``free_pages(phys, order)``: the first kernel's page allocator or, for a chained kexec,
-the next kernel's buddy allocator.  Only those two methods are used.
+* **Linux 7.1 and later (stateless)**: a :class:`~kho.currentkernel.radix_tracker.RadixTracker`
+  is tracker and map at once; the root FDT page is allocated and preserved when KHO starts
+  (an order-0 unit at its own address) and kept live: every :meth:`KHO.add_subtree` /
+  :meth:`KHO.remove_subtree` rewrites it as libfdt does (:meth:`~kho.devicetree.khofdt.KHOFdt.page_image`).
+  :meth:`KHO.finalize` only does what kexec load does for KHO (``kho_fill_kimage``): place
+  the scratch-area array as a segment at the top of the first scratch area that holds it,
+  64 KiB aligned, and say where everything is.  It may be called again; nothing freezes.
+* **Linux 6.16 .. 7.0, and kho's encoding comparisons** (an ``encoding`` given without a
+  ``kernel``): a :class:`~kho.currentkernel.tracker.Tracker` of per-order bitmaps;
+  :meth:`KHO.finalize` freezes it, has the encoding write the map (metadata pages from the
+  allocator), builds the root FDT and writes it and the scratch-area array into freshly
+  allocated pages.  The FDT is not preserved, as in 6.16: the next kernel reads it (like
+  the map's pages) before anything can overwrite it.  The root FDT must fit in one page for
+  the kernel ABIs; for kho's other encodings (whose root properties may be large) it may
+  take up to a MAX_PAGE_ORDER block.
 
-Model choices (see spec/kho-abi.md):
+Either way :meth:`KHO.finalize` returns a :class:`Handover`: where everything is, for kexec
+(``boot_dtb()``) and for a handover image (``pages_to_keep()``).  ``add_blob`` allocates a
+zeroed block of ``2**order`` pages like ``kho_alloc_preserve`` (E2BIG above MAX_PAGE_ORDER),
+preserves it and adds a sub-tree pointing at it with the blob's size in ``blob-size``.
 
-* The FDT lives in pages allocated outside scratch and is not itself preserved: like the
-  map's metadata pages, the next kernel reads it before anything can overwrite it.  (Recent
-  kernels preserve the FDT page; 6.16 did not.)
-* The root FDT must fit in one page for the kernel ABIs (kho-v1, kho-v2), as in the kernel;
-  for kho's other encodings (whose root properties may be large) it may take up to a
-  MAX_PAGE_ORDER block, allocated as one naturally aligned unit.
-* The scratch-area array (``struct kho_scratch`` per area, in ``memory.scratch`` order)
-  is written into its own page(s); the kernel passes it as a kexec segment.
-* ``add_blob`` allocates a zeroed block of ``2**order`` pages like ``kho_alloc_preserve``
-  (E2BIG above MAX_PAGE_ORDER), preserves it and adds a sub-tree pointing at it with the
-  blob's size in ``blob-size``.
+The allocator is anything with :class:`~kho.currentkernel.pagealloc.PageAllocator`'s
+``alloc_pages(order)`` and ``free_pages(phys, order)``: the first kernel's page allocator
+or, for a chained kexec, the next kernel's buddy allocator.
 
 Every failing call changes nothing: pages taken are freed and writes discarded.
 """
@@ -34,12 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.abi.versions import DEFAULT_KERNEL, KernelVersion, kernel_version
+from kho.currentkernel.radix_tracker import RadixTracker
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree import KERNEL_COMPATIBLES, ChosenKHO, KHOFdt, build_boot_dtb
 from kho.devicetree.layout import pack_u64
 from kho.encodings import EncodedMap, get_encoding
 from kho.errors import KHOError
-from kho.handover.scratch_array import pack_scratch_array, write_scratch_array
+from kho.handover.scratch_array import kernel_order, pack_scratch_array, write_scratch_array
 from kho.memory.physical import PhysicalMemory
 
 
@@ -82,35 +87,75 @@ class Handover(ChosenKHO):
         return np.unique(np.concatenate([fdt_pages, scratch_pages, self.encoded.metadata_pages.astype(np.uint64)]))
 
 
+#: Alignment of the scratch-array kexec segment (``kho_fill_kimage``: "makes it easier to map").
+SCRATCH_ARRAY_ALIGN = 64 << 10
+
+
 class KHO:
     """The current kernel's KHO: a tracker, sub-trees, and :meth:`finalize`.
 
-    ``encoding``: a registered encoding name (kho-v1, kho-v2, ...) with ``encoding_options``
-    (e.g. ``bitmap_bytes=512`` for kho-v1); ``preserve_bits`` and ``strict`` configure the
-    tracker.
+    ``kernel``: the version modelled (``"6.16"`` .. ``"7.3"``, see :mod:`kho.abi.versions`);
+    ``encoding``: a registered encoding name (kho-v1 .. kho-v4, maple, ranges, ...), by
+    default the one ``kernel`` writes, with ``encoding_options`` (e.g. ``bitmap_bytes=512``
+    for kho-v1).  Neither given: the default kernel (:data:`~kho.abi.versions.DEFAULT_KERNEL`).
+    An encoding given without a kernel: kho's encode-at-finalize model with a 6.16 tracker.
+    The stateless (live) model runs when the kernel is 7.1 or later and the encoding is the
+    one it writes.  ``preserve_bits`` (6.16-style tracker) and ``strict`` configure the tracker.
     """
 
-    def __init__(self, memory: PhysicalMemory, allocator, encoding: str = "kho-v2", *,
-                 preserve_bits: int | str = "page", strict: bool = True, **encoding_options):
+    def __init__(self, memory: PhysicalMemory, allocator, encoding: str | None = None, *, kernel: str | None = None,
+                 preserve_bits: int | str | None = None, strict: bool = True, **encoding_options):
         self.memory = memory
         self.allocator = allocator
+        self.kernel: KernelVersion | None = (kernel_version(DEFAULT_KERNEL if kernel is None else kernel)
+                                             if kernel is not None or encoding is None else None)
+        if encoding is None:
+            encoding = self.kernel.compatible
+        writes_it = self.kernel is not None and encoding == self.kernel.compatible
+        if writes_it and self.kernel.radix_depth_fix is not None:
+            encoding_options.setdefault("depth_fix", self.kernel.radix_depth_fix)
+        if writes_it and self.kernel.preserve_bits is not None:
+            encoding_options.setdefault("bitmap_bytes", self.kernel.bitmap_bytes(memory.page_size))
+            preserve_bits = self.kernel.preserve_bits if preserve_bits is None else preserve_bits
         self.encoding = get_encoding(encoding, memory.page_size, **encoding_options)
-        self.tracker = Tracker(memory, preserve_bits, strict=strict)
+        self.live = writes_it and self.kernel.stateless
+        self._subtrees: list[tuple[str, int, int | None]] = []  # in the order added
+        self._blobs: dict[str, tuple[int, int]] = {}  # name -> (phys, order) of add_blob blocks
+        self.handover: Handover | None = None
         if self.encoding.compatible in KERNEL_COMPATIBLES:
             self.fdt_max_size = memory.page_size
         else:
             self.fdt_max_size = memory.page_size << memory.geometry.max_order
-        self._subtrees: list[tuple[str, int, int | None]] = []  # in the order added
-        self._blobs: dict[str, tuple[int, int]] = {}  # name -> (phys, order) of add_blob blocks
-        self.handover: Handover | None = None
-        self._fdt = self._new_fdt({KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(0)})  # tracks names and size as sub-trees come
+        if not self.live:
+            self.tracker = Tracker(memory, "page" if preserve_bits is None else preserve_bits, strict=strict)
+            self._fdt = self._new_fdt({KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(0)})  # names and size as sub-trees come
+            return
+        # kho_init: the radix root, then the FDT page (kho_alloc_preserve), then the FDT in it.
+        self.tracker = RadixTracker(memory, allocator, strict=strict, depth_fix=self.encoding.depth_fix)
+        try:
+            self.fdt_phys = allocator.alloc_pages(0)
+        except KHOError:
+            allocator.free_pages(self.tracker.root_phys, 0)
+            raise
+        try:
+            self.tracker.preserve_folio(self.fdt_phys, 0)
+        except KHOError:
+            allocator.free_pages(self.fdt_phys, 0)
+            allocator.free_pages(self.tracker.root_phys, 0)
+            raise
+        self._fdt = self._new_fdt({KHO_FDT_MEMORY_MAP_PROP_NAME: pack_u64(self.tracker.root_phys)})
+        self._write_live_fdt()
+
+    def _write_live_fdt(self) -> None:
+        """Write the live FDT's page as libfdt leaves it.  O(page)."""
+        self.memory.write(self.fdt_phys, self._fdt.page_image())
 
     # -- sub-trees ---------------------------------------------------------------------------
     def _new_fdt(self, props: dict[str, bytes]) -> KHOFdt:
         return KHOFdt(self.encoding.compatible, props, page_size=self.memory.page_size, max_size=self.fdt_max_size)
 
     def _check_open(self) -> None:
-        if self.handover is not None:
+        if self.handover is not None and not self.live:
             raise KHOError("EBUSY", "KHO is finalized; the handover can no longer change")
 
     def add_subtree(self, name: str, phys: int, size: int | None = None) -> None:
@@ -119,12 +164,16 @@ class KHO:
         self._check_open()
         self._fdt.add_subtree(name, phys, size)
         self._subtrees.append((name, phys, size))
+        if self.live:
+            self._write_live_fdt()
 
     def remove_subtree(self, name: str) -> None:
         """Drop sub-tree ``name`` (ENOENT if absent); a blob from :meth:`add_blob` is unpreserved and freed."""
         self._check_open()
         self._fdt.remove_subtree(name)
         self._subtrees = [s for s in self._subtrees if s[0] != name]
+        if self.live:
+            self._write_live_fdt()
         blob = self._blobs.pop(name, None)
         if blob is not None:
             phys, order = blob
@@ -162,14 +211,19 @@ class KHO:
 
     # -- finalize ----------------------------------------------------------------------------
     def finalize(self) -> Handover:
-        """Freeze the tracker, encode the map, write the FDT and the scratch array.
+        """Hand over: the stateless model places the scratch array (see the module
+        docstring); the finalize model freezes the tracker, encodes the map, writes the FDT
+        and the scratch array.
 
-        EBUSY when already finalized; EINVAL without scratch areas; ENOMEM / E2BIG leave
-        everything as it was (the tracker open again, no page kept).
+        EBUSY when the finalize model is already finalized; EINVAL without scratch areas;
+        ENOMEM / E2BIG / EADDRNOTAVAIL leave everything as it was (the tracker open again,
+        no page kept).
         """
         self._check_open()
         if not self.memory.scratch:
             raise KHOError("EINVAL", "the machine has no scratch areas to hand over")
+        if self.live:
+            return self._load_live()
         ps = self.memory.page_size
         taken: list[tuple[int, int]] = []  # (phys, order) allocated here
         self.tracker.finalize()
@@ -202,3 +256,27 @@ class KHO:
         self.handover = Handover(fdt_phys, fdt_size, scratch_phys, scratch_size, memory=self.memory, encoding=self.encoding.name,
                                  options=self.encoding.options(), encoded=encoded, subtrees=fdt.subtrees())
         return self.handover
+
+    def _load_live(self) -> Handover:
+        """``kho_fill_kimage``: the scratch array as a segment placed top-down, 64 KiB
+        aligned, in the first scratch area (kernel order) with room off every preserved
+        page; the FDT handed over as one page.  EADDRNOTAVAIL when no area has room.
+        O(areas * units in them)."""
+        data = pack_scratch_array(self.memory.scratch)
+        phys = self._scratch_array_spot(len(data))
+        self.memory.write(phys, data)
+        encoded = self.encoding.encode(self.tracker, self.allocator)
+        self.handover = Handover(self.fdt_phys, self.memory.page_size, phys, len(data), memory=self.memory,
+                                 encoding=self.encoding.name, options=self.encoding.options(), encoded=encoded,
+                                 subtrees=self._fdt.subtrees())
+        return self.handover
+
+    def _scratch_array_spot(self, size: int) -> int:
+        for area in kernel_order(self.memory.scratch):
+            top = (area.end - size) // SCRATCH_ARRAY_ALIGN * SCRATCH_ARRAY_ALIGN
+            while top >= area.addr:
+                if not self.tracker.is_preserved_array(np.arange(top, top + size, self.memory.page_size,
+                                                                 dtype=np.uint64)).any():
+                    return top
+                top -= SCRATCH_ARRAY_ALIGN
+        raise KHOError("EADDRNOTAVAIL", f"no scratch area has room for the {size}-byte scratch array")

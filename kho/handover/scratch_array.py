@@ -1,7 +1,10 @@
 """The scratch-area array handed to the next kernel: ``struct kho_scratch`` entries.
 
 The kernel writes one entry per area, 16 bytes each (:data:`~kho.abi.kexec_handover.KHO_SCRATCH_DTYPE`,
-little-endian), in its own order: lowmem, global, then one per NUMA node.  The boot DTB's
+little-endian), in its own order: index 0 lowmem, 1 global, then one per NUMA node with
+memory (``kho_scratch_cnt = nodes + 2``), whatever their addresses.  An area whose size
+came out as zero (a scaled global area when all the kernel's memory is low) is written as
+an empty entry, which the next kernel's ``memblock_add`` of nothing ignores.  The boot DTB's
 ``/chosen/linux,kho-scratch`` (arm64) or x86 ``kho_data`` says where the array is.
 """
 
@@ -40,12 +43,12 @@ def kernel_order(areas: Sequence[ScratchArea]) -> list[ScratchArea]:
 
 
 def pack_scratch_array(areas: Sequence[ScratchArea]) -> bytes:
-    """``struct kho_scratch`` entries for ``areas`` in the kernel's order (:func:`kernel_order`), 16 bytes each."""
-    areas = kernel_order(areas)
-    table = np.zeros(len(areas), dtype=KHO_SCRATCH_DTYPE)
-    table["addr"] = [a.addr for a in areas]
-    table["size"] = [a.size for a in areas]
-    return table.tobytes()
+    """``struct kho_scratch`` entries for ``areas`` in the kernel's order (:func:`kernel_order`),
+    16 bytes each; a missing lowmem or global area is an empty entry at its index.  O(areas log areas)."""
+    ordered = kernel_order(areas)
+    fixed = [next(((a.addr, a.size) for a in ordered if a.kind == kind), (0, 0)) for kind in ("lowmem", "global")]
+    rest = [(a.addr, a.size) for a in ordered if a.kind not in ("lowmem", "global")]
+    return np.array(fixed + rest, dtype=np.uint64).astype("<u8").tobytes()
 
 
 def write_scratch_array(memory: PhysicalMemory, phys: int, areas: Sequence[ScratchArea]) -> int:
@@ -61,11 +64,12 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: 
 
     Both modes: at least one and at most :data:`MAX_SCRATCH_AREAS` entries, at least one
     non-empty area (the next kernel's early allocations need one), the array and every
-    non-empty area inside one RAM bank.  ``strict`` adds: ``size`` a whole number of
-    entries, every area non-empty, page-aligned and disjoint from the others (the array
-    itself may lie in one: kexec loads it as a segment, into scratch).  ``strict=False`` reads ``size // 16`` entries as the kernel does
-    (a partial tail is ignored) and drops empty areas (``memblock_add`` of nothing), taking
-    misaligned or overlapping areas as they are.  O(entries log entries)."""
+    non-empty area inside one RAM bank; empty entries are skipped (``memblock_add`` of
+    nothing).  ``strict`` adds: ``size`` a whole number of entries, every area page-aligned
+    and disjoint from the others (the array itself may lie in one: kexec loads it as a
+    segment, into scratch).  ``strict=False`` reads ``size // 16`` entries as the kernel does
+    (a partial tail is ignored), taking misaligned or overlapping areas as they are.
+    O(entries log entries)."""
     item = KHO_SCRATCH_DTYPE.itemsize
     count = size // item
     if count == 0 or (strict and size % item):
@@ -80,10 +84,10 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: 
     areas = []
     for i, (addr, length) in enumerate(zip(table["addr"].tolist(), table["size"].tolist())):
         at = phys + i * item
-        if strict and (length == 0 or not memory.geometry.is_aligned(addr) or not memory.geometry.is_aligned(length)):
-            raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is empty or not page-aligned", at)
         if length == 0:
             continue
+        if strict and (not memory.geometry.is_aligned(addr) or not memory.geometry.is_aligned(length)):
+            raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not page-aligned", at)
         if not memory.in_ram(addr, length):
             raise KHOFormatError("scratch.area", f"area {addr:#x}+{length:#x} is not inside one RAM bank", at)
         areas.append(ScratchArea(addr, length, known.get((addr, length), scratch_kind(i))))
