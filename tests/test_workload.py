@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kho.abi.kexec_handover import KHO_VMALLOC_DTYPE
 from kho.currentkernel.machine import Machine
 from kho.encodings import get_encoding
 from kho.errors import KHOError
@@ -59,7 +60,7 @@ def test_round_trip_restores_everything(abi):
     report = W.verify(next_kernel, machine.memory, work)
     assert report.ok, report.failures
     assert report.folios == work.nr_folios and report.folio_bytes == work.folio_bytes
-    assert report.vmalloc_pages == work.table.pages.size + work.data.pages.size
+    assert report.vmalloc_pages == work.table.total_pages + work.data.total_pages
     assert next_kernel.units == {}, "every preserved unit is restored (nothing leaked)"
 
 
@@ -72,8 +73,8 @@ def test_sub_fdt_is_the_kernel_self_test_shape():
     assert prop_bytes(tree.get_property("compatible")) == b"kho-test-v1\0"
     assert prop_bytes(tree.get_property("magic")) == (0x4B484F21).to_bytes(4, "little")
     assert int.from_bytes(prop_bytes(tree.get_property("nr_folios", "/data")), "little") == work.nr_folios
-    desc = np.frombuffer(prop_bytes(tree.get_property("folios_info", "/data")), dtype=W.KHO_VMALLOC_DTYPE)[0]
-    assert desc["total_pages"] == work.table.pages.size and desc["first"] == work.table.chunks[0]
+    desc = np.frombuffer(prop_bytes(tree.get_property("folios_info", "/data")), dtype=KHO_VMALLOC_DTYPE)[0]
+    assert desc["total_pages"] == work.table.total_pages and desc["first"] == work.table.chunks[0]
 
 
 @pytest.mark.parametrize("target", ["folio", "vmalloc", "table"])
@@ -84,9 +85,9 @@ def test_corruption_is_detected(target):
         phys = int(work.folio_phys[len(work.folio_phys) // 2])
         memory.write(phys + 100, b"\x5a")
     elif target == "vmalloc":
-        memory.write(int(work.data.pages[0]) + 7, b"\x00\x01")
+        memory.write(work.data.blocks[0] + 7, b"\x00\x01")
     else:  # the first record's digest in the folio table
-        memory.write(int(work.table.pages[0]) + 8, b"\xff" * 4)
+        memory.write(work.table.blocks[0] + 8, b"\xff" * 4)
     report = W.verify(Restorer(handover), memory, work)
     assert not report.ok
     assert any("mismatch" in f for f in report.failures)
@@ -102,8 +103,8 @@ def test_missing_subtree_is_a_failure_not_an_exception():
 
 def test_chunk_list_spans_several_pages():
     machine, kho, work, handover = handed_over(size=40 * MIB, pattern="random")
-    assert work.table.pages.size == 57  # 9,600 records of 24 bytes
-    assert work.data.pages.size == 640 and work.data.chunks.size == 2  # 640 pages > 511 a chunk
+    assert work.table.total_pages == 57  # 9,600 records of 24 bytes
+    assert work.data.total_pages == 640 and len(work.data.chunks) == 2  # 640 pages > 511 a chunk
     assert W.verify(Restorer(handover), machine.memory, work).ok
 
 

@@ -4,16 +4,17 @@ The running kernel allocates folios of random orders, fills them with random dat
 checksums them, keeps a table of them (``phys | order`` per folio, as the self-test does,
 plus the model's per-folio digest) in a *vmalloc-like area* — scattered order-0 pages
 preserved page by page and described by the kernel's ``struct kho_vmalloc`` and
-``kho_vmalloc_chunk`` pages — plus a second vmalloc area of random data, and describes
-all of it in a sub-FDT handed over as the blob ``kho_test``.
+``kho_vmalloc_chunk`` pages (:mod:`kho.subsystems.vmalloc`) — plus a second vmalloc area of
+random data, and describes all of it in a sub-FDT handed over as the blob ``kho_test``.
+This is kho's own richer format under the self-test's names, the 6.16-era workload;
+:mod:`kho.subsystems.kho_test` writes exactly what Linux 7.3's ``lib/test_kho.c`` writes.
 
 After the reboot, :func:`verify` uses only what was handed over: it retrieves the
 sub-FDT, restores the vmalloc areas and every folio through the next kernel's restore
 API, and recomputes every checksum.
 
-Layouts (defined once here): :data:`KHO_VMALLOC_DTYPE` (the kernel ABI), the chunk page
-(``u64 next`` then ``page_size/8 - 1`` u64 page addresses, zero-terminated when not full),
-:data:`FOLIO_INFO_DTYPE` (a table record).  Digests are BLAKE2b-128
+Layouts: the kernel's in :mod:`kho.abi` (``struct kho_vmalloc``, the self-test's names);
+kho's own here, :data:`FOLIO_INFO_DTYPE` (a table record).  Digests are BLAKE2b-128
 (:meth:`kho.memory.physical.PhysicalMemory.digest`); data is generated content
 (:meth:`~kho.memory.physical.PhysicalMemory.fill_pattern`), so large workloads cost little host memory.
 
@@ -28,19 +29,13 @@ from dataclasses import dataclass, field
 import fdt as fdtlib
 import numpy as np
 
+from kho.abi.test_kho import KHO_TEST_COMPAT, KHO_TEST_FDT, KHO_TEST_MAGIC
 from kho.devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
-from kho.errors import KHOError
+from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 from kho.simulation.preserved_sets import PATTERNS, generate
+from kho.subsystems.vmalloc import VmallocArea, preserve_vmalloc, read_vmalloc
 
-#: Sub-tree name, compatible and magic of the kernel's KHO self-test.
-KHO_TEST_FDT = "kho_test"
-KHO_TEST_COMPAT = "kho-test-v1"
-KHO_TEST_MAGIC = 0x4B484F21
-#: ``struct kho_vmalloc`` (include/linux/kho/abi/kexec_handover.h).
-KHO_VMALLOC_DTYPE = np.dtype([("first", "<u8"), ("total_pages", "<u4"), ("flags", "<u2"), ("order", "<u2")])
-#: Header of a ``kho_vmalloc_chunk`` page: the phys of the next chunk (0 ends the list).
-VMALLOC_CHUNK_HEADER = np.dtype([("next", "<u8")])
 #: One record of the folio table: the self-test's ``phys | order`` word and the folio's digest.
 FOLIO_INFO_DTYPE = np.dtype([("phys_order", "<u8"), ("digest", "u1", 16)])
 #: Bytes of a digest.
@@ -94,11 +89,6 @@ def _u32(value: int) -> bytes:
     return int(value).to_bytes(4, "little")
 
 
-def chunk_capacity(page_size: int) -> int:
-    """Page addresses one ``kho_vmalloc_chunk`` holds (511 with 4 KiB pages)."""
-    return (page_size - VMALLOC_CHUNK_HEADER.itemsize) // 8
-
-
 def _digest_pages(memory: PhysicalMemory, pages: np.ndarray) -> bytes:
     """Digest of the pages at ``pages`` read in that (virtual) order."""
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
@@ -107,51 +97,32 @@ def _digest_pages(memory: PhysicalMemory, pages: np.ndarray) -> bytes:
     return h.digest()
 
 
-@dataclass
-class VmallocArea:
-    """A vmalloc-like area: ``pages`` (phys, virtual order) and the chunk pages describing them."""
-
-    pages: np.ndarray
-    chunks: np.ndarray
-
-    def descriptor(self) -> bytes:
-        """The ``struct kho_vmalloc`` bytes (order-0 pages, flags 0)."""
-        desc = np.zeros(1, dtype=KHO_VMALLOC_DTYPE)
-        desc["first"] = self.chunks[0] if self.chunks.size else 0
-        desc["total_pages"] = self.pages.size
-        return desc.tobytes()
-
-
 def _vmalloc(memory: PhysicalMemory, allocator, tracker, nr_pages: int, data: bytes | None, seed: int | None,
              rng: np.random.Generator) -> VmallocArea:
-    """Allocate, fill (``data`` or generated content of ``seed``), describe and preserve a vmalloc area."""
+    """Allocate (scattered: virtual order is not physical order), fill (``data`` or
+    generated content of ``seed``) and preserve a vmalloc area of order-0 pages."""
     ps = memory.page_size
     pages = np.asarray(allocator.alloc_many(nr_pages, 0), dtype=np.uint64)
-    rng.shuffle(pages)  # virtual order is not physical order
-    cap = chunk_capacity(ps)
-    nr_chunks = -(-nr_pages // cap)
-    chunks = np.asarray(allocator.alloc_many(nr_chunks, 0), dtype=np.uint64)
-    rng.shuffle(chunks)
+    rng.shuffle(pages)
     for i, phys in enumerate(pages.tolist()):
         if data is not None:
             memory.write(phys, data[i * ps:(i + 1) * ps].ljust(ps, b"\0"))
         else:
             memory.fill_pattern(phys, ps, seed + i)
-    for i, phys in enumerate(chunks.tolist()):
-        chunk = np.zeros(ps // 8, dtype="<u8")
-        chunk[0] = chunks[i + 1] if i + 1 < nr_chunks else 0
-        part = pages[i * cap:(i + 1) * cap]
-        chunk[1:1 + part.size] = part
-        memory.write(phys, chunk.tobytes())
-    tracker.preserve_many(np.r_[pages, chunks], 0)
-    return VmallocArea(pages, chunks)
+    try:
+        return preserve_vmalloc(memory, allocator, tracker, pages)
+    except KHOError:
+        for phys in pages.tolist():
+            allocator.free_pages(phys, 0)
+        raise
 
 
 @dataclass
 class Workload:
     """What a workload created (for cross-checking; :func:`verify` does not rely on it).
 
-    ``folio_phys`` / ``folio_order``: the folios; ``table`` / ``data``: the vmalloc areas;
+    ``folio_phys`` / ``folio_order``: the folios; ``table`` / ``data``: the vmalloc areas
+    (:class:`~kho.subsystems.vmalloc.VmallocArea`);
     ``blob_phys``: the sub-FDT's block; sizes in bytes.
     """
 
@@ -179,8 +150,8 @@ class Workload:
     def preserved_pages(self) -> int:
         """Pages preserved by the workload (folios, both areas and their chunks, the blob block)."""
         blob_pages = 1 << max(0, (-(-self.blob_size // self.page_size) - 1).bit_length())
-        return (self.folio_bytes // self.page_size + self.table.pages.size + self.table.chunks.size
-                + self.data.pages.size + self.data.chunks.size + blob_pages)
+        return (self.folio_bytes // self.page_size + self.table.total_pages + len(self.table.chunks)
+                + self.data.total_pages + len(self.data.chunks) + blob_pages)
 
 
 def create(kho, allocator, size: int, pattern: str = SELFTEST, seed: int = 0) -> Workload:
@@ -221,7 +192,7 @@ def create(kho, allocator, size: int, pattern: str = SELFTEST, seed: int = 0) ->
     table_bytes = records.tobytes()
     table = _vmalloc(memory, allocator, kho.tracker, max(1, -(-len(table_bytes) // ps)), table_bytes, None, rng)
     data = _vmalloc(memory, allocator, kho.tracker, data_pages, None, int(rng.integers(1, 2**62)), rng)
-    data_csum = _digest_pages(memory, data.pages)
+    data_csum = _digest_pages(memory, np.array(data.blocks, dtype=np.uint64))
     tree = new_tree()
     tree.add_item(fdtlib.PropBytes("compatible", data=list(KHO_TEST_COMPAT.encode() + b"\0")))
     tree.add_item(fdtlib.PropBytes("magic", data=list(_u32(KHO_TEST_MAGIC))))
@@ -257,37 +228,24 @@ class VerifyReport:
 
 
 def _restore_vmalloc(kernel, memory: PhysicalMemory, raw: bytes | None, what: str, report: VerifyReport) -> np.ndarray | None:
-    """Restore a vmalloc area from its ``struct kho_vmalloc`` bytes; its page addresses in virtual order."""
-    if raw is None or len(raw) != KHO_VMALLOC_DTYPE.itemsize:
-        report.failures.append(f"{what}: kho_vmalloc property missing or not {KHO_VMALLOC_DTYPE.itemsize} bytes")
+    """Restore a vmalloc area from its ``struct kho_vmalloc`` bytes, read as the kernel's
+    ``kho_restore_vmalloc`` reads it; its page addresses in virtual order."""
+    if raw is None:
+        report.failures.append(f"{what}: kho_vmalloc property missing")
         return None
-    desc = np.frombuffer(raw, dtype=KHO_VMALLOC_DTYPE)[0]
-    total, order = int(desc["total_pages"]), int(desc["order"])
-    ps = memory.page_size
-    cap = chunk_capacity(ps)
-    pages, chunk, seen = [], int(desc["first"]), set()
-    while chunk and len(pages) < total:
-        if chunk in seen or len(seen) > total // cap + 1 or not memory.in_ram(chunk, ps):
-            report.failures.append(f"{what}: bad chunk list at {chunk:#x}")
-            return None
-        seen.add(chunk)
+    try:
+        area = read_vmalloc(memory, raw, strict=False, field=what)
+    except KHOFormatError as err:
+        report.failures.append(f"{what}: {err}")
+        return None
+    for chunk in area.chunks:
         kernel.restore_folio(chunk)
         report.restored_units.append((chunk, 0))
-        words = np.frombuffer(memory.read(chunk, ps), dtype="<u8")
-        entries = words[1:1 + min(cap, total - len(pages))]
-        if (entries == 0).any():
-            report.failures.append(f"{what}: chunk {chunk:#x} ends before {total} pages")
-            return None
-        pages.extend(entries.tolist())
-        chunk = int(words[0])
-    if len(pages) != total:
-        report.failures.append(f"{what}: {len(pages)} pages found, {total} expected")
-        return None
-    for phys in pages:
-        kernel.restore_pages(phys, 1 << order)
-        report.restored_units.append((phys, order))
-    report.vmalloc_pages += total
-    return np.array(pages, dtype=np.uint64)
+    for phys in area.blocks:
+        kernel.restore_pages(phys, 1 << area.order)
+        report.restored_units.append((phys, area.order))
+    report.vmalloc_pages += area.total_pages
+    return np.array(area.blocks, dtype=np.uint64)
 
 
 def verify(kernel, memory: PhysicalMemory, expected: Workload | None = None) -> VerifyReport:

@@ -96,42 +96,57 @@ def _new_chunk(memory, allocator, tracker) -> int:
     return phys
 
 
-def preserve_vmalloc(memory, allocator, tracker, blocks: Sequence[int], order: int = 0,
+def _preserve_blocks(tracker, blocks: np.ndarray, order: int, block_bytes: int) -> None:
+    """``kho_preserve_pages`` of every ``1 << order``-page block, all or nothing.  Naturally
+    aligned blocks are one unit of ``order`` each, so a tracker with a vectorized
+    ``preserve_many`` (all or nothing itself) takes them in one call; otherwise block by
+    block, undone on failure."""
+    preserve_many = getattr(tracker, "preserve_many", None)
+    if preserve_many is not None and not (blocks % np.uint64(block_bytes)).any():
+        preserve_many(blocks, order)
+        return
+    done: list[int] = []
+    try:
+        for phys in blocks.tolist():
+            tracker.preserve_pages(phys, 1 << order)
+            done.append(phys)
+    except KHOError:
+        for phys in done:
+            tracker.unpreserve_pages(phys, 1 << order)
+        raise
+
+
+def preserve_vmalloc(memory, allocator, tracker, blocks: Sequence[int] | np.ndarray, order: int = 0,
                      flags: int = KHO_VMALLOC_ALLOC) -> VmallocArea:
     """``kho_preserve_vmalloc`` of an area made of ``blocks`` (phys of each ``1 << order``-page
-    block, in virtual order): chunk pages allocated and preserved, every block preserved
-    with ``preserve_pages``, the chunk list written.  On failure everything preserved so
-    far is unpreserved and the chunks freed (the kernel's ``kho_unpreserve_vmalloc``).
-    EINVAL for unknown flags.  O(blocks).
+    block, in virtual order): ``len(blocks) // capacity + 1`` chunk pages allocated and
+    preserved (a full chunk is always followed by another, as in the kernel), every block
+    preserved, the chunk list written.  On failure everything preserved is unpreserved and
+    the chunks freed (the kernel's ``kho_unpreserve_vmalloc``).  EINVAL for unknown flags.
+    O(blocks), one tracker call for aligned blocks.
     """
     if flags & ~KHO_VMALLOC_KNOWN_FLAGS:
         raise KHOError("EINVAL", f"vmalloc flags {flags:#x} are not ALLOC/HUGE_VMAP")
-    cap = kho_vmalloc_size(memory.page_size)
-    nr = 1 << order
-    chunks = [_new_chunk(memory, allocator, tracker)]
-    entries: list[list[int]] = [[]]
-    done: list[int] = []
+    ps = memory.page_size
+    cap = kho_vmalloc_size(ps)
+    blocks = np.asarray(blocks, dtype=np.uint64).reshape(-1)
+    chunks: list[int] = []
     try:
-        for phys in blocks:
-            tracker.preserve_pages(int(phys), nr)
-            done.append(int(phys))
-            entries[-1].append(int(phys))
-            if len(entries[-1]) == cap:
-                chunks.append(_new_chunk(memory, allocator, tracker))
-                entries.append([])
+        for _ in range(blocks.size // cap + 1):
+            chunks.append(_new_chunk(memory, allocator, tracker))
+        _preserve_blocks(tracker, blocks, order, ps << order)
     except KHOError:
-        for phys in done:
-            tracker.unpreserve_pages(phys, nr)
         for chunk in chunks:
             tracker.unpreserve_pages(chunk, 1)
             allocator.free_pages(chunk, 0)
         raise
     for i, chunk in enumerate(chunks):
-        words = np.zeros(memory.page_size // 8, dtype="<u8")
+        words = np.zeros(ps // 8, dtype="<u8")
         words[0] = chunks[i + 1] if i + 1 < len(chunks) else 0
-        words[1:1 + len(entries[i])] = entries[i]
+        part = blocks[i * cap:(i + 1) * cap]
+        words[1:1 + part.size] = part
         memory.write(chunk, words.tobytes())
-    return VmallocArea(chunks[0], len(done) * nr, flags, order, tuple(chunks), tuple(done))
+    return VmallocArea(chunks[0], int(blocks.size) << order, flags, order, tuple(chunks), tuple(blocks.tolist()))
 
 
 def vmalloc(memory, allocator, tracker, data: bytes, zeroed_pages: int = 0) -> VmallocArea:
