@@ -108,3 +108,25 @@ def test_live_handover_image_round_trip():
     assert image.decode().units() == kho.tracker.units()
     assert parse_chosen(image.boot_dtb).fdt_phys == kho.fdt_phys
     assert image.kho_fdt().retrieve_subtree("a") == kho._fdt.retrieve_subtree("a")
+
+
+def test_units_above_max_page_order_are_revived_and_restored():
+    """7.x's kho_preserve_pages does not cap its split: an 8 MiB-aligned 8 MiB range is one
+    order-11 unit; the next kernel reserves it through memblock and, from 7.1 on, restores it."""
+    m = machine(seed=7)
+    kho = KHO(m.memory, m.allocator)
+    phys = next(p for p in range(64 << 20, 400 << 20, 8 << 20)
+                if m.allocator.is_free(p, 8 << 20) and not m.memory.overlaps_scratch(p, 8 << 20))
+    kho.tracker.preserve_pages(phys, 2048)
+    assert (phys, 11) in kho.tracker.units()
+    nk = boot(m.memory, kho.finalize().boot_dtb())
+    assert nk.revived and phys in nk.kho.leaked()[0].tolist()
+    start, end = nk.memblock.reserved.coverage()
+    i = int(np.searchsorted(start, phys, side="right")) - 1
+    assert i >= 0 and end[i] >= phys + (8 << 20)  # reserved through memblock, whole
+    assert nk.kho.restore_folio(phys) == 11
+    assert phys not in nk.kho.leaked()[0].tolist()
+    fresh = Machine.boot(512 * MiB)
+    old = KHO(fresh.memory, fresh.allocator, kernel="6.16")
+    old.tracker.preserve_pages(phys, 2048)
+    assert max(order for _, order in old.tracker.units()) == 10  # 6.16's tracker caps the split

@@ -4,13 +4,16 @@ Kernel semantics (``kho_retrieve_subtree``, ``kho_restore_folio``, ``kho_restore
 
 * ``retrieve_subtree(name)``: ENOENT when KHO was not revived or there is no such
   sub-node, EINVAL when its pointer property is missing or not 8 bytes;
-* ``restore_folio(phys)``: the head page must carry the 'KHOP' magic and an order up to
-  MAX_PAGE_ORDER; the magic is cleared, so a second restore fails.  The kernel returns
+* ``restore_folio(phys)``: the head page must carry the 'KHOP' magic and, except from a
+  7.1+ kernel (kho-v2 .. kho-v4), an order up to MAX_PAGE_ORDER (Linux 7.1 dropped that limit, as its
+  ``kho_preserve_pages`` writes larger units: spec/kernel-versions.md); the magic is
+  cleared, so a second restore fails.  The kernel returns
   NULL for every failure; kho names it: EINVAL for an address that is not page-aligned
   or outside RAM, inside a preserved unit but not its head, or a corrupted order;
   ENOENT when nothing preserved starts there (never preserved, or already restored);
 * ``restore_pages(phys, n)``: the greedy split of ``kho_preserve_pages`` (capped at
-  MAX_PAGE_ORDER, as :class:`kho.currentkernel.tracker.Tracker` preserves), each unit restored.  kho
+  MAX_PAGE_ORDER under kho-v1, as :class:`kho.currentkernel.tracker.Tracker` preserves;
+  uncapped from kho-v2 on), each unit restored.  kho
   checks every unit before restoring any (the kernel stops at the first failure, leaving
   the earlier ones restored) and requires each preserved unit to have exactly the split's
   order (the kernel would restore a differently sized unit and skip pages).
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kho.abi.kexec_handover import KHO_PAGE_MAGIC
+from kho.abi.kexec_handover import KHO_FDT_COMPATIBLE_V2, KHO_FDT_COMPATIBLE_V3, KHO_FDT_COMPATIBLE_V4, KHO_PAGE_MAGIC
+from kho.encodings.common import PHYS_ADDR_BITS
 from kho.devicetree import KHOFdt
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split
@@ -47,7 +51,10 @@ class IncomingKHO:
         self.fdt = fdt
         self.unit_phys = unit_phys
         self.unit_order = unit_order
-        self._max_order = memory.geometry.max_order
+        #: The largest order restore accepts: any from a 7.1+ kernel (kho-v2 .. kho-v4), else
+        #: MAX_PAGE_ORDER (kho-v1, and kho's own encodings, whose tracker caps the split).
+        capped = fdt is None or fdt.compatible not in (KHO_FDT_COMPATIBLE_V2, KHO_FDT_COMPATIBLE_V3, KHO_FDT_COMPATIBLE_V4)
+        self._max_order = memory.geometry.max_order if capped else PHYS_ADDR_BITS - memory.page_shift
 
     @property
     def revived(self) -> bool:
