@@ -82,7 +82,8 @@ def test_every_registered_abi(capsys, tmp_path, abi):
     code, _, err, image = serialize(capsys, tmp_path, "--abi", abi, "--preserve-random", "16M", "--order", "mixed", "--seed", "2")
     assert code == 0, err
     code, out, _ = run(capsys, "units", image)
-    assert code == 0 and sum(1 << int(line.split()[1]) for line in out.splitlines()) == (16 << 20) // PS
+    fdt_page = 1 if abi == "kho-v4" else 0  # the default kernel (7.3) writes kho-v4 and preserves its FDT page
+    assert code == 0 and sum(1 << int(line.split()[1]) for line in out.splitlines()) == (16 << 20) // PS + fdt_page
     code, out, _ = run(capsys, "dump", image, "--json")
     report = json.loads(out)
     assert code == 0 and report["abi"] == abi and report["exact_orders"] == ENCODINGS[abi].keeps_orders
@@ -183,3 +184,23 @@ def test_bad_images_exit_3_with_one_line(capsys, good_image, corrupt, needle, co
 def test_missing_image(capsys, tmp_path):
     code, _, err = run(capsys, "units", tmp_path / "none.kho")
     assert code == 3 and "none.kho" in one_error_line(err)
+
+
+@pytest.mark.parametrize("kernel, abi, bitmap", [("6.16", "kho-v1", 512), ("7.0", "kho-v1", "page"), ("7.1", "kho-v2", None),
+                                                 ("7.2", "kho-v3", None), ("7.3", "kho-v4", None)])
+def test_kernel_versions(capsys, tmp_path, kernel, abi, bitmap):
+    code, out, err, image = serialize(capsys, tmp_path, "--kernel", kernel, "--preserve-random", "4M", "--order", "1", "--json")
+    summary = json.loads(out)
+    assert code == 0, err
+    assert summary["kernel"] == kernel and summary["abi"] == abi
+    assert summary["options"].get("bitmap_bytes") == bitmap
+    live = kernel >= "7.1"
+    assert summary["units"] == 512 + (1 if live else 0)  # 7.1+ preserve the FDT page itself
+    code, out, _ = run(capsys, "units", image)
+    assert code == 0 and len(out.splitlines()) == summary["units"]
+
+
+def test_unknown_kernel_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serialize", "--ram", "1G", "--kernel", "5.4", "--preserve-random", "4M", "--out", str(tmp_path / "x.kho")])
+    assert exit_.value.code == 2

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from kho.abi.kho_v1 import PRESERVE_BITS_6_16
+from kho.abi.versions import DEFAULT_KERNEL, KERNEL_VERSIONS, kernel_version
 from kho.cli.options import add_machine_options, size_arg
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
@@ -30,15 +31,20 @@ _UNIT_LINE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s+([0-9]+)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serialize", help="preserve memory, finalize KHO and write a handover image",
-                       description="Boot a modelled machine, preserve the given or random units with KHO's tracker, "
-                                   "finalize (write the preserved-memory map in the chosen ABI, the KHO FDT and the "
-                                   "scratch array) and save the handover image.")
+    p = sub.add_parser("serialize", help="preserve memory, hand over KHO and write a handover image",
+                       description="Boot a modelled machine, preserve the given or random units with the chosen "
+                                   "kernel's KHO (Linux 7.1 and later: the live radix tree; before: the tracker and a "
+                                   "map written at finalize), hand over (KHO FDT, scratch array) and save the image.")
     add_machine_options(p)
-    p.add_argument("--abi", required=True, choices=sorted(load_all()), help="encoding of the preserved-memory map")
-    p.add_argument("--bitmap-bytes", choices=["512", "page"], default="page",
-                   help="bitmap size: 512 (Linux 6.16) or page (later kernels; default); kho-v1 records it, "
-                        "the tracker uses it for every ABI")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL, choices=[v.version for v in KERNEL_VERSIONS], metavar="VERSION",
+                   help=f"the Linux version whose KHO writes the handover (default {DEFAULT_KERNEL}; "
+                        f"{', '.join(v.version for v in KERNEL_VERSIONS)})")
+    p.add_argument("--abi", choices=sorted(load_all()), default=None,
+                   help="encoding of the preserved-memory map (default: what --kernel writes; another one is "
+                        "written at finalize by kho's encode-at-finalize model)")
+    p.add_argument("--bitmap-bytes", choices=["512", "page"], default=None,
+                   help="bitmap size of the 6.16-style tracker: 512 (Linux 6.16 .. 6.18) or page (6.19, 7.0); "
+                        "default what --kernel uses, else page; kho-v1 records it")
     units = p.add_mutually_exclusive_group(required=True)
     units.add_argument("--units", metavar="FILE", help="file of 'PHYS ORDER' lines ('#' comments)")
     units.add_argument("--preserve-random", type=size_arg, metavar="SIZE", help="bytes to preserve as random units")
@@ -80,10 +86,11 @@ def preserve_file_units(kho: KHO, machine: Machine, path: str) -> None:
         kho.tracker.preserve_many(phys, orders)
     except KHOError as err:
         # Find the first line that fails on its own or against the lines before it.
-        probe = Tracker(machine.memory, kho.tracker.preserve_bits, strict=kho.tracker.strict)
+        probe = Tracker(machine.memory, getattr(kho.tracker, "preserve_bits", "page"), strict=kho.tracker.strict)
+        limit = machine.memory.geometry.max_order
         for p, o, n in zip(phys.tolist(), orders.tolist(), lines.tolist()):
             try:
-                probe.preserve_folio(p, o)
+                probe.preserve_folio(p, min(o, limit) if kho.live else o)  # 7.x takes larger units
             except KHOError as line_err:
                 raise KHOError(line_err.errno_name, f"{path} line {n}: {line_err.message}") from None
         raise err
@@ -124,9 +131,12 @@ def run(args) -> int:
     start = time.perf_counter()
     machine = Machine.boot(args.ram, args.page_size, args.kho_scratch, args.seed)
     booted = time.perf_counter()
-    options = {"bitmap_bytes": 512 if args.bitmap_bytes == "512" else "page"} if args.abi == "kho-v1" else {}
-    preserve_bits = PRESERVE_BITS_6_16 if args.bitmap_bytes == "512" else "page"
-    kho = KHO(machine.memory, machine.allocator, args.abi, preserve_bits=preserve_bits, **options)
+    options, preserve_bits = {}, None
+    if args.bitmap_bytes is not None:
+        preserve_bits = PRESERVE_BITS_6_16 if args.bitmap_bytes == "512" else "page"
+        if (args.abi or kernel_version(args.kernel).compatible) == "kho-v1":
+            options["bitmap_bytes"] = 512 if args.bitmap_bytes == "512" else "page"
+    kho = KHO(machine.memory, machine.allocator, args.abi, kernel=args.kernel, preserve_bits=preserve_bits, **options)
     if args.units is not None:
         preserve_file_units(kho, machine, args.units)
     else:
@@ -137,7 +147,8 @@ def run(args) -> int:
     image_bytes = save_image(args.out, handover)
     saved = time.perf_counter()
     summary = {
-        "image": args.out, "image_bytes": image_bytes, "abi": args.abi, "options": handover.options,
+        "image": args.out, "image_bytes": image_bytes, "kernel": args.kernel, "abi": handover.encoding,
+        "options": handover.options,
         "ram_bytes": machine.memory.ram_size, "page_size": machine.memory.page_size,
         "units": len(kho.tracker), "preserved_pages": kho.tracker.nr_pages,
         "metadata_pages": int(handover.encoded.metadata_pages.size), "metadata_bytes": handover.encoded.metadata_bytes,
@@ -147,7 +158,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{args.out}: {args.abi} map of {summary['units']:,} units ({summary['preserved_pages']:,} pages) in "
+        print(f"{args.out}: Linux {args.kernel} {handover.encoding} map of {summary['units']:,} units ({summary['preserved_pages']:,} pages) in "
               f"{machine.memory.ram_size >> 20:,} MiB; metadata {summary['metadata_pages']:,} pages "
               f"({summary['metadata_bytes']:,} bytes); KHO FDT at {handover.fdt_phys:#x}; image {image_bytes:,} bytes")
     return 0
