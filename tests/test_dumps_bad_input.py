@@ -1,5 +1,6 @@
 """kho.dumps on bad input: every case a KHOError or KHOFormatError naming what was recognised."""
 
+import struct
 from functools import lru_cache
 
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_dumps import build, write_boot_params
 
-from kho.abi.elf import ET_EXEC
+from kho.abi.elf import ELFCLASS64, ELFDATA2MSB, ELFMAG, ET_CORE, ET_EXEC, EV_CURRENT
 from kho.abi.setup_data import SETUP_DATA_DTYPE, SETUP_KEXEC_KHO
 from kho.dumps import open_dump
 from kho.dumps.find import read_boot_params
@@ -173,3 +174,11 @@ def test_bad_ram_ranges(text):
 def test_ram_range_without_a_whole_page(files):
     _, _, d = files
     assert "no whole 4096-byte page" in str(errno_of(d / "mem.raw", ram=[(0x1800, 0x1000)]))
+
+
+def test_big_endian_core(tmp_path):
+    header = struct.Struct(">16sHHIQQQIHHHHHH")  # Elf64_Ehdr, big-endian
+    ident = ELFMAG + bytes([ELFCLASS64, ELFDATA2MSB, EV_CURRENT]) + bytes(9)
+    (tmp_path / "be.core").write_bytes(header.pack(ident, ET_CORE, 22, EV_CURRENT, 0, 64, 0, 0, 64, 56, 0, 0, 0, 0))
+    err = errno_of(tmp_path / "be.core")
+    assert isinstance(err, KHOFormatError) and "big-endian core" in str(err)

@@ -20,6 +20,7 @@ assert ELF64_PHDR.size == 56
 ELFMAG = b"\x7fELF"
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
+ELFDATA2MSB = 2
 EV_CURRENT = 1
 EI_NIDENT = 16
 #: ``e_type`` values.

@@ -224,11 +224,15 @@ class ElfSource(_FileSource):
         try:
             elf = ELFFile(file)
             kind = elf.header["e_type"]
+            little_endian = elf.little_endian
             loads = [seg.header for seg in elf.iter_segments() if seg.header["p_type"] == PT_LOAD]
         except (ELFError, ValueError, KeyError, OSError, AssertionError) as err:
             raise KHOFormatError("elf", f"{self.path}: an ELF header, but unreadable: {err}", 0, where="offset") from None
         if kind != "ET_CORE":
             raise KHOFormatError("elf.e_type", f"{self.path}: an ELF file of type {kind}, not a core dump", 16, where="offset")
+        if not little_endian:
+            raise KHOFormatError("elf.e_ident", f"{self.path}: a big-endian core; KHO's structures are read "
+                                                "little-endian (arm64, x86_64)", 5, where="offset")
         segments = []
         for h in loads:
             paddr, memsz, offset, filesz = (int(h[k]) for k in ("p_paddr", "p_memsz", "p_offset", "p_filesz"))
