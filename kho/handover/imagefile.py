@@ -32,7 +32,8 @@ from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
 from kho.encodings import DecodedMap, Encoding, get_encoding
 from kho.errors import KHOError, KHOFormatError
-from kho.handover.outgoing import Handover
+from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64, ARCHES, Handover
+from kho.handover.x86_boot_params import params_segment_size, read_handoff
 from kho.handover.scratch_array import MAX_SCRATCH_AREAS
 from kho.memory import intervals
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
@@ -43,6 +44,9 @@ IMAGE_VERSION = 1
 #: The keys of an image map, all required.
 IMAGE_KEYS = ("magic", "version", "page_size", "banks", "scratch", "encoding", "options", "fdt",
               "scratch_array", "boot_dtb", "pages", "generated")
+#: Keys an image may have: ``arch`` (default arm64) and, for x86_64, ``boot_params`` =
+#: ``[phys, params segment]`` (the zero page and its setup_data chain, at that phys).
+IMAGE_OPTIONAL_KEYS = ("arch", "boot_params")
 U64_MAX = (1 << 64) - 1
 #: Most RAM banks an image may describe (a bound on the work any reader does per bank).
 MAX_BANKS = 4096
@@ -61,6 +65,15 @@ class LoadedImage(ChosenKHO):
     encoding: str
     options: dict
     version: int = IMAGE_VERSION
+    arch: str = ARCH_ARM64
+    #: x86_64: phys of the zero page (its params segment is in ``memory``); None on arm64.
+    boot_params: int | None = None
+
+    def boot_args(self) -> dict:
+        """How the next kernel receives this handover: ``boot(memory, **image.boot_args())``."""
+        if self.arch == ARCH_X86_64:
+            return {"boot_dtb": None, "boot_params": self.boot_params}
+        return {"boot_dtb": self.boot_dtb}
 
     @property
     def page_size(self) -> int:
@@ -112,6 +125,7 @@ def image_map(handover: Handover) -> dict:
     encoding = get_encoding(handover.encoding, memory.page_size, **handover.options)
     decoded = encoding.decode(memory, handover.encoded.props, strict=False)  # everything the next kernel keeps
     starts, ends = intervals.normalize(*intervals.of_units((decoded.phys >> np.uint64(shift)).astype(np.int64), decoded.order))
+    params_phys = handover.params_spot() if handover.arch == ARCH_X86_64 else None
     keep = (handover.pages_to_keep() >> np.uint64(shift)).astype(np.int64)
     stored = np.fromiter((pfn for pfn, _ in memory.stored_pages()), dtype=np.int64)
     stored = stored[intervals.contains(starts, ends, stored)]
@@ -136,6 +150,8 @@ def image_map(handover: Handover) -> dict:
         "boot_dtb": handover.boot_dtb(),
         "pages": _explicit_runs(memory, explicit),
         "generated": generated,
+        "arch": handover.arch,
+        **({"boot_params": [params_phys, handover.params_segment(params_phys)]} if handover.arch == ARCH_X86_64 else {}),
     }
 
 
@@ -194,7 +210,7 @@ def _unpack(data: bytes) -> dict:
     if version != IMAGE_VERSION:
         raise KHOFormatError("image.version", f"version {version} (this kho reads {IMAGE_VERSION})")
     missing = [k for k in IMAGE_KEYS if k not in top]
-    extra = [k for k in top if k not in IMAGE_KEYS]
+    extra = [k for k in top if k not in IMAGE_KEYS + IMAGE_OPTIONAL_KEYS]
     if missing or extra:
         raise KHOFormatError("image.map", f"missing keys {missing}, unknown keys {extra}")
     return top
@@ -286,6 +302,20 @@ def load_image(path_or_file: PathOrFile) -> LoadedImage:
     if chosen != ChosenKHO(fdt_phys, fdt_size, scratch_phys, scratch_size):
         raise KHOFormatError("image.boot_dtb", f"/chosen says {chosen}, the image says fdt {fdt_phys:#x}+{fdt_size:#x}, "
                                                f"scratch {scratch_phys:#x}+{scratch_size:#x}")
+    arch = _typed(top.get("arch", ARCH_ARM64), str, "arch")
+    if arch not in ARCHES:
+        raise KHOFormatError("image.arch", f"{arch!r} is not one of {', '.join(ARCHES)}")
     _contents(top, memory)
+    params_phys = None
+    if arch == ARCH_X86_64:
+        params_phys, params = (_list(top.get("boot_params"), "boot_params", 2))
+        params_phys, params = _int(params_phys, "boot_params[0]"), _typed(params, bytes, "boot_params[1]")
+        if len(params) != params_segment_size() or not memory.in_ram(params_phys, len(params)):
+            raise KHOFormatError("image.boot_params", f"{len(params)} bytes at {params_phys:#x}: not a params segment in RAM")
+        memory.write(params_phys, params)
+        if read_handoff(memory, params_phys) != chosen:
+            raise KHOFormatError("image.boot_params", "its setup_data does not point at the image's fdt and scratch array")
+    elif "boot_params" in top:
+        raise KHOFormatError("image.boot_params", "only an x86_64 image has boot_params")
     return LoadedImage(fdt_phys, fdt_size, scratch_phys, scratch_size, memory=memory, boot_dtb=boot_dtb, encoding=name,
-                       options=options)
+                       options=options, arch=arch, boot_params=params_phys)

@@ -45,6 +45,7 @@ from kho.devicetree.layout import pack_u64
 from kho.encodings import EncodedMap, get_encoding
 from kho.errors import KHOError
 from kho.handover.scratch_array import kernel_order, pack_scratch_array, write_scratch_array
+from kho.handover.x86_boot_params import build_params_segment, params_segment_size
 from kho.memory.physical import PhysicalMemory
 
 
@@ -52,6 +53,11 @@ def order_for(size: int, page_size: int) -> int:
     """The smallest order whose block (``page_size << order`` bytes) holds ``size`` bytes (get_order)."""
     pages = max(1, -(-size // page_size))
     return (pages - 1).bit_length()
+
+
+#: The architectures whose handoff kho models.
+ARCH_ARM64, ARCH_X86_64 = "arm64", "x86_64"
+ARCHES = (ARCH_ARM64, ARCH_X86_64)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,28 @@ class Handover(ChosenKHO):
     options: dict
     encoded: EncodedMap
     subtrees: dict[str, int] = field(default_factory=dict)
+    #: The next kernel's architecture: arm64 (a boot DTB's /chosen) or x86_64 (setup_data).
+    arch: str = ARCH_ARM64
+
+    def params_segment(self, phys: int) -> bytes:
+        """x86_64: the kexec params segment (zero page + SETUP_KEXEC_KHO node) for destination ``phys``."""
+        return build_params_segment(self.memory, phys, self)
+
+    def params_spot(self) -> int:
+        """x86_64: where kexec would load the params segment: the lowest page-aligned fit in the
+        scratch areas (kernel order, as ``kexec_locate_mem_hole`` walks them) off every page
+        the next kernel must read (scratch holds no preserved unit).  EADDRNOTAVAIL when none fits.
+        O(areas + kept pages)."""
+        ps, need = self.memory.page_size, -(-params_segment_size() // self.memory.page_size)
+        keep = self.pages_to_keep()
+        for area in kernel_order(self.memory.scratch):
+            page = area.addr
+            while page + need * ps <= area.end:
+                span = np.arange(page, page + need * ps, ps, dtype=np.uint64)
+                if not np.isin(span, keep).any():
+                    return page
+                page += ps
+        raise KHOError("EADDRNOTAVAIL", "no scratch area has room for the x86 params segment")
 
     def boot_dtb(self) -> bytes:
         """A boot DTB whose ``/chosen`` points at the KHO FDT and the scratch array."""
@@ -104,9 +132,12 @@ class KHO:
     """
 
     def __init__(self, memory: PhysicalMemory, allocator, encoding: str | None = None, *, kernel: str | None = None,
-                 preserve_bits: int | str | None = None, strict: bool = True, **encoding_options):
+                 arch: str = ARCH_ARM64, preserve_bits: int | str | None = None, strict: bool = True, **encoding_options):
+        if arch not in ARCHES:
+            raise KHOError("EINVAL", f"unknown architecture {arch!r} (one of {', '.join(ARCHES)})")
         self.memory = memory
         self.allocator = allocator
+        self.arch = arch
         self.kernel: KernelVersion | None = (kernel_version(DEFAULT_KERNEL if kernel is None else kernel)
                                              if kernel is not None or encoding is None else None)
         if encoding is None:
@@ -254,7 +285,8 @@ class KHO:
         self.memory.write(fdt_phys, blob + bytes(fdt_size - len(blob)))
         scratch_size = write_scratch_array(self.memory, scratch_phys, self.memory.scratch)
         self.handover = Handover(fdt_phys, fdt_size, scratch_phys, scratch_size, memory=self.memory, encoding=self.encoding.name,
-                                 options=self.encoding.options(), encoded=encoded, subtrees=fdt.subtrees())
+                                 options=self.encoding.options(), encoded=encoded, subtrees=fdt.subtrees(),
+                                 arch=self.arch)
         return self.handover
 
     def _load_live(self) -> Handover:
@@ -268,7 +300,7 @@ class KHO:
         encoded = self.encoding.encode(self.tracker, self.allocator)
         self.handover = Handover(self.fdt_phys, self.memory.page_size, phys, len(data), memory=self.memory,
                                  encoding=self.encoding.name, options=self.encoding.options(), encoded=encoded,
-                                 subtrees=self._fdt.subtrees())
+                                 subtrees=self._fdt.subtrees(), arch=self.arch)
         return self.handover
 
     def _scratch_array_spot(self, size: int) -> int:

@@ -45,6 +45,7 @@ from kho.encodings import encoding_for_compatible, get_encoding, known_compatibl
 from kho.encodings.instructions import walk
 from kho.errors import KHOError, KHOFormatError
 from kho.handover.scratch_array import read_scratch_array
+from kho.handover.x86_boot_params import read_handoff
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 from kho.nextkernel.buddy import BuddyAllocator
@@ -174,12 +175,22 @@ def _disable(messages: list[str], reason: str) -> None:
     messages.append(f"disabling KHO revival: {reason}")
 
 
-def _receive(memory: PhysicalMemory, boot_dtb: bytes, path: str, strict: bool, messages: list[str]):
+def _receive(memory: PhysicalMemory, boot_dtb: bytes | None, boot_params: int | None, path: str, strict: bool,
+             messages: list[str]):
     """Stage 1, handover: ``(chosen, fdt, areas)``, or None when there is no usable handover
-    (the reason logged in ``messages``)."""
-    chosen = _chosen(boot_dtb)
+    (the reason logged in ``messages``).  arm64 reads ``/chosen`` of ``boot_dtb``; x86_64 the
+    ``setup_data`` chain of the ``boot_params`` at phys ``boot_params``."""
+    if boot_params is not None:
+        try:
+            chosen = read_handoff(memory, boot_params)
+        except KHOFormatError as err:
+            _disable(messages, str(err))
+            return None
+        where = "setup_data"
+    else:
+        chosen, where = _chosen(boot_dtb), "/chosen"
     if chosen is None:
-        messages.append("no KHO handover in /chosen")
+        messages.append(f"no KHO handover in {where}")
         return None
     try:
         return (chosen, *_read_handover(memory, chosen, path, strict))
@@ -268,10 +279,12 @@ def _free_pages(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, segments: 
     return free
 
 
-def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, encoding_options: dict | None = None,
-         kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None, seed: int = 0,
-         strict: bool = True) -> NextKernel:
-    """Boot the next kernel on ``memory`` with ``boot_dtb`` (see the module docstring).
+def boot(memory: PhysicalMemory, boot_dtb: bytes | None, path: str = "memblock", *, boot_params: int | None = None,
+         encoding_options: dict | None = None, kernel_image: int = DEFAULT_KERNEL_IMAGE, image_phys: int | None = None,
+         seed: int = 0, strict: bool = True) -> NextKernel:
+    """Boot the next kernel on ``memory`` with ``boot_dtb`` (arm64: the handover in its
+    ``/chosen``) or, on x86_64, ``boot_params``: the phys of the zero page whose
+    ``setup_data`` chain holds the handover (``boot_dtb`` None).  See the module docstring.
 
     ``encoding_options``: the options the map was written with (e.g. kho-v1's bitmap size:
     a kernel knows its own), from the handover image.  ``kernel_image``: bytes of the next
@@ -286,7 +299,9 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes, path: str = "memblock", *, enc
     if path not in PATHS:
         raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
     stages, messages = _Stages(), []
-    handover = _receive(memory, boot_dtb, path, strict, messages)
+    if (boot_dtb is None) == (boot_params is None):
+        raise KHOError("EINVAL", "the next kernel boots with a DTB (arm64) or boot_params (x86_64), one of them")
+    handover = _receive(memory, boot_dtb, boot_params, path, strict, messages)
     stages.done("handover")
     mb, image_phys, image_size = _early_memblock(memory, handover, kernel_image, image_phys)
     memmap = MemMap(memory)
