@@ -130,15 +130,17 @@ def test_setup_data_loops_and_bad_nodes_are_reported(files):
     m, handover, _ = files
     params, chain = 0x10000, 0x11000
     write_boot_params(m.memory, params, chain, (handover.fdt_phys, 4096), (handover.scratch_phys, handover.scratch_size))
-    m.memory.write_u64(chain + 48, chain)  # the kho node points back at the first: a loop
+    assert read_boot_params(m.memory, params).handoff.fdt_addr == handover.fdt_phys
+    m.memory.write_u64(chain, chain)  # the first node points at itself: a loop
     assert "loops" in read_boot_params(m.memory, params).error
-    m.memory.write_u64(chain + 48, 1 << 40)  # a node outside RAM
+    m.memory.write_u64(chain, 1 << 40)  # a node outside RAM
     assert "outside RAM" in read_boot_params(m.memory, params).error
+    m.memory.write_u64(chain, chain + 48)
     node = np.zeros(1, SETUP_DATA_DTYPE)
     node[0] = (0, SETUP_KEXEC_KHO, 8)  # a kho_data of 8 bytes
     m.memory.write(chain + 48, node.tobytes())
     bp = read_boot_params(m.memory, params)
-    assert bp.handoff is None and "8-byte payload" in bp.error
+    assert bp.handoff is None and "8-byte SETUP_KEXEC_KHO payload" in bp.error
 
 
 @lru_cache(maxsize=None)

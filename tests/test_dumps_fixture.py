@@ -49,7 +49,7 @@ def check_real_handover(found) -> None:
     test = nodes["kho_test"].decoded
     assert test.nr_folios == len(test.folios) == 60
     assert [b.phys for b in found.boot_params] == [0x10000, 0x1d8f8000]
-    assert all(b.setup_data == [] for b in found.boot_params)  # a first kernel: no SETUP_KEXEC_KHO
+    assert all(b.handoff is None and b.error is None for b in found.boot_params)  # a first kernel: no SETUP_KEXEC_KHO
     assert found.handoff is None and found.scratch == []
 
 

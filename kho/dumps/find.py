@@ -7,7 +7,7 @@
    ``/chosen/linux,kho-fdt`` is a boot DTB (arm64's handoff); others (sub-node blobs such as
    ``memblock`` or ``kho_test``) are listed as such.
 2. The handoff: every page holding an x86 ``boot_params`` signature, its ``setup_data`` chain
-   walked (cycle-checked, at most :data:`MAX_SETUP_DATA` nodes) for a
+   walked (:func:`~kho.handover.x86_boot_params.read_handoff`: cycle-checked, bounded) for a
    ``SETUP_KEXEC_KHO`` node's ``struct kho_data``; and every boot DTB's ``/chosen``.  A
    handoff gives the scratch array.
 3. Each KHO FDT candidate's map is decoded (kernel-compatible by default).  The handover is
@@ -32,9 +32,10 @@ from kho.abi.kexec_handover import (
     KHO_FDT_COMPATIBLES,
     KHO_SUB_TREE_SIZE_PROP_NAME,
 )
-from kho.abi.setup_data import BOOT_PARAMS_DTYPE, E820_TYPE_RAM, KHO_DATA_DTYPE, SETUP_DATA_DTYPE, SETUP_KEXEC_KHO
+from kho.abi.setup_data import BOOT_PARAMS_DTYPE, E820_TYPE_RAM
 from kho.devicetree.chosen import parse_chosen
 from kho.handover.scratch_array import read_scratch_array
+from kho.handover.x86_boot_params import read_handoff
 from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes
 from kho.devicetree.khofdt import KHOFdt
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER, FDT_HEADER_FIELDS, FDT_MAGIC
@@ -45,8 +46,6 @@ from kho.memory.physical import PhysicalMemory, ScratchArea
 
 #: Largest FDT a candidate may claim (arm64's MAX_FDT_SIZE, 2 MiB; a KHO FDT is one page).
 MAX_FDT_BYTES = 2 << 20
-#: Most ``setup_data`` nodes followed from one ``boot_params``.
-MAX_SETUP_DATA = 256
 #: Largest blob read for a sub-node (``blob-size`` beyond it is reported, not read).
 MAX_BLOB_BYTES = 64 << 20
 #: kho-v1's chunk list with each bitmap size shipped under that compatible (6.17+, 6.16).
@@ -96,18 +95,16 @@ class Handoff:
 
 @dataclass
 class BootParams:
-    """An x86 ``boot_params`` found in the dump: its ``setup_data`` chain as
-    ``(phys, type, len)``, usable RAM from its e820 table, and the KHO handoff if any."""
+    """An x86 ``boot_params`` found in the dump: usable RAM from its e820 table and the KHO
+    handoff its ``setup_data`` chain holds, if any (``error`` when the chain is bad)."""
 
     phys: int
-    setup_data: list[tuple[int, int, int]]
     e820_ram: list[tuple[int, int]]
     handoff: Handoff | None = None
     error: str | None = None
 
     def to_json(self) -> dict:
-        return {"phys": self.phys, "setup_data": [{"phys": p, "type": t, "len": n} for p, t, n in self.setup_data],
-                "e820_ram": [{"start": s, "size": n} for s, n in self.e820_ram],
+        return {"phys": self.phys, "e820_ram": [{"start": s, "size": n} for s, n in self.e820_ram],
                 "handoff": None if self.handoff is None else self.handoff.to_json(), "error": self.error}
 
 
@@ -249,35 +246,19 @@ def decode_map(memory: PhysicalMemory, candidate: FdtCandidate, *, strict: bool)
 
 
 def read_boot_params(memory: PhysicalMemory, phys: int) -> BootParams:
-    """The ``boot_params`` at ``phys``: e820 RAM and the ``setup_data`` chain (cycle-checked,
-    at most :data:`MAX_SETUP_DATA` nodes, each inside RAM); a ``SETUP_KEXEC_KHO`` node's
-    ``kho_data`` becomes the handoff.  Problems are recorded in ``error``."""
+    """The ``boot_params`` at ``phys``: e820 RAM, and the handoff of its ``setup_data`` chain
+    (:func:`~kho.handover.x86_boot_params.read_handoff`; a bad chain is recorded in ``error``)."""
     params = np.frombuffer(memory.read(phys, BOOT_PARAMS_DTYPE.itemsize), BOOT_PARAMS_DTYPE)[0]
     table = params["e820_table"][:min(int(params["e820_entries"]), len(params["e820_table"]))]
-    ram = [(int(e["addr"]), int(e["size"])) for e in table if int(e["type"]) == E820_TYPE_RAM]
-    out = BootParams(phys, [], ram)
-    node = int(params["hdr"]["setup_data"])
-    seen = set()
-    while node:
-        if node in seen or len(seen) >= MAX_SETUP_DATA:
-            out.error = f"setup_data chain loops or exceeds {MAX_SETUP_DATA} nodes at {node:#x}"
-            break
-        seen.add(node)
-        if not memory.in_ram(node, SETUP_DATA_DTYPE.itemsize):
-            out.error = f"setup_data node {node:#x} is outside RAM"
-            break
-        head = np.frombuffer(memory.read(node, SETUP_DATA_DTYPE.itemsize), SETUP_DATA_DTYPE)[0]
-        kind, length = int(head["type"]), int(head["len"])
-        out.setup_data.append((node, kind, length))
-        if kind == SETUP_KEXEC_KHO:
-            payload = node + SETUP_DATA_DTYPE.itemsize
-            if length < KHO_DATA_DTYPE.itemsize or not memory.in_ram(payload, KHO_DATA_DTYPE.itemsize):
-                out.error = f"SETUP_KEXEC_KHO node {node:#x}: {length}-byte payload, not a kho_data in RAM"
-            else:
-                data = np.frombuffer(memory.read(payload, KHO_DATA_DTYPE.itemsize), KHO_DATA_DTYPE)[0]
-                out.handoff = Handoff(int(data["fdt_addr"]), int(data["fdt_size"]), int(data["scratch_addr"]),
-                                      int(data["scratch_size"]), f"setup_data at {node:#x} (boot_params at {phys:#x})")
-        node = int(head["next"])
+    out = BootParams(phys, [(int(e["addr"]), int(e["size"])) for e in table if int(e["type"]) == E820_TYPE_RAM])
+    try:
+        chosen = read_handoff(memory, phys)
+    except KHOFormatError as err:
+        out.error = str(err)
+        return out
+    if chosen is not None:
+        out.handoff = Handoff(chosen.fdt_phys, chosen.fdt_size, chosen.scratch_phys, chosen.scratch_size,
+                              f"setup_data SETUP_KEXEC_KHO (boot_params at {phys:#x})")
     return out
 
 
