@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from kho.abi.memfd import F_SEAL_SEAL, MEMFD_LUO_FOLIO_DIRTY, MEMFD_LUO_FOLIO_UPTODATE
+from kho.devicetree.flat import parse_fdt, prop_bytes
 from kho.errors import KHOFormatError
 from kho.subsystems.kexec_metadata import pack_kexec_metadata, read_kexec_metadata
 from kho.subsystems.kho_test import kho_test_fdt, read_kho_test
 from kho.subsystems.luo import read_luo
 from kho.subsystems.memblock import ReservedRegion, memblock_fdt, read_memblock
 from kho.subsystems.memfd import read_memfd
+from kho.subsystems.registry import read_subnode
 from subsystem_helpers import REAL_SUBNODES, SHARED, fixture_blob, fixture_pages, real_memory
 
 #: What the shared README and the self-test's folio list state.
@@ -138,3 +140,18 @@ def test_full_dump_checksum_and_fixture_provenance():
     referenced = {r.phys for r in kho_test.referenced_ranges(4096)}
     assert {0x2FC000, 0x2E0000, 0x2DF000} <= referenced and struct.pack("<I", KHO_TEST_CSUM) in fixture_blob(
         "out__sub_fdts__kho_test")
+
+
+def test_every_subnode_of_the_real_kho_fdt_decodes(memory):
+    """Walk the real root FDT's sub-nodes (kho-v4: blob-size, preserved-data) and decode each by name."""
+    root = parse_fdt(fixture_blob("kho-fdt-0x344000.dtb"), strict=True)
+    decoded = {}
+    for node in root.root.nodes:
+        size = int.from_bytes(prop_bytes(node.get_property("blob-size")), "little")
+        phys = int.from_bytes(prop_bytes(node.get_property("preserved-data")), "little")
+        assert (phys, size) == REAL_SUBNODES[node.name]
+        decoded[node.name] = read_subnode(memory, node.name, phys, size).to_json()
+    assert list(decoded) == ["memblock", "LUO", "kho_test", "kexec-metadata"]  # newest first
+    assert decoded["kexec-metadata"]["kexec_count"] == 1 and decoded["LUO"]["sessions"] == []
+    assert decoded["memblock"]["regions"][0]["name"] == "realk_small" and decoded["kho_test"]["nr_folios"] == 60
+    assert read_subnode(memory, "unknown", 0x1000, 8) is None

@@ -18,6 +18,7 @@ the field and the physical address, and no loop or allocation is sized by a clai
   :mod:`~kho.subsystems.checksum` (the kernel's ``csum_partial``);
 - :mod:`~kho.subsystems.memfd`: a preserved memfd (``memfd-v2``, reading ``memfd-v1``);
 - :mod:`~kho.subsystems.luo`: the ``LUO`` sub-node (``luo-v5``: sessions, files, FLBs).
+- :mod:`~kho.subsystems.registry`: the readers by sub-node name (:func:`~kho.subsystems.registry.read_subnode`).
 
 Layouts and kernel literals: :mod:`kho.abi` (one module per kernel header).
 """
