@@ -278,3 +278,18 @@ def test_a_kho_image_opens_like_a_dump(tmp_path, encoding):
         assert spans(found.scratch) == spans(m.memory.scratch) and found.handoff.source.startswith("the image")
     with pytest.raises(KHOError, match="records its own RAM"):
         open_dump(tmp_path / "h.kho", base=0)
+
+
+def test_scan_of_a_segment_ending_inside_a_page(tmp_path):
+    """An ELF segment whose file bytes end mid-page: its last whole page is scanned, the
+    partial one read as zeros past the file (never mapped beyond its end)."""
+    m = Machine.boot(512 * MiB, seed=6)
+    phys = 64 * MiB
+    m.memory.write(phys, sub_fdt("memblock-v1"))
+    write_elf_core(m.memory, tmp_path / "core", segments=[(0, phys + 100)])
+    with open_dump(tmp_path / "core") as dump:
+        assert dump.scan().fdt.tolist() == []  # the page at phys holds 100 bytes in the file: not whole
+        assert dump.memory.ram_size == phys
+    write_elf_core(m.memory, tmp_path / "core2", segments=[(0, phys + 4096 + 100)])
+    with open_dump(tmp_path / "core2") as dump:
+        assert dump.scan().fdt.tolist() == [phys]

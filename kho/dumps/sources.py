@@ -175,9 +175,11 @@ class _FileSource(Source):
             ps = self.page_size
             scan = PageScan()
             for start, stop, offset, in_file in self.pieces:
-                for lo, hi in self._file_data_ranges(offset, min(in_file, stop - start)):
-                    phys = _page_ceil(start + lo - offset, ps)
-                    end = _page_floor(start + hi - offset, ps)
+                held = min(in_file, stop - start, self.file_size - offset)  # bytes of the piece in the file
+                limit = _page_floor(start + held, ps)  # pages wholly in the file: never map past its end
+                for lo, hi in self._file_data_ranges(offset, held):
+                    phys = _page_ceil(start + lo - offset, ps)  # a page starting before lo starts in a hole
+                    end = min(_page_ceil(start + hi - offset, ps), limit)
                     while phys < end:
                         n = min(SCAN_CHUNK_BYTES, end - phys)
                         at = offset + phys - start
