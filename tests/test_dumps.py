@@ -293,3 +293,15 @@ def test_scan_of_a_segment_ending_inside_a_page(tmp_path):
     write_elf_core(m.memory, tmp_path / "core2", segments=[(0, phys + 4096 + 100)])
     with open_dump(tmp_path / "core2") as dump:
         assert dump.scan().fdt.tolist() == [phys]
+
+
+def test_elf_segments_without_a_physical_address_are_skipped(written, tmp_path):
+    """/proc/kcore style: segments of the vmalloc area or kernel text have p_paddr = -1."""
+    m, _, reference, _ = written
+    write_elf_core(m.memory, tmp_path / "kcore", segments=[((1 << 64) - 4096, 4096), (0, 512 * MiB)])
+    with open_dump(tmp_path / "kcore") as dump:
+        assert "(1 without a physical address skipped)" in dump.description
+        assert dump.handover().units() == reference.units()
+    write_elf_core(m.memory, tmp_path / "virtual", segments=[((1 << 64) - 4096, 4096)])
+    with pytest.raises(KHOFormatError, match="1 beyond the physical address space"):
+        open_dump(tmp_path / "virtual")

@@ -37,6 +37,7 @@ from elftools.elf.elffile import ELFFile
 
 from kho.abi.setup_data import BOOT_FLAG, BOOT_PARAMS_BOOT_FLAG_OFFSET, BOOT_PARAMS_HEADER_OFFSET, SETUP_HEADER_MAGIC
 from kho.devicetree.layout import FDT_MAGIC
+from kho.encodings.common import PHYS_ADDR_BITS
 from kho.errors import KHOError, KHOFormatError
 
 #: Bytes read at once when scanning a raw or ELF file (bounds the scan's host memory).
@@ -236,16 +237,21 @@ class ElfSource(_FileSource):
             raise KHOFormatError("elf.e_ident", f"{self.path}: a big-endian core; KHO's structures are read "
                                                 "little-endian (arm64, x86_64)", 5, where="offset")
         segments = []
+        unmapped = 0
         for h in loads:
             paddr, memsz, offset, filesz = (int(h[k]) for k in ("p_paddr", "p_memsz", "p_offset", "p_filesz"))
             if filesz > memsz or offset + filesz > self.file_size:
                 raise KHOFormatError("elf.p_filesz", f"{self.path}: PT_LOAD at paddr {paddr:#x}: {filesz} bytes at file offset "
                                      f"{offset:#x} run past the segment or the {self.file_size}-byte file",
                                      offset, where="offset")
-            if memsz:
+            if paddr + memsz > 1 << PHYS_ADDR_BITS:  # /proc/kcore's vmalloc and text segments: p_paddr -1
+                unmapped += 1
+            elif memsz:
                 segments.append((paddr, paddr + memsz, offset, filesz))
         if not segments:
-            raise KHOFormatError("elf.phdr", f"{self.path}: an ELF core without PT_LOAD segments", 0, where="offset")
+            raise KHOFormatError("elf.phdr", f"{self.path}: an ELF core without PT_LOAD segments of physical memory"
+                                             f"{f' ({unmapped} beyond the physical address space)' if unmapped else ''}",
+                                 0, where="offset")
         pieces = []
         covered = 0  # segments sorted by address; each keeps only what no earlier one covers
         for start, stop, offset, filesz in sorted(segments, key=lambda s: (s[0], -s[1])):
@@ -257,7 +263,8 @@ class ElfSource(_FileSource):
         self.extents = _merge_page_ranges([(p[0], p[1]) for p in pieces], page_size)
         if not self.extents:
             raise KHOFormatError("elf.phdr", f"{self.path}: no PT_LOAD segment holds a whole page", 0, where="offset")
-        self.description = (f"ELF core, {len(segments)} PT_LOAD segments, "
+        skipped = f" ({unmapped} without a physical address skipped)" if unmapped else ""
+        self.description = (f"ELF core, {len(segments)} PT_LOAD segments{skipped}, "
                             f"{sum(e - s for s, e in self.extents)} bytes of RAM")
 
 
