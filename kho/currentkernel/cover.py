@@ -6,6 +6,12 @@ instead of a search through every order.  ``counts[bank][pfn - first pfn of bank
 number of preserved units covering that page (uint8: a page is covered at most once in
 strict mode; kernel-compatible mode keeps overlapping units of different orders).
 
+The checks both trackers make on a unit before preserving it (aligned, inside one RAM
+bank, outside the scratch areas) are here too, as they end in a position in the index:
+:meth:`PageCover.check_units` for a batch (made by
+:func:`kho.currentkernel.batches.unit_arrays`), :meth:`PageCover.locate_unit` for one unit.  The RAM banks are
+:func:`kho.memory.intervals.banks`.
+
 Units: ``phys`` in bytes, ``pfn`` page frame numbers, ``order`` log2 of pages.  Memory: one
 byte per RAM page (16 MiB for 64 GiB of 4 KiB pages).
 """
@@ -17,6 +23,7 @@ from bisect import bisect_right
 import numpy as np
 
 from kho.errors import KHOError
+from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
 
@@ -25,10 +32,9 @@ class PageCover:
 
     def __init__(self, memory: PhysicalMemory):
         self.memory = memory
-        shift = memory.page_shift
-        self.first_pfn = [b.start >> shift for b in memory.banks]
-        self.end_pfn = [b.end >> shift for b in memory.banks]
-        self._firsts = np.array(self.first_pfn, dtype=np.uint64)
+        self._first, self._end = intervals.banks(memory)
+        #: First and end pfn of every RAM bank, as lists for scalar lookups.
+        self.first_pfn, self.end_pfn = self._first.tolist(), self._end.tolist()
         self.counts = [np.zeros(e - s, dtype=np.uint8) for s, e in zip(self.first_pfn, self.end_pfn)]
 
     # -- one unit -------------------------------------------------------------------------
@@ -45,6 +51,20 @@ class PageCover:
         counts = self.counts[bank]
         return bool(counts[off]) if nr == 1 else bool(counts[off:off + nr].any())
 
+    def locate_unit(self, phys: int, order: int) -> tuple[int, int]:
+        """``(bank index, offset in bank)`` of the unit of ``2**order`` pages at byte
+        ``phys`` (an order the tracker accepts); EINVAL unless it is aligned to its size,
+        inside one RAM bank and outside the scratch areas.  O(log banks + areas)."""
+        size = self.memory.page_size << order
+        if phys < 0 or phys & (size - 1):
+            raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
+        where = self.bank_offset(phys >> self.memory.page_shift, 1 << order)
+        if where is None:
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
+        if self.memory.overlaps_scratch(phys, size):
+            raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
+        return where
+
     def add(self, bank: int, off: int, nr: int, delta: int) -> None:
         """Add ``delta`` (+1 or -1) to the counts of ``nr`` pages at ``off`` in ``bank``.  O(nr)."""
         where = off if nr == 1 else slice(off, off + nr)
@@ -54,11 +74,39 @@ class PageCover:
             self.counts[bank][where] -= -delta
 
     # -- batches ------------------------------------------------------------------------
+    def check_units(self, phys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`locate_unit` for a batch from :func:`unit_arrays` whose orders the tracker
+        has checked: EINVAL (naming the first bad unit) unless every unit is aligned, in
+        RAM and outside the scratch areas.  Returns ``(phys uint64, order uint8, bank
+        index int64)``, one per unit.  O(n log (banks + areas))."""
+        shift = self.memory.page_shift
+        if orders.ndim == 0:  # one order for the whole batch: scalar sizes
+            order = int(orders)
+            orders = np.full(phys.size, order, dtype=np.uint8)
+            sizes = np.uint64(1 << (order + shift))
+        else:
+            orders = orders.astype(np.uint8)
+            sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(shift))
+        misaligned = (phys & (sizes - np.uint64(1))) != 0
+        if misaligned.any():
+            i = int(np.argmax(misaligned))
+            raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
+        outside = ~self.memory.in_ram_array(phys, sizes)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} is outside RAM")
+        if self.memory.scratch:
+            in_scratch = self.memory.overlaps_scratch_array(phys, sizes)
+            if in_scratch.any():
+                i = int(np.argmax(in_scratch))
+                raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
+        return phys, orders, self.bank_array(phys)
+
     def bank_array(self, phys: np.ndarray) -> np.ndarray:
         """Bank index of each (validated, in-RAM) uint64 address (int64).  O(n log banks)."""
         if len(self.counts) == 1:
             return np.zeros(phys.size, dtype=np.int64)
-        return np.searchsorted(self._firsts, phys >> np.uint64(self.memory.page_shift), side="right").astype(np.int64) - 1
+        return intervals.locate(self._first, self._end, phys >> np.uint64(self.memory.page_shift))
 
     def pages_of(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray) -> dict[int, np.ndarray]:
         """Offsets of every page of the units, per bank ``{bank: int64 offsets}``.
@@ -122,10 +170,8 @@ class PageCover:
         """Vectorized :meth:`is_preserved` (bool array, False outside RAM).  O(n log banks)."""
         pfn = np.asarray(phys, dtype=np.uint64) >> np.uint64(self.memory.page_shift)
         out = np.zeros(pfn.shape, dtype=bool)
-        bank = np.searchsorted(self._firsts, pfn, side="right").astype(np.int64) - 1
+        bank = intervals.locate(self._first, self._end, pfn).reshape(pfn.shape)
         for b in np.unique(bank[bank >= 0]).tolist():
             sel = np.flatnonzero(bank == b)
-            off = (pfn[sel] - self._firsts[b]).astype(np.int64)
-            inside = off < self.counts[b].size
-            out[sel[inside]] = self.counts[b][off[inside]] != 0
+            out.flat[sel] = self.counts[b][(pfn.flat[sel] - self._first[b]).astype(np.int64)] != 0
         return out

@@ -49,6 +49,7 @@ from typing import Iterator
 import numpy as np
 
 from kho.abi.kexec_handover import RadixGeometry
+from kho.currentkernel.batches import new_units, packed_bitmaps, unit_arrays
 from kho.currentkernel.cover import PageCover
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.errors import KHOError
@@ -155,47 +156,16 @@ class RadixTracker:
         """Checks one unit and returns (bank index, pfn offset in bank)."""
         if not self.min_order <= order <= self.max_order:
             self._check_order(order)
-        size = self._page_size << order
-        if phys < 0 or phys & (size - 1):
-            raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
-        where = self._cover.bank_offset(phys >> self._page_shift, 1 << order)
-        if where is None:
-            raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
-        if self.memory.overlaps_scratch(phys, size):
-            raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
-        return where
+        return self._cover.locate_unit(phys, order)
 
     def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validate a batch; return (phys uint64, order uint8, bank index int64) arrays."""
-        phys = np.asarray(phys).reshape(-1)
-        if phys.size and (phys.dtype.kind not in "iu" or (phys.dtype.kind == "i" and phys.min() < 0)):
-            raise KHOError("EINVAL", "physical addresses must be non-negative integers")
-        phys = phys.astype(np.uint64, copy=False)
-        orders = np.asarray(orders)
-        if orders.dtype.kind not in "iu":
-            raise KHOError("EINVAL", "orders must be integers")
-        if orders.ndim and orders.shape != phys.shape:
-            raise KHOError("EINVAL", f"{orders.size} orders for {phys.size} addresses")
+        phys, orders = unit_arrays(phys, orders)
         if orders.size:
             low, high = int(orders.min()), int(orders.max())
             if low < self.min_order or high > self.max_order:
                 self._check_order(low if low < self.min_order else high)
-        orders = np.broadcast_to(orders, phys.shape).astype(np.uint8)
-        sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(self._page_shift))
-        misaligned = (phys & (sizes - np.uint64(1))) != 0
-        if misaligned.any():
-            i = int(np.argmax(misaligned))
-            raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
-        outside = ~self.memory.in_ram_array(phys, sizes)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} is outside RAM")
-        if self.memory.scratch:
-            in_scratch = self.memory.overlaps_scratch_array(phys, sizes)
-            if in_scratch.any():
-                i = int(np.argmax(in_scratch))
-                raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
-        return phys, orders, self._cover.bank_array(phys)
+        return self._cover.check_units(phys, orders)
 
     # -- nodes ------------------------------------------------------------------------------
     def _leaf_of(self, phys: int, order: int) -> tuple[int, int]:
@@ -352,34 +322,12 @@ class RadixTracker:
 
     # -- batches ------------------------------------------------------------------------------
     def _packed_leaves(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """``(leaf key, packed bits uint8[page_size])`` for the units of a validated batch.
-
-        Per order: unit numbers ``phys >> (PAGE_SHIFT + order)`` split into leaf index and
-        bit, scattered into a dense bool array and packed, at most ``_DENSE_BITS`` bits a
-        pass.  O(units + touched leaf bits) numpy work.
-        """
+        """``(leaf key, packed bits uint8[page_size])`` for the units of a validated batch:
+        :func:`~kho.currentkernel.batches.packed_bitmaps` with one leaf a bitmap.
+        O(units + touched leaf bits) numpy work."""
         g = self.geometry
-        nbits = 1 << g.bitmap_log2
-        rows_per_pass = max(1, self._DENSE_BITS // nbits)
-        present = np.flatnonzero(np.bincount(orders))
-        for order in present.tolist():
-            unit = (phys if present.size == 1 else phys[orders == order]) >> np.uint64(self._page_shift + order)
-            unit = unit.view(np.int64)
-            index, bit = unit >> g.bitmap_log2, unit & self._bit_mask
-            lo, hi = int(index.min()), int(index.max())
-            if hi - lo < rows_per_pass:
-                row_index, row = np.arange(lo, hi + 1, dtype=np.int64), index - lo
-            else:
-                row_index, row = np.unique(index, return_inverse=True)
-            leaf_keys = g.leaf_key_array(order, row_index).tolist()
-            for first in range(0, row_index.size, rows_per_pass):
-                rows = min(rows_per_pass, row_index.size - first)
-                sel = slice(None) if rows == row_index.size else (row >= first) & (row < first + rows)
-                dense = np.zeros(rows * nbits, dtype=bool)
-                dense[(row[sel] - first) * nbits + bit[sel]] = True
-                packed = np.packbits(dense, bitorder="little").reshape(rows, nbits // 8)
-                for r in np.flatnonzero(packed.any(axis=1)).tolist():
-                    yield leaf_keys[first + r], packed[r]
+        for order, index, packed in packed_bitmaps(phys, orders, self._page_shift, g.bitmap_log2, self._DENSE_BITS):
+            yield from zip(g.leaf_key_array(order, index).tolist(), packed)
 
     def _leaf_array(self, leaf_key: int) -> np.ndarray | None:
         """The contents of a leaf as a writable uint8 view, or None when it does not exist."""
@@ -387,16 +335,9 @@ class RadixTracker:
         return None if leaf is None else np.frombuffer(self._pages[leaf], dtype=np.uint8)
 
     def _drop_already_set(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray):
-        """Kernel-compatible mode: drop units named twice in the batch or whose bit is set.
-
-        O(n log n) for the duplicates plus O(n) Python for the bit tests.
-        """
-        _, first = np.unique(np.stack([phys, orders.astype(np.uint64)]), axis=1, return_index=True)
-        keep = np.zeros(phys.size, dtype=bool)
-        keep[first] = True
-        for i in np.flatnonzero(keep).tolist():
-            if self._test_bit(int(phys[i]), int(orders[i])):
-                keep[i] = False
+        """Kernel-compatible mode: drop units named twice in the batch or whose bit is set
+        (:func:`~kho.currentkernel.batches.new_units`)."""
+        keep = new_units(phys, orders, self._test_bit)
         return phys[keep], orders[keep], bank[keep]
 
     def preserve_many(self, phys, orders=0) -> None:

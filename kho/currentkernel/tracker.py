@@ -20,21 +20,23 @@ Differences from the kernel, on purpose:
   does not cap it, and then cannot restore the units above MAX_PAGE_ORDER it wrote.
 * A failing call, batch or range changes nothing: everything is checked before anything
   is set (the kernel sets as it goes and rolls back).
-* kho keeps a host-side index, one byte per RAM page counting the preserved units that
-  cover it, for O(1) overlap checks; it is not part of the modelled kernel memory.
+* kho keeps a host-side index, a :class:`~kho.currentkernel.cover.PageCover` (one byte
+  per RAM page counting the preserved units that cover it), for O(1) overlap checks; it is
+  not part of the modelled kernel memory.
 
 Units: ``phys`` in bytes, ``pfn`` page frame numbers, ``order`` in pages (log2).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from kho.abi.kho_v1 import PRESERVE_BITS_6_16
+from kho.currentkernel.batches import new_units, packed_bitmaps, unit_arrays
+from kho.currentkernel.cover import PageCover
 from kho.currentkernel.xarray import XA_NODE_BYTES, XArray
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split_array
@@ -79,10 +81,7 @@ class Tracker:
         self._max_order = memory.geometry.max_order
         self._nr_units = 0
         self._nr_pages = 0
-        shift = memory.page_shift
-        self._bank_first_pfn = [b.start >> shift for b in memory.banks]
-        self._bank_end_pfn = [b.end >> shift for b in memory.banks]
-        self._cover = [np.zeros(e - s, dtype=np.uint8) for s, e in zip(self._bank_first_pfn, self._bank_end_pfn)]
+        self._cover = PageCover(memory)
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -122,16 +121,7 @@ class Tracker:
         """Checks one unit and returns (bank index, pfn offset in bank)."""
         if not 0 <= order <= self._max_order:
             self._check_order(order)
-        size = self._page_size << order
-        if phys < 0 or phys & (size - 1):
-            raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
-        pfn = phys >> self._page_shift
-        i = bisect_right(self._bank_first_pfn, pfn) - 1
-        if i < 0 or pfn + (1 << order) > self._bank_end_pfn[i]:
-            raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
-        if self.memory.overlaps_scratch(phys, size):
-            raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
-        return i, pfn - self._bank_first_pfn[i]
+        return self._cover.locate_unit(phys, order)
 
     def _bitmap(self, order: int, index: int, create: bool) -> np.ndarray | None:
         """The bitmap of ``order`` at xarray ``index`` (created zeroed when ``create``)."""
@@ -162,22 +152,14 @@ class Tracker:
         if self.finalized:
             self._check_mutable()
         bank, off = self._locate_unit(phys, order)
-        cover = self._cover[bank]
-        if order == 0:
-            if cover[off]:
-                if self.strict:
-                    raise KHOError("EEXIST", f"{phys:#x} order 0 is already preserved")
-                if self._test_bit(phys, 0):
-                    return
-            cover[off] += 1
-        else:
-            nr = 1 << order
-            if cover[off:off + nr].any():
-                if self.strict:
-                    raise KHOError("EEXIST", f"{phys:#x} order {order} overlaps memory that is already preserved")
-                if self._test_bit(phys, order):
-                    return
-            cover[off:off + nr] += 1
+        nr = 1 << order
+        if self._cover.covered(bank, off, nr):
+            if self.strict:
+                what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
+                raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
+            if self._test_bit(phys, order):
+                return
+        self._cover.add(bank, off, nr, 1)
         key = phys >> (self._page_shift + order)
         bit = key & (self.preserve_bits - 1)
         bitmap = self._bitmap(order, key >> self._bits_shift, create=True)
@@ -198,7 +180,7 @@ class Tracker:
         bitmap = self._bitmap(order, index, create=False)
         bitmap[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
         nr = 1 << order
-        self._cover[bank][off:off + nr] -= 1
+        self._cover.add(bank, off, nr, -1)
         self._nr_units -= 1
         self._nr_pages -= nr
 
@@ -234,62 +216,12 @@ class Tracker:
     # -- batches ------------------------------------------------------------------------
     def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validate a batch; return (phys uint64, order uint8, bank index int64) arrays."""
-        phys = np.asarray(phys).reshape(-1)
-        if phys.size and (phys.dtype.kind not in "iu" or (phys.dtype.kind == "i" and phys.min() < 0)):
-            raise KHOError("EINVAL", "physical addresses must be non-negative integers")
-        phys = phys.astype(np.uint64, copy=False)
-        orders = np.asarray(orders)
-        if orders.dtype.kind not in "iu":
-            raise KHOError("EINVAL", "orders must be integers")
-        if orders.ndim and orders.shape != phys.shape:
-            raise KHOError("EINVAL", f"{orders.size} orders for {phys.size} addresses")
+        phys, orders = unit_arrays(phys, orders)
         max_order = self.memory.geometry.max_order
         if orders.size and (orders.min() < 0 or orders.max() > max_order):
             bad = int(orders.reshape(-1)[((orders < 0) | (orders > max_order)).reshape(-1)][0])
             raise KHOError("EINVAL", f"order {bad} is outside 0..{max_order} (MAX_PAGE_ORDER)")
-        shift = self.memory.page_shift
-        if orders.ndim == 0:  # one order for the whole batch: scalar sizes
-            order = int(orders)
-            orders = np.full(phys.size, order, dtype=np.uint8)
-            sizes = np.uint64(1 << (order + shift))
-        else:
-            orders = orders.astype(np.uint8)
-            sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(shift))
-        misaligned = (phys & (sizes - np.uint64(1))) != 0
-        if misaligned.any():
-            i = int(np.argmax(misaligned))
-            raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
-        outside = ~self.memory.in_ram_array(phys, sizes)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} is outside RAM")
-        if self.memory.scratch:
-            in_scratch = self.memory.overlaps_scratch_array(phys, sizes)
-            if in_scratch.any():
-                i = int(np.argmax(in_scratch))
-                raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
-        if len(self._cover) == 1:
-            bank = np.zeros(phys.size, dtype=np.int64)
-        else:
-            firsts = np.array(self._bank_first_pfn, dtype=np.uint64)
-            bank = np.searchsorted(firsts, phys >> np.uint64(shift), side="right").astype(np.int64) - 1
-        return phys, orders, bank
-
-    def _pages_of(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray, b: int) -> np.ndarray:
-        """Offsets in bank ``b`` of every page of the batch's units in that bank."""
-        if len(self._cover) == 1:
-            sel = slice(None)
-        else:
-            sel = bank == b
-        pfn = (phys[sel].view(np.int64) >> self.memory.page_shift) - self._bank_first_pfn[b]
-        ords = orders[sel]
-        if not ords.size or ords.max() == 0:
-            return pfn
-        parts = []
-        for order in np.unique(ords):
-            p = pfn[ords == order]
-            parts.append((p[:, None] + np.arange(1 << int(order), dtype=np.int64)).ravel())
-        return np.concatenate(parts)
+        return self._cover.check_units(phys, orders)
 
     def preserve_many(self, phys, orders=0) -> None:
         """Preserve a batch of units: ``phys`` an array of addresses, ``orders`` an int or an array.
@@ -302,79 +234,28 @@ class Tracker:
             return
         if not self.strict:
             phys, orders, bank = self._drop_already_set(phys, orders, bank)
-        pages = {b: self._pages_of(phys, orders, bank, b) for b in np.flatnonzero(np.bincount(bank)).tolist()}
+        pages = self._cover.pages_of(phys, orders, bank)
         if self.strict:
-            for b, offs in pages.items():
-                if self._cover[b][offs].any():
-                    hit = offs[np.argmax(self._cover[b][offs] != 0)] + self._bank_first_pfn[b]
-                    raise KHOError("EEXIST", f"page {hit << self.memory.page_shift:#x} is already preserved")
-            # No page is covered yet: marking them all and counting detects overlaps within the batch.
-            done = []
-            for b, offs in pages.items():
-                cover = self._cover[b]
-                before = np.count_nonzero(cover)
-                cover[offs] = 1
-                done.append((b, offs))
-                if np.count_nonzero(cover) - before != offs.size:
-                    for bb, oo in done:
-                        self._cover[bb][oo] = 0
-                    raise KHOError("EEXIST", "the batch preserves some page twice")
+            self._cover.mark_unique(pages)
         else:
-            for b, offs in pages.items():
-                np.add.at(self._cover[b], offs, 1)
+            self._cover.add_pages(pages, 1)
         self._set_bits(phys, orders)
         self._nr_units += int(phys.size)
         self._nr_pages += int(np.sum(np.left_shift(1, orders.astype(np.int64))))
 
     def _drop_already_set(self, phys, orders, bank):
         """Lenient mode: drop units whose exact bit is already set and duplicates in the batch."""
-        keep = np.ones(phys.size, dtype=bool)
-        _, first = np.unique(np.stack([phys, orders.astype(np.uint64)]), axis=1, return_index=True)
-        keep[:] = False
-        keep[first] = True
-        for i in np.flatnonzero(keep):
-            if self._test_bit(int(phys[i]), int(orders[i])):
-                keep[i] = False
+        keep = new_units(phys, orders, self._test_bit)
         return phys[keep], orders[keep], bank[keep]
 
-    #: Rows (bitmaps) scattered per numpy pass when setting or clearing bits in bulk.
+    #: Bitmap bits scattered per numpy pass when setting or clearing bits in bulk.
     _DENSE_BITS = 1 << 28
-
-    def _packed_bitmaps(self, keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Group unit keys (``pfn >> order``) of one order into packed bitmaps.
-
-        Yields ``(xarray index, bitmap bytes)`` for every index the keys touch.  Scatter into
-        a dense bool array, then ``packbits``: O(units + touched bitmap bits) numpy work, each
-        pass bounded by ``_DENSE_BITS`` bits.
-        """
-        nbits = self.preserve_bits
-        keys = keys.view(np.int64)  # keys < 2**52: the same values, cheaper arithmetic
-        index = keys >> self._bits_shift
-        bit = keys & (nbits - 1)
-        lo, hi = int(index.min()), int(index.max())
-        rows_per_pass = max(1, self._DENSE_BITS // nbits)
-        if hi - lo < rows_per_pass:
-            row_index = np.arange(lo, hi + 1, dtype=np.int64)
-            row = index - lo
-        else:
-            row_index, row = np.unique(index, return_inverse=True)
-        for first in range(0, row_index.size, rows_per_pass):
-            rows = min(rows_per_pass, row_index.size - first)
-            sel = slice(None) if rows == row_index.size else (row >= first) & (row < first + rows)
-            dense = np.zeros(rows * nbits, dtype=bool)
-            dense[(row[sel] - first) * nbits + bit[sel]] = True
-            packed = np.packbits(dense, bitorder="little").reshape(rows, nbits // 8)
-            for r in np.flatnonzero(packed.any(axis=1)).tolist():
-                yield int(row_index[first + r]), packed[r]
 
     def _batch_bitmaps(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(order, xarray index, packed bits)`` for the units of a validated batch."""
-        shift = self.memory.page_shift
-        present = np.flatnonzero(np.bincount(orders, minlength=1))
-        for order in present.tolist():
-            keys = phys if present.size == 1 else phys[orders == order]
-            for index, packed in self._packed_bitmaps(keys >> np.uint64(shift + order)):
-                yield order, index, packed
+        for order, index, packed in packed_bitmaps(phys, orders, self._page_shift, self._bits_shift, self._DENSE_BITS):
+            for i, bits in zip(index.tolist(), packed):
+                yield order, i, bits
 
     def _set_bits(self, phys: np.ndarray, orders: np.ndarray) -> None:
         for order, index, packed in self._batch_bitmaps(phys, orders):
@@ -401,32 +282,18 @@ class Tracker:
             raise KHOError("ENOENT", "the batch unpreserves some unit twice")
         for bitmap, packed in plan:
             bitmap &= ~packed
-        for b in np.flatnonzero(np.bincount(bank)).tolist():
-            np.subtract.at(self._cover[b], self._pages_of(phys, orders, bank, b), 1)
+        self._cover.add_pages(self._cover.pages_of(phys, orders, bank), -1)
         self._nr_units -= int(phys.size)
         self._nr_pages -= int(np.sum(np.left_shift(1, orders.astype(np.int64))))
 
     # -- queries ------------------------------------------------------------------------
     def is_preserved(self, phys: int) -> bool:
         """True when the page holding byte ``phys`` is covered by a preserved unit.  O(log banks)."""
-        pfn = phys >> self.memory.page_shift
-        i = bisect_right(self._bank_first_pfn, pfn) - 1
-        if i < 0 or pfn >= self._bank_end_pfn[i]:
-            return False
-        return bool(self._cover[i][pfn - self._bank_first_pfn[i]])
+        return self._cover.is_preserved(phys)
 
     def is_preserved_array(self, phys: np.ndarray) -> np.ndarray:
         """Vectorized :meth:`is_preserved` (bool array)."""
-        pfn = np.asarray(phys, dtype=np.uint64) >> np.uint64(self.memory.page_shift)
-        out = np.zeros(pfn.shape, dtype=bool)
-        firsts = np.array(self._bank_first_pfn, dtype=np.uint64)
-        bank = np.searchsorted(firsts, pfn, side="right").astype(np.int64) - 1
-        for b in np.unique(bank[bank >= 0]):
-            sel = np.flatnonzero(bank == b)
-            off = (pfn[sel] - firsts[b]).astype(np.int64)
-            inside = off < self._cover[b].size
-            out[sel[inside]] = self._cover[b][off[inside]] != 0
-        return out
+        return self._cover.is_preserved_array(phys)
 
     def unit_at(self, phys: int) -> tuple[int, int] | None:
         """The preserved unit ``(phys, order)`` covering byte ``phys`` (lowest order first), or None."""

@@ -31,9 +31,7 @@ class MemMap:
 
     def __init__(self, memory: PhysicalMemory):
         self.memory = memory
-        shift = memory.page_shift
-        self.bank_first = np.array([b.start >> shift for b in memory.banks], dtype=np.uint64)
-        self.bank_end = np.array([b.end >> shift for b in memory.banks], dtype=np.uint64)
+        self.bank_first, self.bank_end = intervals.banks(memory)
         sizes = (self.bank_end - self.bank_first).astype(np.int64)
         self.bank_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.nr_pages = int(sizes.sum())
@@ -51,18 +49,16 @@ class MemMap:
                 bad = pfn[(pfn < self.bank_first[0]) | (pfn >= self.bank_end[0])][0]
                 raise KHOError("EINVAL", f"pfn {int(bad):#x} is outside RAM")
             return (pfn - self.bank_first[0]).astype(np.int64)
-        bank = np.searchsorted(self.bank_first, pfn, side="right").astype(np.int64) - 1
-        ok = (bank >= 0) & (pfn < self.bank_end[np.maximum(bank, 0)])
-        if not ok.all():
-            bad = int(pfn[np.argmax(~ok)])
+        bank = intervals.locate(self.bank_first, self.bank_end, pfn)
+        if (bank < 0).any():
+            bad = int(pfn[np.argmax(bank < 0)])
             raise KHOError("EINVAL", f"pfn {bad:#x} is outside RAM")
-        bank = np.maximum(bank, 0)
         return (pfn - self.bank_first[bank]).astype(np.int64) + self.bank_base[bank]
 
     def index_range(self, pfn: int, nr_pages: int) -> slice:
         """The array slice of pages ``[pfn, pfn + nr_pages)``; EINVAL unless inside one bank."""
         first = int(self.index([pfn])[0])
-        bank = int(np.searchsorted(self.bank_first, np.uint64(pfn), side="right")) - 1
+        bank = int(intervals.locate(self.bank_first, self.bank_end, [pfn])[0])
         if pfn + nr_pages > int(self.bank_end[bank]):
             raise KHOError("EINVAL", f"pages {pfn:#x}+{nr_pages} cross the end of a RAM bank")
         return slice(first, first + nr_pages)
