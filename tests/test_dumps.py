@@ -95,6 +95,7 @@ def test_each_format_decodes_to_the_same_units(written, name, fmt):
         assert list(nodes) == ["memblock", "workload"]  # newest first, as the kernel adds them
         assert (nodes["workload"].phys, nodes["workload"].size) == (handover.subtrees["workload"], 32)
         assert (nodes["workload"].format, nodes["workload"].compatible) == ("binary", "luo-v5")
+        assert nodes["workload"].decoded.to_json()["compatible"] == "luo-v5"  # read by its compatible
         assert (nodes["memblock"].format, nodes["memblock"].compatible) == ("fdt", "memblock-v1")
         assert nodes["memblock"].data == sub_fdt("memblock-v1")
         assert found.scratch == [] and found.handoff is None  # nothing in memory names the FDT

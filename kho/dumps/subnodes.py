@@ -1,9 +1,10 @@
 """The sub-nodes of a handover found in a dump, decoded with :mod:`kho.subsystems`, and every
 physical range the handover references.
 
-A sub-node's reader is chosen by the node's name as the kernel registers it (``memblock``,
-``LUO``, ``kho_test``, ``kexec-metadata``), else by its blob's compatible (``memblock-v1``,
-``kho-test-v1``, ``luo-v5``); other sub-nodes stay undecoded (named as unknown).
+A sub-node's reader is chosen by the node's name as the kernel registers it
+(:mod:`kho.subsystems.registry`: ``memblock``, ``LUO``, ``kho_test``, ``kexec-metadata``),
+else by its blob's compatible (``memblock-v1``, ``kho-test-v1``, ``luo-v5``); other sub-nodes
+stay undecoded.
 
 :func:`referenced_ranges` lists what the next kernel will read or hand back: the KHO FDT,
 the radix (or chunk) pages, the scratch array, every sub-node blob and what each decoded
@@ -15,25 +16,13 @@ ranges that are preserved *contents* rather than structures to decode.
 from __future__ import annotations
 
 from inspect import signature
-from typing import Callable
 
-from kho.abi.kexec_metadata import KHO_METADATA_NODE_NAME
 from kho.abi.luo import LUO_ABI_COMPATIBLE, LUO_KHO_ENTRY_NAME
 from kho.abi.memblock import MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE
 from kho.abi.test_kho import KHO_TEST_COMPAT, KHO_TEST_FDT
 from kho.subsystems.common import Range
-from kho.subsystems.kexec_metadata import read_kexec_metadata
-from kho.subsystems.kho_test import read_kho_test
-from kho.subsystems.luo import read_luo
-from kho.subsystems.memblock import read_memblock
+from kho.subsystems.registry import SUBNODE_READERS, read_subnode
 
-#: ``reader(memory, phys, size, *, strict)`` by the sub-node's name.
-READERS: dict[str, Callable] = {
-    MEMBLOCK_KHO_FDT: read_memblock,
-    LUO_KHO_ENTRY_NAME: read_luo,
-    KHO_TEST_FDT: read_kho_test,
-    KHO_METADATA_NODE_NAME: read_kexec_metadata,
-}
 #: The sub-node name whose reader reads a blob of each compatible (for renamed nodes).
 NAME_OF_COMPATIBLE = {
     MEMBLOCK_KHO_NODE_COMPATIBLE: MEMBLOCK_KHO_FDT,
@@ -45,16 +34,13 @@ NAME_OF_COMPATIBLE = {
 CONTENT_KINDS = ("kho_test folio", "reserve_mem", "memfd folio")
 
 
-def reader_for(name: str, compatible: str | None) -> Callable | None:
-    """The reader of a sub-node called ``name`` whose blob has ``compatible`` (None if unknown)."""
-    return READERS.get(name) or READERS.get(NAME_OF_COMPATIBLE.get(compatible or "", ""))
-
-
 def decode_subnode(memory, name: str, phys: int, size: int, compatible: str | None, *, strict: bool):
-    """The decoded sub-node (a :mod:`kho.subsystems` object), or None when no reader knows it.
-    KHOError / KHOFormatError from the reader pass through."""
-    reader = reader_for(name, compatible)
-    return None if reader is None else reader(memory, phys, size, strict=strict)
+    """The decoded sub-node (a :mod:`kho.subsystems` object) by its name
+    (:func:`~kho.subsystems.registry.read_subnode`), else by its blob's compatible; None when
+    neither is known.  KHOError / KHOFormatError from the reader pass through."""
+    if name not in SUBNODE_READERS:
+        name = NAME_OF_COMPATIBLE.get(compatible or "", name)
+    return read_subnode(memory, name, phys, size, strict=strict)
 
 
 def subnode_ranges(decoded, page_size: int) -> list[Range]:
