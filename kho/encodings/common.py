@@ -204,12 +204,13 @@ def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarr
     phys_parts, order_parts = [], []
     for o in np.unique(order).tolist():
         sel = np.flatnonzero(order == o)
-        raw = maps[sel].reshape(-1)
-        nonzero = np.flatnonzero(raw)
-        if nonzero.size == raw.size:
-            flat = np.flatnonzero(np.unpackbits(raw, bitorder="little"))
+        raw = maps.reshape(-1) if sel.size == order.size else maps[sel].reshape(-1)
+        nonzero = np.count_nonzero(raw)
+        if nonzero > raw.size >> 3:  # dense enough: expanding every byte is cheaper than gathering
+            flat = np.flatnonzero(np.unpackbits(raw, bitorder="little").view(bool))
         else:
-            pos = np.flatnonzero(np.unpackbits(raw[nonzero], bitorder="little"))
+            nonzero = np.flatnonzero(raw)
+            pos = np.flatnonzero(np.unpackbits(raw[nonzero], bitorder="little").view(bool))
             flat = (nonzero[pos >> 3] << 3) | (pos & 7)
         room = PHYS_ADDR_BITS - o - page_shift
         firsts = first_unit[sel].astype(np.int64)
@@ -223,7 +224,11 @@ def units_from_bitmaps(maps: np.ndarray, first_unit: np.ndarray, order: np.ndarr
                                              f"{PHYS_ADDR_BITS}-bit physical address space", at)
         # unit number = first_unit[row] + (flat - row * nbits), with row = flat >> bits_log2, in place
         unit = flat
-        unit += (firsts - (np.arange(sel.size, dtype=np.int64) << bits_log2))[flat >> bits_log2]
+        if sel.size and firsts[-1] - firsts[0] == (sel.size - 1) << bits_log2 and (
+                sel.size == 1 or (np.diff(firsts) == nbits).all()):  # consecutive bitmaps: one offset
+            unit += firsts[0]
+        else:
+            unit += (firsts - (np.arange(sel.size, dtype=np.int64) << bits_log2))[flat >> bits_log2]
         phys = unit.view(np.uint64)
         phys <<= np.uint64(o + page_shift)
         phys_parts.append(phys)
@@ -264,11 +269,18 @@ def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, fie
         if outside.any():
             fail(int(np.argmax(outside)), "outside RAM")
         return
-    if top == int(order.min()):
-        overlap = phys[1:] - phys[:-1] < np.uint64(memory.page_size << top)
+    if int(phys.max()) < 1 << 63:  # one signed difference finds both overlaps and descents
+        step = phys[1:].view(np.int64) - phys[:-1].view(np.int64)
+        if top == int(order.min()):
+            overlap = step < (memory.page_size << top)
+        else:
+            overlap = step < np.left_shift(np.int64(memory.page_size), order[:-1].astype(np.int64))
     else:
-        overlap = phys[1:] - phys[:-1] < np.left_shift(np.uint64(memory.page_size), order[:-1].astype(np.uint64))
-    overlap |= phys[1:] <= phys[:-1]
+        if top == int(order.min()):
+            overlap = phys[1:] - phys[:-1] < np.uint64(memory.page_size << top)
+        else:
+            overlap = phys[1:] - phys[:-1] < np.left_shift(np.uint64(memory.page_size), order[:-1].astype(np.uint64))
+        overlap |= phys[1:] <= phys[:-1]
     if overlap.any():
         fail(int(np.argmax(overlap)) + 1, "overlaps or precedes the unit before it")
 
@@ -277,7 +289,7 @@ def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, fie
 
     covered = 0
     for bank in memory.banks:
-        lo, hi = np.searchsorted(phys, [bank.start, bank.end]).tolist()
+        lo, hi = np.searchsorted(phys, np.array([bank.start, bank.end], dtype=np.uint64)).tolist()  # same dtype: no cast of phys
         if lo < hi and end_of(hi - 1) > bank.end:
             fail(hi - 1, "outside RAM")
         if lo > covered:
@@ -286,7 +298,7 @@ def check_units(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray, fie
     if covered < phys.size:
         fail(covered, "outside RAM")
     for area in memory.scratch:
-        i = int(np.searchsorted(phys, area.end)) - 1
+        i = int(np.searchsorted(phys, np.uint64(area.end))) - 1
         if i >= 0 and end_of(i) > area.addr:
             fail(i, f"overlaps the {area.kind} scratch area")
 
