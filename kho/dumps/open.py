@@ -72,10 +72,13 @@ class Dump:
         kernel-compatible one.  Computed once per choice."""
         key = (fdt, strict)
         if key not in self._handovers:
-            scan = self.scan()
-            self._handovers[key] = find_handover(self.memory, scan.fdt, scan.boot_params,
-                                                 what=f"{self.path} ({self.description})", fdt=fdt, strict=strict)
+            self._handovers[key] = self._find(fdt, strict)
         return self._handovers[key]
+
+    def _find(self, fdt: int | None, strict: bool) -> DumpHandover:
+        scan = self.scan()
+        return find_handover(self.memory, scan.fdt, scan.boot_params, what=f"{self.path} ({self.description})",
+                             fdt=fdt, strict=strict)
 
     def close(self) -> None:
         if self.source is not None:
@@ -103,16 +106,11 @@ class ImageDump(Dump):
         """The recorded KHO FDT only."""
         return PageScan(fdt=np.array([self.image.fdt_phys], np.uint64))
 
-    def handover(self, *, fdt: int | None = None, strict: bool = False) -> DumpHandover:
-        key = (fdt, strict)
-        if key not in self._handovers:
-            image = self.image
-            recorded = Handoff(image.fdt_phys, image.fdt_size, image.scratch_phys, image.scratch_size,
-                               f"the image {self.path}")
-            self._handovers[key] = find_handover(self.memory, self.scan().fdt, self.scan().boot_params,
-                                                 what=f"{self.path} ({self.description})", fdt=fdt, strict=strict,
-                                                 handoffs=[recorded], compatibles=known_compatibles())
-        return self._handovers[key]
+    def _find(self, fdt: int | None, strict: bool) -> DumpHandover:
+        image = self.image
+        recorded = Handoff(image.fdt_phys, image.fdt_size, image.scratch_phys, image.scratch_size, f"the image {self.path}")
+        return find_handover(self.memory, self.scan().fdt, self.scan().boot_params, what=f"{self.path} ({self.description})",
+                             fdt=fdt, strict=strict, handoffs=[recorded], compatibles=known_compatibles())
 
 
 def is_image(head: bytes) -> bool:
