@@ -10,18 +10,27 @@ is :mod:`kho.handover.scratch_array`'s.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import fdt
+import numpy as np
 
 from kho.abi.kexec_handover import KHO_CHOSEN_FDT_PROP_NAME, KHO_CHOSEN_SCRATCH_PROP_NAME
-from kho.devicetree.flat import new_tree, parse_fdt, prop_bytes, to_dtb
+from kho.devicetree.fdt_rw import ReadWriteFdt
+from kho.devicetree.fdt_sw import SequentialFdt
+from kho.devicetree.flat import parse_fdt, prop_bytes
 from kho.devicetree.layout import BOOT_ADDRESS_CELLS, BOOT_SIZE_CELLS, DEFAULT_ADDRESS_CELLS, DEFAULT_SIZE_CELLS
 from kho.errors import KHOError, KHOFormatError
 
 #: Root ``compatible`` and ``model`` of the minimal boot DTB kho writes (QEMU's generic arm64 board).
 BOOT_COMPATIBLE = "linux,dummy-virt"
 BOOT_MODEL = "kho modelled machine"
+#: The running kernel's DTB buffer kho builds first (bytes), and the room kexec adds to edit it.
+BOOT_DTB_BUFFER = 4096
+BOOT_DTB_SLACK = 4096
+#: ``RNG_SEED_SIZE``: bytes of ``/chosen/rng-seed``.
+RNG_SEED_SIZE = 128
 #: Largest cell count accepted for an address or a size in strict mode (two cells = 64 bits).
 MAX_CELLS = 2
 #: Root cell counts the kernel assumes when the root has none (OF_ROOT_NODE_*_CELLS_DEFAULT
@@ -49,23 +58,61 @@ def _cells(value: int, count: int) -> list[int]:
     return [(value >> (32 * (count - 1 - i))) & 0xFFFFFFFF for i in range(count)]
 
 
-def build_boot_dtb(fdt_phys: int, fdt_size: int, scratch_phys: int, scratch_size: int) -> bytes:
-    """A minimal boot DTB: root ``#address-cells = <2>``, ``#size-cells = <2>``, compatible,
-    model, and ``/chosen`` with ``linux,kho-fdt`` and ``linux,kho-scratch``."""
-    for value, what in ((fdt_phys, "fdt address"), (fdt_size, "fdt size"), (scratch_phys, "scratch address"), (scratch_size, "scratch size")):
+def _base_dtb(bootargs: str | None) -> tuple[bytes, bytearray]:
+    """The running kernel's own DTB as kho models it (``fdt_sw``): root ``compatible``,
+    ``model``, ``#address-cells = <2>``, ``#size-cells = <2>`` and a ``/chosen`` holding the
+    command line.  (blob, buffer)."""
+    sw = SequentialFdt(BOOT_DTB_BUFFER)
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", BOOT_COMPATIBLE)
+    sw.property_string("model", BOOT_MODEL)
+    sw.property("#address-cells", struct.pack(">I", BOOT_ADDRESS_CELLS))
+    sw.property("#size-cells", struct.pack(">I", BOOT_SIZE_CELLS))
+    sw.begin_node("chosen")
+    if bootargs is not None:
+        sw.property_string("bootargs", bootargs)
+    sw.end_node()
+    sw.end_node()
+    return sw.finish(), sw.buffer
+
+
+def _addrrange(phys: int, size: int) -> bytes:
+    """``fdt_appendprop_addrrange`` in the root's cells: big-endian address then size."""
+    return b"".join(struct.pack(">I", c) for c in _cells(phys, BOOT_ADDRESS_CELLS) + _cells(size, BOOT_SIZE_CELLS))
+
+
+def build_boot_dtb(fdt_phys: int, fdt_size: int, scratch_phys: int, scratch_size: int, *,
+                   initrd: tuple[int, int] | None = None, bootargs: str | None = None, seed: int = 0) -> bytes:
+    """The DTB an arm64 kexec_file_load builds for the next kernel (``of_kexec_alloc_and_setup_fdt``):
+    the running kernel's DTB (:func:`_base_dtb`) edited in place with libfdt, so properties
+    appear newest first, as on a real 7.3 kernel: ``linux,booted-from-kexec`` (empty),
+    ``rng-seed`` (128 bytes), ``kaslr-seed`` (u64), ``linux,kho-scratch`` and ``linux,kho-fdt``
+    (``<addr size>`` in the root's 2 + 2 cells), ``linux,initrd-end`` and ``linux,initrd-start``
+    with a ``/memreserve/`` for the initrd when ``initrd = (phys, size)``, then ``bootargs``.
+    The seeds are drawn from ``seed`` (the kernel's are random).  Packed (``fdt_pack``).
+    EINVAL for a value that does not fit its cells.  O(DTB bytes) per edit."""
+    for value, what in ((fdt_phys, "fdt address"), (fdt_size, "fdt size"), (scratch_phys, "scratch address"),
+                        (scratch_size, "scratch size"), *(zip(initrd or (), ("initrd address", "initrd size")))):
         if not (isinstance(value, int) and 0 <= value < 1 << 64):
             raise KHOError("EINVAL", f"{what} {value!r} does not fit in two cells")
-    tree = new_tree()
-    root = tree.root
-    root.append(fdt.PropStrings("compatible", BOOT_COMPATIBLE))
-    root.append(fdt.PropStrings("model", BOOT_MODEL))
-    root.append(fdt.PropWords("#address-cells", BOOT_ADDRESS_CELLS))
-    root.append(fdt.PropWords("#size-cells", BOOT_SIZE_CELLS))
-    chosen = fdt.Node("chosen")
-    chosen.append(fdt.PropWords(KHO_CHOSEN_FDT_PROP_NAME, *_cells(fdt_phys, BOOT_ADDRESS_CELLS), *_cells(fdt_size, BOOT_SIZE_CELLS)))
-    chosen.append(fdt.PropWords(KHO_CHOSEN_SCRATCH_PROP_NAME, *_cells(scratch_phys, BOOT_ADDRESS_CELLS), *_cells(scratch_size, BOOT_SIZE_CELLS)))
-    root.append(chosen)
-    return to_dtb(tree)
+    blob, buffer = _base_dtb(bootargs)
+    rw = ReadWriteFdt(blob, len(blob) + BOOT_DTB_SLACK, buffer)
+    chosen = rw.subnode_offset(0, "chosen")
+    if initrd is not None:
+        start, size = initrd
+        rw.setprop(chosen, "linux,initrd-start", struct.pack(">Q", start))
+        rw.setprop(chosen, "linux,initrd-end", struct.pack(">Q", start + size))
+        rw.add_mem_rsv(start, size)
+        chosen = rw.subnode_offset(0, "chosen")
+    rw.setprop(chosen, KHO_CHOSEN_FDT_PROP_NAME, _addrrange(fdt_phys, fdt_size))
+    rw.setprop(chosen, KHO_CHOSEN_SCRATCH_PROP_NAME, _addrrange(scratch_phys, scratch_size))
+    rng = np.random.default_rng(seed)
+    rw.setprop(chosen, "kaslr-seed", rng.bytes(8))
+    rw.setprop(chosen, "rng-seed", rng.bytes(RNG_SEED_SIZE))
+    rw.setprop(chosen, "linux,booted-from-kexec", b"")
+    rw.pack()
+    return rw.blob()
 
 
 def _root_cells(root: fdt.Node, name: str, default: int, strict: bool) -> int:

@@ -248,6 +248,14 @@ class ReadWriteFdt:
                     break
         self._splice_struct(self._get("off_dt_struct") + node, pos - node, 0)
 
+    def add_mem_rsv(self, address: int, size: int) -> None:
+        """``fdt_add_mem_rsv``: one more reservation-map entry, before the terminator."""
+        at = self._get("off_mem_rsvmap") + self._rsvmap_size() - FDT_RESERVE_ENTRY.size
+        self._splice(at, 0, FDT_RESERVE_ENTRY.size)
+        FDT_RESERVE_ENTRY.pack_into(self.buffer, at, address, size)
+        self._set("off_dt_struct", self._get("off_dt_struct") + FDT_RESERVE_ENTRY.size)
+        self._set("off_dt_strings", self._get("off_dt_strings") + FDT_RESERVE_ENTRY.size)
+
     def blob(self) -> bytes:
         """The FDT: the buffer's first ``totalsize`` bytes."""
         return bytes(self.buffer[:self._get("totalsize")])
