@@ -118,97 +118,168 @@ def _spans(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class _Units:
+    """The units to encode, sorted by address: ``pfn`` int64 and ``order`` (one int64 when
+    every unit has the same order, ``uniform``, so that per-unit work stays scalar)."""
+
+    pfn: np.ndarray
+    order: np.ndarray | np.int64
+    uniform: bool
+
+    @classmethod
+    def of(cls, memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> "_Units":
+        pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
+        uniform = bool(pfn.size) and bool((order == order[0]).all())
+        return cls(pfn, np.int64(order[0]) if uniform else np.asarray(order, dtype=np.int64), uniform)
+
+    def order_at(self, idx: np.ndarray):
+        """The orders of the units ``idx`` (the one order when uniform)."""
+        return self.order if self.uniform else self.order[idx]
+
+
+class _RecordList:
+    """Records gathered stage by stage, in any order; :meth:`sorted` lays them out."""
+
+    def __init__(self):
+        self.starts: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
+        self.args: list[np.ndarray] = []
+
+    def emit(self, op: int, start: np.ndarray, arg, order: np.ndarray | int = 0, kind: int = 0) -> None:
+        """Records of ``op`` at pfns ``start`` (arg, order broadcast to it).  O(records)."""
+        start = np.asarray(start, dtype=np.int64)
+        self.starts.append(start)
+        self.heads.append(np.broadcast_to(_head(op, start, order, kind), start.shape))
+        self.args.append(np.broadcast_to(np.asarray(arg, dtype=np.int64), start.shape))
+
+    def sorted(self) -> np.ndarray:
+        """Every record (:data:`RECORD`) by start pfn.  O(r log r)."""
+        start = np.concatenate(self.starts)
+        sort = np.argsort(start, kind="stable")
+        records = np.empty(start.size, dtype=RECORD)
+        records["head"] = np.concatenate(self.heads)[sort]
+        records["arg"] = np.concatenate(self.args)[sort].astype(np.uint64)
+        return records
+
+
+@dataclass(frozen=True)
+class _Clusters:
+    """Address-consecutive units of one order in one usable segment (see the module
+    docstring), one entry per cluster: its units ``first..last`` (indexes, ``count``), its
+    ``order``, pfns ``[start, end)``, usable segment ``seg``, the pfn its free pages run to
+    (``boundary``: the next cluster of the segment, or the segment's end), the ``nbits`` and
+    ``words`` a BITMAP of it takes, and whether that is cheaper than UNIT records."""
+
+    first: np.ndarray
+    last: np.ndarray
+    count: np.ndarray
+    order: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    seg: np.ndarray
+    boundary: np.ndarray
+    nbits: np.ndarray
+    words: np.ndarray
+    use_bitmap: np.ndarray
+
+
+def _clusters(units: _Units, seg_start: np.ndarray, seg_end: np.ndarray) -> _Clusters:
+    """Cut non-empty units into clusters: a break on a change of order or segment, or a gap
+    above :data:`GAP_BITS` units.  O(units)."""
+    pfn, ords, n = units.pfn, units.order, units.pfn.size
+    if units.uniform:
+        brk = (pfn[1:] - pfn[:-1]) > ((GAP_BITS + 1) << ords)
+    else:
+        brk = (ords[1:] != ords[:-1]) | (((pfn[1:] - pfn[:-1] - np.left_shift(1, ords[:-1])) >> ords[1:]) > GAP_BITS)
+    cuts = np.searchsorted(pfn, seg_start[1:])
+    cuts = cuts[(cuts > 0) & (cuts < n)]
+    brk[cuts - 1] = True
+    first = np.concatenate([[0], np.flatnonzero(brk) + 1])
+    last = np.concatenate([first[1:] - 1, [n - 1]])
+    order = units.order_at(first)
+    start = pfn[first]
+    end = pfn[last] + np.left_shift(1, units.order_at(last))
+    seg = np.searchsorted(seg_start, start, side="right") - 1
+    count = last - first + 1
+    same_seg = np.concatenate([seg[1:] == seg[:-1], [False]])
+    boundary = np.where(same_seg, np.concatenate([start[1:], [0]]), seg_end[seg])
+    nbits = (end - start) >> order
+    words = (nbits + 63) >> 6
+    bitmap_cost = RECORD.itemsize * (1 + (end < boundary)) + WORD.itemsize * words
+    return _Clusters(first, last, count, np.broadcast_to(order, start.shape), start, end, seg, boundary, nbits, words,
+                     bitmap_cost < RECORD.itemsize * count)
+
+
+def _emit_unit_records(out: _RecordList, units: _Units, c: _Clusters) -> None:
+    """UNIT records of the clusters that do not use a bitmap, each followed by the free pages
+    up to the next unit or the cluster's boundary.  O(their units)."""
+    um = np.flatnonzero(~c.use_bitmap)
+    if not um.size:
+        return
+    pfn = units.pfn
+    idx = _spans(c.first[um], c.count[um])
+    following = np.concatenate([pfn[1:], [0]])[idx]
+    is_last = np.zeros(pfn.size, dtype=bool)
+    is_last[c.last[um]] = True
+    following[is_last[idx]] = c.boundary[um]
+    u_order = units.order_at(idx)
+    out.emit(OP_UNIT, pfn[idx], following - pfn[idx] - np.left_shift(1, u_order), u_order)
+
+
+def _emit_bitmap_records(out: _RecordList, c: _Clusters) -> None:
+    """BITMAP records, each followed by a FREE record up to its boundary.  O(clusters)."""
+    bm = np.flatnonzero(c.use_bitmap)
+    out.emit(OP_BITMAP, c.start[bm], c.nbits[bm], c.order[bm])
+    tail = c.use_bitmap & (c.end < c.boundary)
+    out.emit(OP_FREE, c.end[tail], (c.boundary - c.end)[tail])
+
+
+def _bitmap_words(units: _Units, c: _Clusters) -> np.ndarray:
+    """The bitmap section (uint64): one bit per unit position of each BITMAP slice, slices
+    in address order.  O(bitmap bits)."""
+    bm = np.flatnonzero(c.use_bitmap)
+    if not bm.size:
+        return np.empty(0, dtype=np.uint64)
+    bm_words = c.words[bm]
+    bit_base = (np.cumsum(bm_words) - bm_words) * 64 - (c.start[bm] >> c.order[bm])
+    if bm.size == c.first.size:
+        unit_pfn, unit_order = units.pfn, units.order
+    else:
+        idx = _spans(c.first[bm], c.count[bm])
+        unit_pfn, unit_order = units.pfn[idx], units.order_at(idx)
+    bits = np.zeros(int(bm_words.sum()) * 64, dtype=bool)
+    bit = unit_pfn >> unit_order
+    bit += np.repeat(bit_base, c.count[bm])
+    bits[bit] = True
+    return np.packbits(bits, bitorder="little").view(WORD).astype(np.uint64)
+
+
 def build_stream(memory: PhysicalMemory, phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The records (:data:`RECORD`, sorted) and bitmap words (uint64) for units sorted by
-    phys.  One vectorized pass: O(units + bitmap bits) numpy work, with per-unit work
-    kept to a few passes (a set of one order uses a scalar order throughout)."""
-    pfn = np.asarray(phys, dtype=np.uint64).view(np.int64) >> memory.page_shift
-    n = pfn.size
-    uniform = bool(n) and bool((order == order[0]).all())
-    ords = np.int64(order[0]) if uniform else np.asarray(order, dtype=np.int64)
-
-    def order_at(idx: np.ndarray):
-        return ords if uniform else ords[idx]
-
+    phys.  Stages: SKIP records for the holes between banks and the scratch areas, the
+    units' clusters as UNIT or BITMAP (+ FREE) records, then each usable segment's free
+    pages before its first cluster.  Vectorized: O(units + bitmap bits) numpy work, with
+    per-unit work kept to a few passes (a set of one order uses a scalar order throughout)."""
+    units = _Units.of(memory, phys, order)
     seg_start, seg_end = intervals.usable(memory)
-    starts, heads, args = [], [], []
-
-    def emit(start: np.ndarray, head: np.ndarray, arg: np.ndarray) -> None:
-        starts.append(np.asarray(start, dtype=np.int64))
-        heads.append(np.broadcast_to(head, np.shape(start)))
-        args.append(np.broadcast_to(np.asarray(arg, dtype=np.int64), np.shape(start)))
-
+    out = _RecordList()
     hole_start, hole_end = intervals.gaps(*intervals.banks(memory, np.int64))
-    emit(hole_start, _head(OP_SKIP, hole_start, kind=SKIP_HOLE), hole_end - hole_start)
+    out.emit(OP_SKIP, hole_start, hole_end - hole_start, kind=SKIP_HOLE)
     skip_start, skip_end = intervals.scratch(memory, np.int64)
-    emit(skip_start, _head(OP_SKIP, skip_start, kind=SKIP_SCRATCH), skip_end - skip_start)
-    lead_end = np.full(seg_start.size, -1, dtype=np.int64)
+    out.emit(OP_SKIP, skip_start, skip_end - skip_start, kind=SKIP_SCRATCH)
+    lead_end = seg_end.copy()  # where each segment's leading free pages end
     words = np.empty(0, dtype=np.uint64)
-    if n:
-        # Clusters: break on a change of order or segment, or a gap above GAP_BITS units.
-        if uniform:
-            brk = (pfn[1:] - pfn[:-1]) > ((GAP_BITS + 1) << ords)
-        else:
-            brk = (ords[1:] != ords[:-1]) | (((pfn[1:] - pfn[:-1] - np.left_shift(1, ords[:-1])) >> ords[1:]) > GAP_BITS)
-        cuts = np.searchsorted(pfn, seg_start[1:])
-        cuts = cuts[(cuts > 0) & (cuts < n)]
-        brk[cuts - 1] = True
-        first = np.concatenate([[0], np.flatnonzero(brk) + 1])
-        last = np.concatenate([first[1:] - 1, [n - 1]])
-        c_order = order_at(first)
-        c_start = pfn[first]
-        c_end = pfn[last] + np.left_shift(1, order_at(last))
-        c_seg = np.searchsorted(seg_start, c_start, side="right") - 1
-        c_count = last - first + 1
-        same_seg = np.concatenate([c_seg[1:] == c_seg[:-1], [False]])
-        boundary = np.where(same_seg, np.concatenate([c_start[1:], [0]]), seg_end[c_seg])
-        c_nbits = (c_end - c_start) >> c_order
-        c_words = (c_nbits + 63) >> 6
-        bitmap_cost = RECORD.itemsize * (1 + (c_end < boundary)) + WORD.itemsize * c_words
-        use_bitmap = bitmap_cost < RECORD.itemsize * c_count
-        c_order = np.broadcast_to(c_order, c_start.shape)
-        # UNIT records, each followed by the free pages up to the next unit or the boundary.
-        um = np.flatnonzero(~use_bitmap)
-        if um.size:
-            idx = _spans(first[um], c_count[um])
-            following = np.concatenate([pfn[1:], [0]])[idx]
-            is_last = np.zeros(n, dtype=bool)
-            is_last[last[um]] = True
-            at_last = is_last[idx]
-            following[at_last] = boundary[um]
-            u_order = order_at(idx)
-            emit(pfn[idx], _head(OP_UNIT, pfn[idx], u_order), following - pfn[idx] - np.left_shift(1, u_order))
-        # BITMAP records, each followed by a FREE record up to the boundary.
-        bm = np.flatnonzero(use_bitmap)
-        emit(c_start[bm], _head(OP_BITMAP, c_start[bm], c_order[bm]), c_nbits[bm])
-        tail = use_bitmap & (c_end < boundary)
-        emit(c_end[tail], _head(OP_FREE, c_end[tail]), (boundary - c_end)[tail])
-        # Bitmap words: one bit per unit position of each slice, slices in address order.
-        if bm.size:
-            bm_words = c_words[bm]
-            bit_base = (np.cumsum(bm_words) - bm_words) * 64 - (c_start[bm] >> c_order[bm])
-            if bm.size == first.size:
-                unit_pfn, unit_order = pfn, ords
-            else:
-                idx = _spans(first[bm], c_count[bm])
-                unit_pfn, unit_order = pfn[idx], order_at(idx)
-            bits = np.zeros(int(bm_words.sum()) * 64, dtype=bool)
-            bit = unit_pfn >> unit_order
-            bit += np.repeat(bit_base, c_count[bm])
-            bits[bit] = True
-            words = np.packbits(bits, bitorder="little").view(WORD).astype(np.uint64)
-        # Each segment's free pages before its first cluster.
-        seg_first = np.flatnonzero(np.concatenate([[True], c_seg[1:] != c_seg[:-1]]))
-        lead_end[c_seg[seg_first]] = c_start[seg_first]
-    lead_end = np.where(lead_end < 0, seg_end, lead_end)
+    if units.pfn.size:
+        c = _clusters(units, seg_start, seg_end)
+        _emit_unit_records(out, units, c)
+        _emit_bitmap_records(out, c)
+        words = _bitmap_words(units, c)
+        seg_first = np.flatnonzero(np.concatenate([[True], c.seg[1:] != c.seg[:-1]]))
+        lead_end[c.seg[seg_first]] = c.start[seg_first]
     lead = lead_end > seg_start
-    emit(seg_start[lead], _head(OP_FREE, seg_start[lead]), (lead_end - seg_start)[lead])
-    start = np.concatenate(starts)
-    sort = np.argsort(start, kind="stable")
-    records = np.empty(start.size, dtype=RECORD)
-    records["head"] = np.concatenate(heads)[sort]
-    records["arg"] = np.concatenate(args)[sort].astype(np.uint64)
-    return records, words
+    out.emit(OP_FREE, seg_start[lead], (lead_end - seg_start)[lead])
+    return out.sorted(), words
 
 
 def stream_bytes(memory: PhysicalMemory, records: np.ndarray, words: np.ndarray) -> np.ndarray:
@@ -316,6 +387,92 @@ def _free_gaps(memory: PhysicalMemory, unit_start: np.ndarray, unit_end: np.ndar
     return np.insert(gap_start, where, edge_start), np.insert(gap_end, where, edge_end)
 
 
+@dataclass(frozen=True)
+class _Records:
+    """The stream's records as field arrays (int64, one entry per record): ``op``,
+    ``kind``, ``order``, ``start`` pfn, ``count`` (``arg``) and the ``end`` pfn of the
+    pages each one covers (a BITMAP's slice, a UNIT's unit and free pages)."""
+
+    stream: _Stream
+    op: np.ndarray
+    kind: np.ndarray
+    order: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    end: np.ndarray
+
+    def check(self, bad: np.ndarray, field: str, message: str) -> None:
+        """KHOFormatError at the first record flagged in ``bad``.  O(records)."""
+        if bad.any():
+            i = int(np.argmax(bad))
+            name = OP_NAMES.get(int(self.op[i]), f"op {int(self.op[i])}")
+            raise KHOFormatError(f"instructions.record.{field}", f"record {i} ({name}): {message}", self.stream.record_location(i))
+
+
+def _read_records(memory: PhysicalMemory, stream: _Stream) -> _Records:
+    """Unpack the records' fields and check each record on its own: a known op, its kind,
+    order and arg in range, a unit or slice aligned to its order.  O(records)."""
+    if not stream.nr_records:
+        raise KHOFormatError("instructions.header", "the stream has no records", stream.location(0))
+    head, arg = stream.records["head"].astype(np.uint64), stream.records["arg"].astype(np.uint64)
+    op = (head >> np.uint64(OP_SHIFT)).astype(np.int64)
+    kind = ((head >> np.uint64(KIND_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
+    order = ((head >> np.uint64(ORDER_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
+    start = (head & np.uint64(PFN_MASK)).astype(np.int64)
+    count = arg.astype(np.int64)
+    is_skip, is_unit, is_bitmap = op == OP_SKIP, op == OP_UNIT, op == OP_BITMAP
+    keeps = is_unit | is_bitmap
+    end = start + np.where(is_bitmap, count << order, count) + np.where(is_unit, np.left_shift(1, order), 0)
+    rec = _Records(stream, op, kind, order, start, count, end)
+    max_order = memory.geometry.max_order
+    rec.check(~((op == OP_FREE) | is_skip | keeps), "op", "unknown operation")
+    rec.check((~is_skip & (kind != 0)) | (is_skip & (kind > SKIP_SCRATCH)), "kind", "invalid kind")
+    rec.check(~keeps & (order != 0), "order", "must be 0")
+    rec.check(keeps & (order > max_order), "order", f"above MAX_PAGE_ORDER {max_order}")
+    rec.check(arg > np.uint64(MAX_ARG), "arg", "beyond the pfn space")
+    rec.check(~is_unit & (count == 0), "arg", "an empty span")
+    rec.check(keeps & ((start & (np.left_shift(1, order) - 1)) != 0), "start", "not aligned to the order")
+    rec.check(is_bitmap & (count > (MAX_ARG >> order)), "arg", "slice beyond the pfn space")
+    return rec
+
+
+def _check_tiling(memory: PhysicalMemory, rec: _Records) -> None:
+    """The records tile ``[first bank start, last bank end)`` in address order; FREE, UNIT
+    and BITMAP spans lie inside one bank outside the scratch areas, hole SKIPs hold no RAM
+    and scratch SKIPs lie inside one scratch area.  O(records log (banks + areas))."""
+    bank_start, bank_end = intervals.banks(memory, np.int64)
+    first, stop = int(bank_start[0]), int(bank_end[-1])
+    start, end = rec.start, rec.end
+    rec.check(np.concatenate([[start[0] != first], start[1:] != end[:-1]]), "start",
+              "does not start where the previous record ends (the records must tile RAM in address order)")
+    if end[-1] != stop:
+        raise KHOFormatError("instructions.record.arg", f"the last record ends at pfn {int(end[-1]):#x}, RAM at {stop:#x}",
+                             rec.stream.record_location(rec.stream.nr_records - 1))
+    is_skip = rec.op == OP_SKIP
+    rec.check(~is_skip & ~intervals.within(*intervals.usable(memory), start, end), "start",
+              "not inside one RAM bank outside the scratch areas")
+    rec.check(is_skip & (rec.kind == SKIP_HOLE) & intervals.overlaps(bank_start, bank_end, start, end), "kind", "a hole holds RAM")
+    rec.check(is_skip & (rec.kind == SKIP_SCRATCH) & ~intervals.within(*intervals.scratch(memory, np.int64), start, end),
+              "kind", "not inside one scratch area")
+
+
+def _kept_units(rec: _Records) -> tuple[np.ndarray, np.ndarray]:
+    """The preserved units ``(pfn int64, order uint8)`` of the UNIT records and the BITMAP
+    records' set bits (the bitmap section checked against them), by address.
+    O(units log units + bitmap bits)."""
+    is_unit = rec.op == OP_UNIT
+    bm = np.flatnonzero(rec.op == OP_BITMAP)
+    bm_pfn, bm_order = _bitmap_units(rec.stream, rec.start[bm], rec.order[bm], rec.count[bm], bm)
+    unit_pfn, unit_order = rec.start[is_unit], rec.order[is_unit]
+    if unit_pfn.size and bm_pfn.size:
+        unit_pfn = np.concatenate([unit_pfn, bm_pfn])
+        sort = np.argsort(unit_pfn, kind="stable")
+        unit_pfn, unit_order = unit_pfn[sort], np.concatenate([unit_order, bm_order])[sort]
+    elif bm_pfn.size:
+        unit_pfn, unit_order = bm_pfn, bm_order
+    return unit_pfn, unit_order.astype(np.uint8, copy=False)
+
+
 def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> StreamWalk:
     """Read the stream from ``preserved-memory-map`` and walk it once, vectorized.
 
@@ -325,76 +482,27 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = T
     outside scratch and outside preserved units; KHOFormatError names the field and phys.
     ``strict=False`` only lets the stream's own pages lie in scratch or in preserved
     units: the records must tile RAM exactly for the walk to mean anything, so no kernel
-    could read them more leniently.  O(records + bitmap bits) numpy work plus one read
-    per chunk page.
+    could read them more leniently.  Stages: the chunk list and header (:class:`_Stream`),
+    the records (:func:`_read_records`, :func:`_check_tiling`), the kept units
+    (:func:`_kept_units`), the free runs between them (:func:`_free_gaps`).
+    O(records + bitmap bits) numpy work plus one read per chunk page.
     """
     chunks = read_chunk_list(memory, read_map_pointer(props), WORD.itemsize, CHUNK_MAGIC, "instructions.chunk", strict=strict)
     stream = _Stream(memory, chunks)
-    head, arg = stream.records["head"].astype(np.uint64), stream.records["arg"].astype(np.uint64)
-    op = (head >> np.uint64(OP_SHIFT)).astype(np.int64)
-    kind = ((head >> np.uint64(KIND_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
-    order = ((head >> np.uint64(ORDER_SHIFT)) & np.uint64(FIELD_MASK)).astype(np.int64)
-    start = (head & np.uint64(PFN_MASK)).astype(np.int64)
-    max_order = memory.geometry.max_order
-    is_free, is_skip, is_unit, is_bitmap = op == OP_FREE, op == OP_SKIP, op == OP_UNIT, op == OP_BITMAP
-    keeps = is_unit | is_bitmap
-
-    def check(bad: np.ndarray, field: str, message: str) -> None:
-        if bad.any():
-            i = int(np.argmax(bad))
-            name = OP_NAMES.get(int(op[i]), f"op {int(op[i])}")
-            raise KHOFormatError(f"instructions.record.{field}", f"record {i} ({name}): {message}", stream.record_location(i))
-
-    if not stream.nr_records:
-        raise KHOFormatError("instructions.header", "the stream has no records", stream.location(0))
-    check(~(is_free | is_skip | is_unit | is_bitmap), "op", "unknown operation")
-    check((~is_skip & (kind != 0)) | (is_skip & (kind > SKIP_SCRATCH)), "kind", "invalid kind")
-    check(~keeps & (order != 0), "order", "must be 0")
-    check(keeps & (order > max_order), "order", f"above MAX_PAGE_ORDER {max_order}")
-    check(arg > np.uint64(MAX_ARG), "arg", "beyond the pfn space")
-    count = arg.astype(np.int64)
-    check(~is_unit & (count == 0), "arg", "an empty span")
-    check(keeps & ((start & (np.left_shift(1, order) - 1)) != 0), "start", "not aligned to the order")
-    check(is_bitmap & (count > (MAX_ARG >> order)), "arg", "slice beyond the pfn space")
-    end = start + np.where(is_bitmap, count << order, count) + np.where(is_unit, np.left_shift(1, order), 0)
-    shift = memory.page_shift
-    first, stop = memory.banks[0].start >> shift, memory.banks[-1].end >> shift
-    check(np.concatenate([[start[0] != first], start[1:] != end[:-1]]), "start",
-          "does not start where the previous record ends (the records must tile RAM in address order)")
-    if end[-1] != stop:
-        raise KHOFormatError("instructions.record.arg", f"the last record ends at pfn {int(end[-1]):#x}, RAM at {stop:#x}",
-                             stream.record_location(stream.nr_records - 1))
-    check(~is_skip & ~intervals.within(*intervals.usable(memory), start, end), "start", "not inside one RAM bank outside the scratch areas")
-    bank_start = np.array([b.start >> shift for b in memory.banks], dtype=np.int64)
-    bank_end = np.array([b.end >> shift for b in memory.banks], dtype=np.int64)
-    b = np.searchsorted(bank_start, end, side="left") - 1
-    check(is_skip & (kind == SKIP_HOLE) & (b >= 0) & (bank_end[np.maximum(b, 0)] > start), "kind", "a hole holds RAM")
-    area_start = np.array([a.addr >> shift for a in memory.scratch], dtype=np.int64)
-    area_end = np.array([a.end >> shift for a in memory.scratch], dtype=np.int64)
-    a = np.searchsorted(area_start, start, side="right") - 1
-    outside = (a < 0) | (end > (area_end[np.maximum(a, 0)] if area_end.size else end))
-    check(is_skip & (kind == SKIP_SCRATCH) & outside, "kind", "not inside one scratch area")
-
-    bm = np.flatnonzero(is_bitmap)
-    bm_pfn, bm_order = _bitmap_units(stream, start[bm], order[bm], count[bm], bm)
-    unit_pfn, unit_order = start[is_unit], order[is_unit]
-    if unit_pfn.size and bm_pfn.size:
-        unit_pfn = np.concatenate([unit_pfn, bm_pfn])
-        sort = np.argsort(unit_pfn, kind="stable")
-        unit_pfn, unit_order = unit_pfn[sort], np.concatenate([unit_order, bm_order])[sort]
-    elif bm_pfn.size:
-        unit_pfn, unit_order = bm_pfn, bm_order
+    rec = _read_records(memory, stream)
+    _check_tiling(memory, rec)
+    unit_pfn, unit_order = _kept_units(rec)
     # Every usable page is inside a FREE, UNIT or BITMAP span (checked above), and
     # everything those spans do not keep is free: the free runs are the gaps between units.
-    unit_order = unit_order.astype(np.uint8, copy=False)
     uniform = unit_order.size and (unit_order == unit_order[0]).all()
     unit_end = unit_pfn + ((1 << int(unit_order[0])) if uniform else np.left_shift(1, unit_order.astype(np.int64)))
     free_start, free_end = _free_gaps(memory, unit_pfn, unit_end)
-    unit_phys = (unit_pfn << shift).view(np.uint64)
+    unit_phys = (unit_pfn << memory.page_shift).view(np.uint64)
     metadata = np.sort(chunks.pages)
     if strict:
         check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
-    return StreamWalk(free_start, free_end, start[is_skip], end[is_skip], unit_phys, unit_order, metadata,
+    is_skip = rec.op == OP_SKIP
+    return StreamWalk(free_start, free_end, rec.start[is_skip], rec.end[is_skip], unit_phys, unit_order, metadata,
                       stream.nr_records, stream.nr_words)
 
 
