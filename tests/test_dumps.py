@@ -5,6 +5,8 @@ import fdt as fdtlib
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
 from kho.abi.setup_data import (
@@ -306,3 +308,28 @@ def test_elf_segments_without_a_physical_address_are_skipped(written, tmp_path):
     write_elf_core(m.memory, tmp_path / "virtual", segments=[((1 << 64) - 4096, 4096)])
     with pytest.raises(KHOFormatError, match="1 beyond the physical address space"):
         open_dump(tmp_path / "virtual")
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), orders=st.lists(st.integers(0, 6), min_size=1, max_size=30),
+       form=st.sampled_from(["raw", "zstd", "elf"]), base_mib=st.sampled_from([0, 256]))
+def test_any_handover_reads_back_from_any_form(tmp_path_factory, seed, orders, form, base_mib):
+    """Random folios on a machine with RAM at 0 or above 256 MiB, in each dump form: the
+    same units and sub-nodes come back."""
+    base = base_mib * MiB
+    m = Machine.boot(0, seed=seed, banks=[Bank(base, 128 * MiB)], kho_scratch="8M,8M,8M")
+    kho = KHO(m.memory, m.allocator, "kho-v2")
+    for order in orders:
+        kho.tracker.preserve_folio(m.allocator.alloc_pages(order), order)
+    kho.add_blob("blob", bytes(range(256)) * (seed % 7 + 1))
+    handover = kho.finalize()
+    path = tmp_path_factory.mktemp("any") / f"dump.{form}"
+    if form == "elf":
+        write_elf_core(m.memory, path)
+    else:
+        (write_raw if form == "raw" else write_zstd)(m.memory, path, base=base)
+    with open_dump(path, base=None if form == "elf" else base) as dump:
+        found = dump.handover()
+        assert found.units() == kho.tracker.units() and found.fdt_phys == handover.fdt_phys
+        assert [(n.name, n.phys, n.data) for n in found.subnodes] == [
+            ("blob", handover.subtrees["blob"], bytes(range(256)) * (seed % 7 + 1))]
