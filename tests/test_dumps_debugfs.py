@@ -108,6 +108,11 @@ def test_real_kernel_debugfs(tmp_path):
     assert {n.name: (n.format, n.compatible) for n in found.subnodes} == {
         "LUO": ("binary", "luo-v5"), "kexec-metadata": ("binary", None),
         "kho_test": ("fdt", "kho-test-v1"), "memblock": ("fdt", "memblock-v1")}
+    nodes = {n.name: n for n in found.subnodes}  # each blob decoded alone: what points elsewhere is named
+    assert nodes["memblock"].decoded.to_json()["regions"][0]["name"] == "realk_small"
+    assert nodes["kexec-metadata"].decoded.to_json()["previous_release"] == "7.3.0-rc7"
+    assert "luo.flbs_pa" in nodes["LUO"].error and "debugfs holds the blob only" in nodes["LUO"].error
+    assert "kho_test.folios_info" in nodes["kho_test"].error
     whole = tmp_path / "in"
     (whole / "sub_fdts").mkdir(parents=True)
     shutil.copy(SHARED_BLOBS / "in__fdt", whole / "fdt")

@@ -1,5 +1,8 @@
 """debugfs's ``kho/out`` and ``kho/in`` directories: the KHO FDT and the sub-node blobs,
-without a memory map (the map's pages are in memory, not in debugfs).
+without a memory map (the map's pages are in memory, not in debugfs).  Each blob is decoded
+by its sub-node reader on the blob alone (:class:`BlobMemory`): a self-contained one
+(``memblock``, ``kexec-metadata``, ``kho_test``'s FDT) decodes, one that points elsewhere
+(LUO's sessions and FLB page, the self-test's folio list) gets an ``error`` saying so.
 
 Layout (Linux 7.x): ``fdt`` (the KHO root FDT), ``sub_fdts/<name>`` (each sub-node's blob,
 ``blob-size`` bytes); ``out`` also has ``scratch_phys`` and ``scratch_len`` (u64 arrays,
@@ -21,7 +24,7 @@ import numpy as np
 from kho.abi.kexec_handover import KHO_FDT_COMPATIBLES
 from kho.handover.scratch_array import scratch_kind
 from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes
-from kho.devicetree.khofdt import KHOFdt
+from kho.devicetree.khofdt import DEFAULT_PAGE_SIZE, KHOFdt
 from kho.devicetree.layout import (
     COMPATIBLE_PROP,
     FDT_BEGIN_NODE,
@@ -37,6 +40,7 @@ from kho.devicetree.layout import (
     FDT_TOKEN,
 )
 from kho.dumps.find import SubNode, blob_format
+from kho.dumps.subnodes import decode_subnode
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import ScratchArea
 
@@ -49,6 +53,22 @@ FDT_FILE = "fdt"
 SUB_FDTS_DIR = "sub_fdts"
 SCRATCH_PHYS_FILE = "scratch_phys"
 SCRATCH_LEN_FILE = "scratch_len"
+
+
+class BlobMemory:
+    """One blob as the only memory there is: ``data`` at ``base`` (bytes), so a sub-node reader
+    can decode a blob debugfs shows; whatever the blob points at is outside this "RAM"."""
+
+    def __init__(self, data: bytes, base: int, page_size: int = DEFAULT_PAGE_SIZE):
+        self.data, self.base, self.page_size = data, base, page_size
+
+    def in_ram(self, phys: int, size: int) -> bool:
+        return self.base <= phys and phys + size <= self.base + len(self.data)
+
+    def read(self, phys: int, size: int) -> bytes:
+        if not self.in_ram(phys, size):
+            raise KHOError("EINVAL", f"{phys:#x}+{size:#x} is outside the blob debugfs holds")
+        return self.data[phys - self.base:phys - self.base + size]
 
 
 @dataclass
@@ -214,5 +234,10 @@ def read_debugfs(path: str | os.PathLike) -> DebugfsHandover:
             if fdt is not None and name in fdt.subtrees():
                 node.phys = fdt.subtrees()[name]
             node.format, node.compatible = blob_format(blob)
+            at = node.phys or DEFAULT_PAGE_SIZE  # a reader refuses a blob at 0 (a null pointer)
+            try:
+                node.decoded = decode_subnode(BlobMemory(blob, at), name, at, len(blob), node.compatible, strict=False)
+            except KHOError as err:
+                node.error = f"{err} (debugfs holds the blob only)"
             subnodes.append(node)
     return DebugfsHandover(path, data, total, compatible, fdt, truncated, partial, subnodes, _scratch(path, notes), notes)
