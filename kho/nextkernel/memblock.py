@@ -193,12 +193,51 @@ class Memblock:
         become ``RSRV_NOINIT`` regions, bytes already reserved get the flag added.
         """
         base, size = intervals.as_u64(base), intervals.as_u64(size)
+        if self._reserve_noinit_sorted(base, base + size):
+            self.reserve_calls += int(base.size)
+            return
         rs, re = intervals.normalize(base, base + size)
         old_s, old_e = intervals.intersect(rs, re, *self.reserved.coverage())
         self.reserved.add_range(rs, re - rs, NUMA_NO_NODE, MemblockFlag.RSRV_NOINIT)
         if old_s.size:
             self.reserved.setclr_flag(old_s, old_e - old_s, MemblockFlag.RSRV_NOINIT, True)
         self.reserve_calls += int(base.size)
+
+    def _reserve_noinit_sorted(self, base: np.ndarray, end: np.ndarray) -> bool:
+        """:meth:`reserve_noinit_many` for ranges sorted by address, non-empty and disjoint
+        that meet no reserved region (what a decoded map gives): one adjacent-merge pass
+        builds the new regions, which slot in between the reserved ones without merging
+        (their flags differ from everything already reserved but other NOINIT regions, which
+        they do not touch).  False, with nothing changed, when the ranges are not like that.
+        O(n) numpy work, no sort."""
+        if not base.size or not (end > base).all():
+            return False
+        if base.size > 1 and not (base[1:] >= end[:-1]).all():
+            return False
+        old = self.reserved.regions
+        if old.size:
+            touch = intervals.overlaps(base, end, old["base"], old["base"] + old["size"])
+            around = np.searchsorted(base, old["base"] + old["size"])  # first range at or above each region's end
+            before = np.maximum(np.searchsorted(end, old["base"], side="right") - 1, 0)
+            touching = (end[before] == old["base"]) | (base[np.minimum(around, base.size - 1)] == old["base"] + old["size"])
+            noinit = (old["flags"] == MemblockFlag.RSRV_NOINIT) & (old["nid"] == NUMA_NO_NODE)
+            if touch.any() or (touching & noinit).any():
+                return False
+        start = np.empty(base.size, dtype=bool)
+        start[0] = True
+        np.not_equal(base[1:], end[:-1], out=start[1:])
+        first = np.flatnonzero(start)
+        last = np.empty_like(first)
+        last[:-1] = first[1:] - 1
+        last[-1] = base.size - 1
+        fresh = np.empty(first.size, dtype=REGION_DTYPE)
+        fresh["base"] = base[first]
+        fresh["size"] = end[last] - fresh["base"]
+        fresh["flags"] = MemblockFlag.RSRV_NOINIT
+        fresh["nid"] = NUMA_NO_NODE
+        new = np.insert(fresh, np.searchsorted(fresh["base"], old["base"]), old) if old.size else fresh
+        self.reserved.regions = new
+        return True
 
     # -- iteration and allocation -----------------------------------------------------------
     def _alloc_flags(self) -> int:

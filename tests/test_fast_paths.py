@@ -1,0 +1,91 @@
+"""The fast paths of issue 16 give exactly what the general code gives.
+
+* ``Memblock.reserve_noinit_many`` on sorted, disjoint ranges (one adjacent-merge pass)
+  against the same ranges shuffled (the general normalize / subtract / merge path);
+* the memblock boot path's free-page mask from the reserved regions against memory minus
+  ``for_each_free_mem_range`` rounded in.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from kho.currentkernel.machine import Machine
+from kho.handover.outgoing import KHO
+from kho.nextkernel.boot import boot
+from kho.nextkernel.memblock import Memblock
+
+boot_module = sys.modules["kho.nextkernel.boot"]
+
+
+def _ranges(rng: np.random.Generator, count: int, page: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint byte ranges, about half of them touching the one before."""
+    gaps = rng.integers(0, 2, count) * rng.integers(1, 4, count)
+    sizes = rng.integers(1, 4, count)
+    base = np.cumsum(gaps + np.concatenate([[1], sizes[:-1]])).astype(np.uint64) * np.uint64(page)
+    return base, sizes.astype(np.uint64) * np.uint64(page)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sorted_reserve_noinit_matches_general_path(seed):
+    rng = np.random.default_rng(seed)
+    page = 4096
+    base, size = _ranges(rng, 400, page)
+    fast, general = Memblock(page), Memblock(page)
+    earlier = [max(0, int(base[i]) + int(rng.integers(-2, 3)) * page) for i in rng.choice(base.size, 3, replace=False)]
+    for mb in (fast, general):  # a few earlier reservations, some touching or overlapping units
+        for phys in earlier:
+            mb.reserve(phys, page)
+    shuffle = rng.permutation(base.size)
+    fast.reserve_noinit_many(base, size)
+    general.reserve_noinit_many(base[shuffle], size[shuffle])
+    assert np.array_equal(fast.reserved.regions, general.reserved.regions)
+    assert fast.reserve_calls == general.reserve_calls
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sorted_reserve_noinit_beside_earlier_reservations(seed):
+    """Earlier reservations in the gaps between units, some touching a unit: the fast path
+    applies (different flags never merge) and gives the general path's regions."""
+    rng = np.random.default_rng(seed)
+    page = 4096
+    base, size = _ranges(rng, 300, page)
+    end = base + size
+    gap = np.flatnonzero(base[1:] > end[:-1])
+    earlier = [int(end[i]) for i in rng.choice(gap, 4, replace=False)] + [int(end[-1]) + 3 * page]
+    fast, general = Memblock(page), Memblock(page)
+    for mb in (fast, general):
+        for phys in earlier:
+            mb.reserve(phys, page)
+    assert fast._reserve_noinit_sorted(base, end)
+    general.reserve_noinit_many(base[::-1], size[::-1])
+    assert np.array_equal(fast.reserved.regions, general.reserved.regions)
+
+
+def test_sorted_reserve_noinit_on_empty_memblock():
+    base = np.array([0, 4096, 12288], dtype=np.uint64)
+    size = np.full(3, 4096, dtype=np.uint64)
+    fast, general = Memblock(), Memblock()
+    fast.reserve_noinit_many(base, size)
+    general.reserve_noinit_many(base[::-1], size)
+    assert np.array_equal(fast.reserved.regions, general.reserved.regions)
+    assert len(fast.reserved) == 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_free_mask_of_reserved_matches_free_ranges(seed):
+    machine = Machine.boot(1 << 30, seed=seed)
+    kho = KHO(machine.memory, machine.allocator, "kho-v2")
+    rng = np.random.default_rng(seed)
+    pages = machine.allocator.alloc_many(3000, 0)
+    kho.tracker.preserve_many(pages[rng.permutation(pages.size)[:2000]], 0)
+    handover = kho.finalize()
+    nk = boot(machine.memory, handover.boot_dtb(), "memblock", encoding_options=handover.options)
+    page = np.uint64(machine.memory.page_size)
+    mask = boot_module._free_mask_of_reserved(machine.memory, nk.memblock, nk.memmap)
+    start, end, _ = nk.memblock.free_ranges()
+    expected = nk.memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
+    assert mask is not None and np.array_equal(mask, expected)
