@@ -40,6 +40,7 @@ but orders survive).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -90,14 +91,14 @@ GAP_BITS = 256
 class StreamWalk:
     """What one pass over the stream yields (pfns int64, half-open; phys uint64).
 
-    ``free_*``: the runs to free, sorted, coalesced within each RAM bank, never touching
-    a scratch area or a hole; ``skip_*``: the SKIP records; ``unit_phys``/``unit_order``:
-    the preserved units by address; ``metadata_pages``: phys of the stream's own chunk
-    pages (sorted; they lie in free runs unless the allocator put them in scratch).
+    ``skip_*``: the SKIP records; ``unit_phys``/``unit_order``: the preserved units by
+    address; ``metadata_pages``: phys of the stream's own chunk pages (sorted; they lie in
+    free runs unless the allocator put them in scratch).  ``free_*`` (computed on first
+    use, O(units)): the runs to free, sorted, coalesced within each RAM bank, never
+    touching a scratch area or a hole; every usable page (RAM outside the scratch areas)
+    that no unit covers, so a page mask needs only the units (the next kernel's boot).
     """
 
-    free_start_pfn: np.ndarray
-    free_end_pfn: np.ndarray
     skip_start_pfn: np.ndarray
     skip_end_pfn: np.ndarray
     unit_phys: np.ndarray
@@ -105,6 +106,20 @@ class StreamWalk:
     metadata_pages: np.ndarray
     nr_records: int
     nr_words: int
+    memory: PhysicalMemory
+
+    @cached_property
+    def _free_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        unit_pfn = (self.unit_phys >> np.uint64(self.memory.page_shift)).view(np.int64)
+        return _free_gaps(self.memory, *intervals.of_units(unit_pfn, self.unit_order))
+
+    @property
+    def free_start_pfn(self) -> np.ndarray:
+        return self._free_runs[0]
+
+    @property
+    def free_end_pfn(self) -> np.ndarray:
+        return self._free_runs[1]
 
 
 def _head(op: int, start: np.ndarray, order: np.ndarray | int = 0, kind: np.ndarray | int = 0) -> np.ndarray:
@@ -493,17 +508,15 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = T
     _check_tiling(memory, rec)
     unit_pfn, unit_order = _kept_units(rec)
     # Every usable page is inside a FREE, UNIT or BITMAP span (checked above), and
-    # everything those spans do not keep is free: the free runs are the gaps between units.
-    uniform = unit_order.size and (unit_order == unit_order[0]).all()
-    unit_end = unit_pfn + ((1 << int(unit_order[0])) if uniform else np.left_shift(1, unit_order.astype(np.int64)))
-    free_start, free_end = _free_gaps(memory, unit_pfn, unit_end)
+    # everything those spans do not keep is free: the free runs are the gaps between units
+    # (StreamWalk computes them when asked).
     unit_phys = (unit_pfn << memory.page_shift).view(np.uint64)
     metadata = np.sort(chunks.pages)
     if strict:
         check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
     is_skip = rec.op == OP_SKIP
-    return StreamWalk(free_start, free_end, rec.start[is_skip], rec.end[is_skip], unit_phys, unit_order, metadata,
-                      stream.nr_records, stream.nr_words)
+    return StreamWalk(rec.start[is_skip], rec.end[is_skip], unit_phys, unit_order, metadata,
+                      stream.nr_records, stream.nr_words, memory)
 
 
 @register

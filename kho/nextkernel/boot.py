@@ -51,7 +51,7 @@ from kho.memory.physical import PhysicalMemory
 from kho.nextkernel.buddy import BuddyAllocator
 from kho.nextkernel.freelist import NORMAL, SCRATCH, Segments, build_free_areas
 from kho.nextkernel.memblock import Memblock, MemblockFlag
-from kho.nextkernel.memmap import ALLOCATED, RESERVED, MemMap
+from kho.nextkernel.memmap import ALLOCATED, PRESERVED, RESERVED, MemMap
 from kho.nextkernel.restore import IncomingKHO
 
 PATHS = ("memblock", "instructions")
@@ -237,12 +237,12 @@ def _early_memblock(memory: PhysicalMemory, handover, kernel_image: int, image_p
 def _deserialize(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, fdt: KHOFdt, path: str,
                  encoding_options: dict | None, strict: bool, messages: list[str]):
     """Stage 3, deserialize: decode the map (memblock path) or walk the stream (instructions
-    path), reserve and mark the preserved units.  Returns ``(unit_phys, unit_order, runs,
-    fdt)``: ``runs`` the stream's free pfn runs (None on the memblock path or after an
-    error), ``fdt`` None when the map was refused (the reason logged in ``messages``)."""
+    path), reserve and mark the preserved units.  Returns ``(unit_phys, unit_order, walked,
+    fdt)``: ``walked`` True when the stream was walked (False on the memblock path or after
+    an error), ``fdt`` None when the map was refused (the reason logged in ``messages``)."""
     ps = memory.page_size
     unit_phys, unit_order = np.empty(0, np.uint64), np.empty(0, np.uint8)
-    runs = None
+    walked = False
     try:  # decoders and the walker check the units: sorted, disjoint, in RAM, outside scratch
         if path == "memblock":
             decoded = encoding_for_compatible(fdt.compatible)(ps, **(encoding_options or {})).decode(memory, fdt.props, strict=strict)
@@ -250,7 +250,7 @@ def _deserialize(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, fdt: KHOF
         else:
             stream = walk(memory, fdt.props, strict=strict)
             unit_phys, unit_order = stream.unit_phys, stream.unit_order
-            runs = (stream.free_start_pfn, stream.free_end_pfn)
+            walked = True
     except KHOError as err:
         _disable(messages, f"preserved memory map: {err.message}")
         fdt = None
@@ -258,7 +258,7 @@ def _deserialize(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, fdt: KHOF
         mb.reserve_noinit_many(unit_phys, np.left_shift(np.uint64(ps), unit_order.astype(np.uint64)))
     memmap.mark_preserved(unit_phys >> np.uint64(memory.page_shift), unit_order)
     mb.clear_kho_scratch_only()
-    return unit_phys, unit_order, runs, fdt
+    return unit_phys, unit_order, walked, fdt
 
 
 def _free_mask_of_reserved(memory: PhysicalMemory, mb: Memblock, memmap: MemMap) -> np.ndarray | None:
@@ -289,20 +289,20 @@ def _free_mask_of_reserved(memory: PhysicalMemory, mb: Memblock, memmap: MemMap)
     return np.logical_not(free, out=free)
 
 
-def _free_pages(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, segments: Segments, runs) -> np.ndarray:
-    """Stage 4, free lists: the page mask of free memory.  Without ``runs``, memory minus
-    memblock's reservations in whole pages; with the stream's free ``runs`` (pfns), those
-    plus the scratch areas minus memblock's few reservations (cut at segment boundaries)."""
+def _free_pages(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, segments: Segments, walked: bool) -> np.ndarray:
+    """Stage 4, free lists: the page mask of free memory.  On the memblock path (not
+    ``walked``), memory minus memblock's reservations in whole pages; after a stream walk,
+    the stream's free runs plus the scratch areas minus memblock's few reservations (cut at
+    segment boundaries).  The free runs are every usable page no unit covers, so with the
+    scratch areas they are every page not marked preserved: one pass over ``memmap.state``."""
     page = np.uint64(memory.page_size)
-    if runs is None:
+    if not walked:
         free = _free_mask_of_reserved(memory, mb, memmap)
         if free is not None:
             return free
         start, end, _ = mb.free_ranges()
         return memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
-    free = memmap.ranges_mask(*runs)
-    for area in memory.scratch:
-        free[memmap.index_range(area.addr >> memory.page_shift, area.size >> memory.page_shift)] = True
+    free = memmap.state != PRESERVED
     res_s, res_e = mb.reserved.coverage()
     res_s, res_e = intervals.split_at(res_s // page, (res_e + page - np.uint64(1)) // page, segments.boundaries())
     for first, last in zip(res_s.tolist(), res_e.tolist()):
@@ -339,12 +339,12 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes | None, path: str = "memblock",
     segments = Segments.from_memory(memory)
     stages.done("memblock")
     unit_phys, unit_order = np.empty(0, np.uint64), np.empty(0, np.uint8)
-    runs = fdt = None
+    walked, fdt = False, None
     if handover:
         _, fdt, _ = handover
-        unit_phys, unit_order, runs, fdt = _deserialize(memory, mb, memmap, fdt, path, encoding_options, strict, messages)
+        unit_phys, unit_order, walked, fdt = _deserialize(memory, mb, memmap, fdt, path, encoding_options, strict, messages)
     stages.done("deserialize")
-    free = _free_pages(memory, mb, memmap, segments, runs)
+    free = _free_pages(memory, mb, memmap, segments, walked)
     memmap.set_free(free)
     allocator = BuddyAllocator(memory, memmap, segments, build_free_areas(free, memmap, segments, memory.geometry.max_order), seed)
     stages.done("free_lists")

@@ -83,12 +83,13 @@ class MemMap:
         state becomes preserved, the head's ``info`` order + magic.  O(preserved pages)."""
         idx = self.index(pfn)
         order = np.asarray(order, dtype=np.uint8).reshape(-1)
-        info = np.zeros(order.size, dtype=KHO_PAGE_INFO_DTYPE)
-        info["order"], info["magic"] = order, KHO_PAGE_MAGIC
-        self.info[idx] = info
         present = np.flatnonzero(np.bincount(order, minlength=1))
+        info = self.info.view(np.uint64)  # one scalar store per head: no structured temporaries
+        head = np.zeros(1, dtype=KHO_PAGE_INFO_DTYPE)
         for o in present.tolist():
             heads = idx if present.size == 1 else idx[order == o]
+            head["order"], head["magic"] = o, KHO_PAGE_MAGIC
+            info[heads] = head.view(np.uint64)[0]
             pages = heads if o == 0 else (heads[:, None] + np.arange(1 << o, dtype=np.int64)).reshape(-1)
             self.state[pages] = PRESERVED
 
