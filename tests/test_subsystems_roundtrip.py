@@ -371,3 +371,38 @@ def test_luo_blocks_span_pages_and_enforce_names_and_tokens():
     assert len(got.sessions) == 52 and len(got.session_blocks.blocks) == 2
     assert len(got.sessions[0].files) == 64 and len(got.sessions[0].file_blocks.blocks) == 2
     assert [f.token for f in got.sessions[0].files] == list(range(64)) and len(got.flbs) == luo_flb_max(4096)
+
+
+# -- with the 7.x tracker -------------------------------------------------------------------------------------
+def covered(units, phys, size, page_size):
+    """True when every page of [phys, phys + size) lies in a preserved unit."""
+    return all(any(p <= page < p + (page_size << o) for p, o in units)
+               for page in range(phys - phys % page_size, phys + size, page_size))
+
+
+def test_every_referenced_range_is_preserved_with_the_radix_tracker():
+    """A 7.3-like set of sub-nodes written through the stateless radix tracker: every page any
+    sub-node references is in the map, and an 8 MiB-aligned reserve_mem region is one order-11 unit."""
+    radix_tracker = pytest.importorskip("kho.currentkernel.radix_tracker")
+    memory, allocator, _ = machine(4096, 128 << 20)
+    region = 96 << 20
+    allocator.reserve(region, 8 << 20)
+    tracker = radix_tracker.RadixTracker(memory, allocator)
+    metadata = write_kexec_metadata(memory, allocator, tracker, "7.3.0", 0)
+    memblock = write_memblock(memory, allocator, tracker, [("big", region, 8 << 20)])
+    selftest = write_kho_test(memory, allocator, tracker, 1 << 20, seed=4)
+    luo = OutgoingLuo(memory, allocator, tracker)
+    luo.create_session("s")
+    luo.preserve_memfd("s", 1, b"m" * 10000)
+    luo.serialize()
+    ranges = (read_kexec_metadata(memory, metadata.phys, metadata.size).referenced_ranges()
+              + read_memblock(memory, memblock.phys, memblock.size).referenced_ranges()
+              + read_kho_test(memory, selftest.phys, selftest.size).referenced_ranges(4096)
+              + read_luo(memory, luo.phys, 32).referenced_ranges(4096))
+    phys, order = tracker.units_array()
+    units = list(zip(phys.tolist(), order.tolist()))
+    assert (region, 11) in units
+    assert {r.what for r in ranges} >= {"kexec-metadata", "memblock FDT", "kho_test folio", "memfd folio",
+                                        "luo_file_ser block", "kho_vmalloc chunk"}
+    for r in ranges:
+        assert covered(units, r.phys, r.size, 4096), r
