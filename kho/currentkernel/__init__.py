@@ -6,6 +6,8 @@
 - :mod:`~kho.currentkernel.xarray`: the Linux XArray (64-slot radix nodes).
 - :mod:`~kho.currentkernel.tracker`: the 6.16 tracker, per-order bitmaps in XArrays.
 - :mod:`~kho.currentkernel.radix_tracker`: the 7.x tracker, the live KHO radix tree.
+- :mod:`~kho.currentkernel.trackerbase`: what both trackers share (page-cover queries,
+  page ranges, counts).
 - :mod:`~kho.currentkernel.batches`: batches of units as both trackers take them (arrays,
   duplicates, packed bitmaps).
 - :mod:`~kho.currentkernel.cover`: both trackers' host-side index of preserved pages and

@@ -49,10 +49,11 @@ from typing import Iterator
 import numpy as np
 
 from kho.abi.kexec_handover import RadixGeometry
-from kho.currentkernel.batches import new_units, packed_bitmaps, unit_arrays
-from kho.currentkernel.cover import PageCover
+from kho.currentkernel.batches import packed_bitmaps, unit_arrays
 from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.trackerbase import TrackerBase
 from kho.errors import KHOError
+from kho.memory import intervals
 from kho.memory.geometry import greedy_split_array
 from kho.memory.physical import PhysicalMemory
 
@@ -81,7 +82,7 @@ class RadixMemory:
         return self.leaves + self.tables
 
 
-class RadixTracker:
+class RadixTracker(TrackerBase):
     """The 7.x preservation tracker: a live KHO radix tree.  See the module docstring.
 
     ``memory``: the machine; ``allocator``: where node pages come from (``alloc_pages(0)``
@@ -90,29 +91,22 @@ class RadixTracker:
     when no page is free).
     """
 
-    #: Leaf bits gathered per numpy pass when setting or clearing bits in bulk.
-    _DENSE_BITS = 1 << 28
-
     def __init__(self, memory: PhysicalMemory, allocator: PageAllocator, *, strict: bool = True, depth_fix: bool = True):
+        super().__init__(memory, strict)
         g = RadixGeometry(memory.page_shift, depth_fix)
-        self.memory = memory
         self.allocator = allocator
-        self.strict = strict
         self.geometry = g
-        self._page_size = memory.page_size
-        self._page_shift = memory.page_shift
         self._slot_mask = (1 << g.table_log2) - 1
         self._bit_mask = (1 << g.bitmap_log2) - 1
         #: Largest order kho accepts: the order bit of its key stays above the leaf bits.
         self.max_order = g.order0_log2 - g.bitmap_log2
         #: Smallest order whose key the tables can hold (1 for 16 KiB pages without the fix).
         self.min_order = max(0, g.order0_log2 + 1 - (g.bitmap_log2 + g.root_level * g.table_log2))
-        self._cover = PageCover(memory)
         self._nodes: list[dict[int, int]] = [{} for _ in range(g.depth)]  # level -> prefix -> phys
         self._pages: dict[int, bytearray] = {}  # phys -> contents of every node page
-        self._nr_units = 0
-        self._nr_pages = 0
         self._units_per_order: dict[int, int] = {}
+        #: Every RAM bank's first and end pfn, where :meth:`split` cuts.
+        self._bank_edges = np.unique(np.concatenate(intervals.banks(memory, np.int64)))
         root = self._alloc_pages(1)[0]
         self._nodes[g.root_level][0] = root
         self._pages[root] = bytearray(self._page_size)
@@ -123,15 +117,6 @@ class RadixTracker:
     def root_phys(self) -> int:
         """Phys of the root node: what the KHO FDT's ``preserved-memory-map`` holds."""
         return self._nodes[self.geometry.root_level][0]
-
-    def __len__(self) -> int:
-        """Number of preserved units."""
-        return self._nr_units
-
-    @property
-    def nr_pages(self) -> int:
-        """Number of preserved pages (sum of ``2**order`` over units)."""
-        return self._nr_pages
 
     def radix_pages(self) -> np.ndarray:
         """Phys of every node page, root, tables and leaves (uint64, ascending).  O(nodes)."""
@@ -237,14 +222,9 @@ class RadixTracker:
         O(1) dict work plus one leaf page write; O(depth) page allocations when the path
         is new.
         """
-        bank, off = self._locate_unit(phys, order)
-        nr = 1 << order
-        if self._cover.covered(bank, off, nr):
-            if self.strict:
-                what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
-                raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
-            if self._test_bit(phys, order):
-                return
+        where = self._new_unit(phys, order)
+        if where is None:
+            return
         leaf_key, bit = self._leaf_of(phys, order)
         leaf = self._nodes[0].get(leaf_key)
         if leaf is None:
@@ -253,7 +233,7 @@ class RadixTracker:
         page = self._pages[leaf]
         page[bit >> 3] |= 1 << (bit & 7)
         self.memory.write(leaf, page)
-        self._cover.add(bank, off, nr, 1)
+        self._cover.add(*where, 1 << order, 1)
         self._count(order, 1)
 
     def unpreserve_folio(self, phys: int, order: int = 0) -> None:
@@ -285,40 +265,14 @@ class RadixTracker:
         """The units ``(phys uint64, order uint8)`` the 7.x ``kho_preserve_pages`` makes of a range.
 
         ``order = min(ctz(pfn), floor(log2(pages left)))``, not capped at MAX_PAGE_ORDER,
-        and cut where the range passes from one RAM bank (NUMA node) to the next.  O(units).
+        and cut where the range passes from one RAM bank (NUMA node) to the next.
+        ``unpreserve_pages`` takes the same split (as the kernel does since its fix of May
+        2026).  O(units).
         """
-        if phys < 0 or phys & (self._page_size - 1):
-            raise KHOError("EINVAL", f"{phys:#x} is not page-aligned")
-        if nr_pages <= 0:
-            raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
-        first = phys >> self._page_shift
-        end = first + nr_pages
-        cuts = sorted({p for b in range(len(self._cover.first_pfn))
-                       for p in (self._cover.first_pfn[b], self._cover.end_pfn[b]) if first < p < end})
-        starts = np.array([first] + cuts, dtype=np.int64)
-        ends = np.array(cuts + [end], dtype=np.int64)
+        first, end = self._page_range(phys, nr_pages)
+        starts, ends = intervals.split_at(np.array([first], np.int64), np.array([end], np.int64), self._bank_edges)
         pfn, order = greedy_split_array(starts, ends, self.max_order)
         return pfn.astype(np.uint64) << np.uint64(self._page_shift), order
-
-    def preserve_pages(self, phys: int, nr_pages: int) -> None:
-        """Preserve ``nr_pages`` pages from ``phys`` as :meth:`split` cuts them (kho_preserve_pages)."""
-        self.preserve_many(*self.split(phys, nr_pages))
-
-    def unpreserve_pages(self, phys: int, nr_pages: int) -> None:
-        """Undo :meth:`preserve_pages` of the same range (the same split, as the kernel's fix of May 2026)."""
-        self.unpreserve_many(*self.split(phys, nr_pages))
-
-    def preserve_phys(self, phys: int, size: int) -> None:
-        """Preserve ``size`` bytes from ``phys``; both must be page-aligned."""
-        if size & (self._page_size - 1):
-            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
-        self.preserve_pages(phys, size >> self._page_shift)
-
-    def unpreserve_phys(self, phys: int, size: int) -> None:
-        """Undo :meth:`preserve_phys` of the same range."""
-        if size & (self._page_size - 1):
-            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
-        self.unpreserve_pages(phys, size >> self._page_shift)
 
     # -- batches ------------------------------------------------------------------------------
     def _packed_leaves(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -333,12 +287,6 @@ class RadixTracker:
         """The contents of a leaf as a writable uint8 view, or None when it does not exist."""
         leaf = self._nodes[0].get(leaf_key)
         return None if leaf is None else np.frombuffer(self._pages[leaf], dtype=np.uint8)
-
-    def _drop_already_set(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray):
-        """Kernel-compatible mode: drop units named twice in the batch or whose bit is set
-        (:func:`~kho.currentkernel.batches.new_units`)."""
-        keep = new_units(phys, orders, self._test_bit)
-        return phys[keep], orders[keep], bank[keep]
 
     def preserve_many(self, phys, orders=0) -> None:
         """Preserve a batch of units: ``phys`` an array of addresses, ``orders`` an int or an array.
@@ -409,23 +357,8 @@ class RadixTracker:
             self._count(order, sign * int(counts[order]))
 
     # -- queries ------------------------------------------------------------------------------
-    def is_preserved(self, phys: int) -> bool:
-        """True when the page holding byte ``phys`` is covered by a preserved unit.  O(log banks)."""
-        return self._cover.is_preserved(phys)
-
-    def is_preserved_array(self, phys: np.ndarray) -> np.ndarray:
-        """Vectorized :meth:`is_preserved` (bool array)."""
-        return self._cover.is_preserved_array(phys)
-
-    def unit_at(self, phys: int) -> tuple[int, int] | None:
-        """The preserved unit ``(phys, order)`` covering byte ``phys`` (lowest order first), or None."""
-        if not self.is_preserved(phys):
-            return None
-        for order in sorted(self._units_per_order):
-            head = phys & ~((self._page_size << order) - 1)
-            if self._test_bit(head, order):
-                return head, order
-        return None
+    def _orders_present(self) -> list[int]:
+        return sorted(self._units_per_order)
 
     #: Leaves unpacked per numpy pass when listing units.
     _WALK_LEAVES = 1024
@@ -457,8 +390,3 @@ class RadixTracker:
         phys, order = self.walk_array()
         sort = np.lexsort((order, phys))
         return phys[sort], order[sort]
-
-    def units(self) -> list[tuple[int, int]]:
-        """All preserved units as sorted ``(phys, order)`` pairs."""
-        phys, orders = self.units_array()
-        return list(zip(phys.tolist(), orders.tolist()))

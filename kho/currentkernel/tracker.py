@@ -35,8 +35,8 @@ from typing import Iterator
 import numpy as np
 
 from kho.abi.kho_v1 import PRESERVE_BITS_6_16
-from kho.currentkernel.batches import new_units, packed_bitmaps, unit_arrays
-from kho.currentkernel.cover import PageCover
+from kho.currentkernel.batches import packed_bitmaps, unit_arrays
+from kho.currentkernel.trackerbase import TrackerBase
 from kho.currentkernel.xarray import XA_NODE_BYTES, XArray
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split_array
@@ -57,7 +57,7 @@ class TrackerMemory:
         return self.bitmaps + self.xarray_nodes
 
 
-class Tracker:
+class Tracker(TrackerBase):
     """Per-order preservation bitmaps indexed by XArrays.  See the module docstring.
 
     ``preserve_bits``: 4096, or ``"page"`` / ``page_size * 8`` for page-sized bitmaps.
@@ -69,34 +69,19 @@ class Tracker:
             preserve_bits = page_bits
         if preserve_bits not in (PRESERVE_BITS_6_16, page_bits):
             raise KHOError("EINVAL", f"PRESERVE_BITS must be {PRESERVE_BITS_6_16} or {page_bits}, not {preserve_bits}")
-        self.memory = memory
+        super().__init__(memory, strict)
         self.preserve_bits = int(preserve_bits)
         self._bits_shift = self.preserve_bits.bit_length() - 1
-        self.strict = strict
         self.finalized = False
         self.orders = XArray()  # order -> XArray(index -> bitmap)
         self._phys_bits: dict[int, XArray] = {}  # the same per-order XArrays, for O(1) lookup
-        self._page_shift = memory.page_shift
-        self._page_size = memory.page_size
         self._max_order = memory.geometry.max_order
-        self._nr_units = 0
-        self._nr_pages = 0
-        self._cover = PageCover(memory)
 
     # -- sizes --------------------------------------------------------------------------
     @property
     def bitmap_bytes(self) -> int:
         """Bytes in one bitmap (PRESERVE_BITS / 8)."""
         return self.preserve_bits // 8
-
-    def __len__(self) -> int:
-        """Number of preserved units."""
-        return self._nr_units
-
-    @property
-    def nr_pages(self) -> int:
-        """Number of preserved pages (sum of ``2**order`` over units)."""
-        return self._nr_pages
 
     def kernel_memory(self) -> TrackerMemory:
         """The modelled kernel memory: bitmaps plus XArray nodes (orders and per-order arrays)."""
@@ -151,15 +136,10 @@ class Tracker:
         """Preserve the folio of ``2**order`` pages at ``phys`` (kho_preserve_folio).  O(height)."""
         if self.finalized:
             self._check_mutable()
-        bank, off = self._locate_unit(phys, order)
-        nr = 1 << order
-        if self._cover.covered(bank, off, nr):
-            if self.strict:
-                what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
-                raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
-            if self._test_bit(phys, order):
-                return
-        self._cover.add(bank, off, nr, 1)
+        where = self._new_unit(phys, order)
+        if where is None:
+            return
+        self._cover.add(*where, 1 << order, 1)
         key = phys >> (self._page_shift + order)
         bit = key & (self.preserve_bits - 1)
         bitmap = self._bitmap(order, key >> self._bits_shift, create=True)
@@ -186,32 +166,11 @@ class Tracker:
 
     # -- ranges -------------------------------------------------------------------------
     def split(self, phys: int, nr_pages: int) -> tuple[np.ndarray, np.ndarray]:
-        """The units ``(phys, order)`` that :meth:`preserve_pages` would use for a range."""
-        ps = self.memory.page_size
-        if phys < 0 or phys & (ps - 1):
-            raise KHOError("EINVAL", f"{phys:#x} is not page-aligned")
-        if nr_pages <= 0:
-            raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
-        first = phys >> self.memory.page_shift
-        pfn, order = greedy_split_array(np.array([first]), np.array([first + nr_pages]), self.memory.geometry.max_order)
-        return pfn.astype(np.uint64) << np.uint64(self.memory.page_shift), order
-
-    def preserve_pages(self, phys: int, nr_pages: int) -> None:
-        """Preserve ``nr_pages`` pages from ``phys`` with the greedy split (kho_preserve_pages)."""
-        self._check_mutable()
-        self.preserve_many(*self.split(phys, nr_pages))
-
-    def unpreserve_pages(self, phys: int, nr_pages: int) -> None:
-        """Undo :meth:`preserve_pages` of the same range."""
-        self._check_mutable()
-        self.unpreserve_many(*self.split(phys, nr_pages))
-
-    def preserve_phys(self, phys: int, size: int) -> None:
-        """Preserve ``size`` bytes from ``phys``; both must be page-aligned (kho_preserve_phys)."""
-        self._check_mutable()
-        if size & (self.memory.page_size - 1):
-            raise KHOError("EINVAL", f"size {size:#x} is not page-aligned")
-        self.preserve_pages(phys, size >> self.memory.page_shift)
+        """The units ``(phys, order)`` that :meth:`preserve_pages` would use for a range: the
+        greedy split, capped at MAX_PAGE_ORDER.  O(units)."""
+        first, end = self._page_range(phys, nr_pages)
+        pfn, order = greedy_split_array(np.array([first]), np.array([end]), self._max_order)
+        return pfn.astype(np.uint64) << np.uint64(self._page_shift), order
 
     # -- batches ------------------------------------------------------------------------
     def _check_batch(self, phys, orders) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,14 +201,6 @@ class Tracker:
         self._set_bits(phys, orders)
         self._nr_units += int(phys.size)
         self._nr_pages += int(np.sum(np.left_shift(1, orders.astype(np.int64))))
-
-    def _drop_already_set(self, phys, orders, bank):
-        """Lenient mode: drop units whose exact bit is already set and duplicates in the batch."""
-        keep = new_units(phys, orders, self._test_bit)
-        return phys[keep], orders[keep], bank[keep]
-
-    #: Bitmap bits scattered per numpy pass when setting or clearing bits in bulk.
-    _DENSE_BITS = 1 << 28
 
     def _batch_bitmaps(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(order, xarray index, packed bits)`` for the units of a validated batch."""
@@ -287,23 +238,8 @@ class Tracker:
         self._nr_pages -= int(np.sum(np.left_shift(1, orders.astype(np.int64))))
 
     # -- queries ------------------------------------------------------------------------
-    def is_preserved(self, phys: int) -> bool:
-        """True when the page holding byte ``phys`` is covered by a preserved unit.  O(log banks)."""
-        return self._cover.is_preserved(phys)
-
-    def is_preserved_array(self, phys: np.ndarray) -> np.ndarray:
-        """Vectorized :meth:`is_preserved` (bool array)."""
-        return self._cover.is_preserved_array(phys)
-
-    def unit_at(self, phys: int) -> tuple[int, int] | None:
-        """The preserved unit ``(phys, order)`` covering byte ``phys`` (lowest order first), or None."""
-        if not self.is_preserved(phys):
-            return None
-        for order, _ in self.orders.items():
-            head = phys & ~((self.memory.page_size << order) - 1)
-            if self._test_bit(head, order):
-                return head, order
-        return None
+    def _orders_present(self) -> list[int]:
+        return [order for order, _ in self.orders.items()]
 
     def bitmaps(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(order, xarray index, bitmap)`` in order, then index, order (as the kernel walks them)."""
@@ -339,11 +275,6 @@ class Tracker:
         phys = np.concatenate(phys_parts)
         sort = np.argsort(phys, kind="stable")
         return phys[sort], np.concatenate(order_parts)[sort]
-
-    def units(self) -> list[tuple[int, int]]:
-        """All preserved units as sorted ``(phys, order)`` pairs."""
-        phys, orders = self.units_array()
-        return list(zip(phys.tolist(), orders.tolist()))
 
     # -- finalize -----------------------------------------------------------------------
     def finalize(self) -> None:
