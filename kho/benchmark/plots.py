@@ -72,6 +72,15 @@ def _seconds_axis(ax, multipliers: Sequence[int] = (1, 2, 5)) -> None:
     ax.yaxis.set_minor_locator(FixedLocator([]))
 
 
+def _label_panel(ax, xlabel: str, ylabel: str, title: str, grid: str) -> None:
+    """Axis labels, a title, a grid on the ``grid`` ticks ("major" or "both") and a legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which=grid, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _save(fig, path: str) -> str:
     fig.savefig(path, dpi=DPI)
     _pyplot().close(fig)
@@ -222,11 +231,8 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
     left.set_xticklabels([fmt_bytes(i).replace(".0 ", " ") for i in images], fontsize=8)
     left.minorticks_off()
     _seconds_axis(left)
-    left.set_xlabel("kernel + initramfs (log)")
-    left.set_ylabel("whole reboot (modelled, log)")
-    left.set_title(f"Reboot time, profile {results['profile']['name']}", fontsize=10)
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+    _label_panel(left, "kernel + initramfs (log)", "whole reboot (modelled, log)",
+                 f"Reboot time, profile {results['profile']['name']}", grid="both")
     for label in labels:
         sel = sorted((r for r in rows if r["image_bytes"] == image and _mode_label(r) == label), key=lambda r: r["ram_bytes"])
         if not sel:
@@ -236,11 +242,8 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
                    marker="s" if forever else "o", ms=4, lw=1.8, color=colors[label], label=label)
     _log2_ram_axis(right, sorted({r["ram_bytes"] for r in rows if r["image_bytes"] == image}))
     _bytes_axis(right)
-    right.set_xlabel("RAM")
-    right.set_ylabel("memory cost (log)")
-    right.set_title(f"Memory cost, {fmt_ram(image)} image (dashed: reserved forever)", fontsize=10)
-    right.grid(True, which="major", alpha=0.3)
-    right.legend(fontsize=8)
+    _label_panel(right, "RAM", "memory cost (log)", f"Memory cost, {fmt_ram(image)} image (dashed: reserved forever)",
+                 grid="major")
     fig.suptitle("Relocation trade-off: MMU off vs MMU-on transitional tables vs a reserved region", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)
