@@ -159,8 +159,9 @@ class PageAllocator:
             need = count - taken
             take = need if left_free == 0 else int(self.rng.hypergeometric(ids.size, left_free, need)) if ids.size else 0
             if take:
-                pick = np.sort(self.rng.choice(ids.size, size=take, replace=False))
-                chosen[taken:taken + take] = ids[pick] + lo
+                picked = np.zeros(ids.size, dtype=bool)  # distinct picks sorted by a mask: O(chunk), no sort
+                picked[self.rng.choice(ids.size, size=take, replace=False)] = True
+                chosen[taken:taken + take] = ids[np.flatnonzero(picked)] + lo
                 taken += take
         nr = 1 << order
         out = np.empty(count, dtype=np.uint64)
