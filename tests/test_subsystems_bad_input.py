@@ -2,9 +2,11 @@
 the address, in the modes the module docstrings state, with work bounded by the input."""
 
 import struct
+from itertools import pairwise
 
 import numpy as np
 import pytest
+from subsystem_helpers import machine
 
 from kho.abi.block import KHO_MAX_BLOCKS
 from kho.abi.luo import LUO_SER_DTYPE
@@ -17,7 +19,6 @@ from kho.subsystems.luo import OutgoingLuo, read_luo
 from kho.subsystems.memblock import read_memblock, write_memblock
 from kho.subsystems.memfd import preserve_memfd, read_memfd
 from kho.subsystems.vmalloc import read_vmalloc, vmalloc
-from subsystem_helpers import machine
 
 MODES = (True, False)
 
@@ -84,7 +85,7 @@ def test_vmalloc_empty_chunk_chain_is_bounded():
     a = vmalloc(memory, allocator, tracker, bytes(4096))
     chunks = [allocator.alloc_pages(0) for _ in range(5)]
     memory.write_u64(a.chunks[0], chunks[0])
-    for here, there in zip(chunks, chunks[1:]):
+    for here, there in pairwise(chunks):
         memory.write_u64(here, there)  # empty chunks, each pointing at the next
     refused("kho_vmalloc.chunk", read_vmalloc, memory, a.descriptor())
 
@@ -196,7 +197,7 @@ def selftest():
 
 def rewrite(memory, t, **changes):
     """Write the self-test's FDT blob again with some values changed; its size."""
-    values = dict(nr=t.nr_folios, desc=t.folios_info.descriptor(), csum=t.csum) | changes
+    values = {"nr": t.nr_folios, "desc": t.folios_info.descriptor(), "csum": t.csum} | changes
     blob = kho_test_fdt(values["nr"], values["desc"], values["csum"], memory.page_size).blob()
     memory.write(t.phys, blob)
     return len(blob)

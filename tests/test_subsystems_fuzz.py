@@ -2,22 +2,22 @@
 and count rewrites and truncation; every target must decode or refuse with KHOFormatError, in time."""
 
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fuzz.corpus import seeds  # noqa: E402
-from fuzz.samples import ARENA  # noqa: E402
-from fuzz.subnodes import SUBNODE_SEEDS  # noqa: E402
-from fuzz.targets import TARGETS, time_limit  # noqa: E402
+from fuzz.corpus import seeds
+from fuzz.samples import ARENA
+from fuzz.subnodes import SUBNODE_SEEDS
+from fuzz.targets import TARGETS, time_limit
 
 WORDS = st.sampled_from([0, 1, 7, 0xFFFFFFFF, 2**64 - 1, 1 << 40, ARENA, ARENA + 4096, ARENA + 8, 12 << 20])
 
 
-@lru_cache(maxsize=None)
+@cache
 def subnode_seeds(name: str) -> tuple[bytes, ...]:
     return tuple(seeds(name))
 

@@ -5,6 +5,13 @@ import struct
 
 import numpy as np
 import pytest
+from subsystem_helpers import (
+    REAL_SUBNODES,
+    SHARED,
+    fixture_blob,
+    fixture_pages,
+    real_memory,
+)
 
 from kho.abi.memfd import F_SEAL_SEAL, MEMFD_LUO_FOLIO_DIRTY, MEMFD_LUO_FOLIO_UPTODATE
 from kho.devicetree.flat import parse_fdt, prop_bytes
@@ -15,7 +22,6 @@ from kho.subsystems.luo import read_luo
 from kho.subsystems.memblock import ReservedRegion, memblock_fdt, read_memblock
 from kho.subsystems.memfd import read_memfd
 from kho.subsystems.registry import read_subnode
-from subsystem_helpers import REAL_SUBNODES, SHARED, fixture_blob, fixture_pages, real_memory
 
 #: What the shared README and the self-test's folio list state.
 KHO_TEST_FIRST_FOLIOS = [(0x400000, 8), (0x500000, 6), (0x3C8000, 3)]

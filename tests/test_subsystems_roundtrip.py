@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from subsystem_helpers import PAGE_SIZES, machine
 
 from kho.abi.block import KHO_BLOCK_HEADER_DTYPE, kho_block_count_per_block
 from kho.abi.kexec_handover import kho_vmalloc_size
 from kho.abi.luo import LUO_FILE_SER_DTYPE, LUO_SESSION_SER_DTYPE, luo_flb_max
-from kho.abi.memfd import F_SEAL_GROW, F_SEAL_SEAL, MEMFD_LUO_FH_COMPATIBLE, MEMFD_LUO_FH_COMPATIBLE_V1
+from kho.abi.memfd import (
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    MEMFD_LUO_FH_COMPATIBLE,
+    MEMFD_LUO_FH_COMPATIBLE_V1,
+)
 from kho.devicetree.fdt_sw import SequentialFdt
 from kho.devicetree.flat import parse_fdt, prop_bytes
 from kho.errors import KHOError
@@ -25,7 +31,6 @@ from kho.subsystems.luo import OutgoingLuo, read_luo
 from kho.subsystems.memblock import ReservedRegion, read_memblock, write_memblock
 from kho.subsystems.memfd import preserve_memfd, read_memfd
 from kho.subsystems.vmalloc import read_vmalloc, vmalloc
-from subsystem_helpers import PAGE_SIZES, machine
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=15)
@@ -274,7 +279,7 @@ def test_kho_test_default_max_mem_is_two_max_order_blocks():
 def test_kho_test_data_is_checksummed():
     memory, allocator, tracker = machine()
     written = write_kho_test(memory, allocator, tracker, 64 << 10, seed=1)
-    phys, order = written.folios[0]
+    phys, _ = written.folios[0]
     memory.write(phys + 100, b"\x01")
     assert written.checksum(memory) != written.csum
 

@@ -21,7 +21,7 @@ from kho.subsystems.memfd import preserve_memfd
 from kho.subsystems.vmalloc import vmalloc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_spec_examples import MARKER, SPEC, hexdump  # noqa: E402
+from test_spec_examples import MARKER, SPEC, hexdump
 
 PS = 4096
 

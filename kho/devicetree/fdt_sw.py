@@ -137,9 +137,10 @@ class SequentialFdt:
         self.buffer[new:new + self.size_dt_strings] = self.buffer[old:old + self.size_dt_strings]
         self._fix_name_offsets()
         self.totalsize = new + self.size_dt_strings
-        header = dict(magic=FDT_MAGIC, totalsize=self.totalsize, off_dt_struct=self.off_dt_struct, off_dt_strings=new,
-                      off_mem_rsvmap=self.off_mem_rsvmap, version=FDT_VERSION, last_comp_version=FDT_LAST_COMP_VERSION,
-                      boot_cpuid_phys=0, size_dt_strings=self.size_dt_strings, size_dt_struct=self.size_dt_struct)
+        header = {"magic": FDT_MAGIC, "totalsize": self.totalsize, "off_dt_struct": self.off_dt_struct,
+                  "off_dt_strings": new, "off_mem_rsvmap": self.off_mem_rsvmap, "version": FDT_VERSION,
+                  "last_comp_version": FDT_LAST_COMP_VERSION, "boot_cpuid_phys": 0,
+                  "size_dt_strings": self.size_dt_strings, "size_dt_struct": self.size_dt_struct}
         self.buffer[:FDT_HEADER.size] = FDT_HEADER.pack(*(header[f] for f in FDT_HEADER_FIELDS))
         self.finished = True
         return self.blob()

@@ -14,12 +14,17 @@ blocks and every block but the last full.  Cost: O(blocks + entries).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from kho.abi.block import KHO_BLOCK_HEADER_DTYPE, KHO_MAX_BLOCKS, kho_block_count_per_block, kho_block_size
+from kho.abi.block import (
+    KHO_BLOCK_HEADER_DTYPE,
+    KHO_MAX_BLOCKS,
+    kho_block_count_per_block,
+    kho_block_size,
+)
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.common import Range, alloc_preserve, check_pointer
 

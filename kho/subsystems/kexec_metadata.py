@@ -22,7 +22,14 @@ from kho.abi.kexec_metadata import (
     NEW_UTS_LEN,
 )
 from kho.errors import KHOError, KHOFormatError
-from kho.subsystems.common import Blob, Range, alloc_preserve, c_string, encode_c_string, read_checked
+from kho.subsystems.common import (
+    Blob,
+    Range,
+    alloc_preserve,
+    c_string,
+    encode_c_string,
+    read_checked,
+)
 
 #: Bytes of the ``version`` field the kernel reads first.
 _VERSION_BYTES = KHO_KEXEC_METADATA_DTYPE["version"].itemsize

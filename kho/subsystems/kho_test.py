@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
+from kho.abi.kexec_handover import KHO_VMALLOC_DTYPE
 from kho.abi.test_kho import (
     KHO_TEST_COMPAT,
     KHO_TEST_CSUM_PROP,
@@ -39,7 +41,6 @@ from kho.abi.test_kho import (
     kho_test_default_max_mem,
     kho_test_fdt_buffer_size,
 )
-from kho.abi.kexec_handover import KHO_VMALLOC_DTYPE
 from kho.devicetree.fdt_sw import SequentialFdt
 from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes, string_list
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
@@ -216,7 +217,7 @@ def read_kho_test(memory, phys: int, size: int, *, strict: bool = True) -> KhoTe
         folios.append((folio, order))
     if strict:
         ordered = sorted(folios)
-        for (a, oa), (b, _) in zip(ordered, ordered[1:]):
+        for (a, oa), (b, _) in pairwise(ordered):
             if a + (ps << oa) > b:
                 raise KHOFormatError(f"{field}.folios_info", f"folios {a:#x} and {b:#x} overlap", b)
     return KhoTest(phys, size, magic, nr_folios, csum, area, tuple(folios))

@@ -43,7 +43,15 @@ from kho.abi.luo import (
 from kho.abi.memfd import MEMFD_LUO_FH_COMPATIBLE, MEMFD_LUO_SER_DTYPES
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.blocks import BlockSet, OutgoingBlockSet, read_block_set
-from kho.subsystems.common import Blob, Range, alloc_preserve, c_string, check_pointer, encode_c_string, read_checked
+from kho.subsystems.common import (
+    Blob,
+    Range,
+    alloc_preserve,
+    c_string,
+    check_pointer,
+    encode_c_string,
+    read_checked,
+)
 from kho.subsystems.memfd import Memfd, preserve_memfd, read_memfd
 
 _U64_MAX = (1 << 64) - 1

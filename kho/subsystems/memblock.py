@@ -17,8 +17,8 @@ inside RAM that do not overlap, and a blob of at most one page.  O(blob bytes + 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from kho.abi.memblock import (
     MEMBLOCK_KHO_FDT,
@@ -30,7 +30,13 @@ from kho.abi.memblock import (
     RESERVE_MEM_U64,
 )
 from kho.devicetree.fdt_sw import SequentialFdt
-from kho.devicetree.flat import NODE_NAME, kernel_string_list, parse_fdt, prop_bytes, string_list
+from kho.devicetree.flat import (
+    NODE_NAME,
+    kernel_string_list,
+    parse_fdt,
+    prop_bytes,
+    string_list,
+)
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.common import Blob, Range, in_ram, read_checked

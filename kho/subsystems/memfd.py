@@ -19,8 +19,8 @@ O(folios + vmalloc chunks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

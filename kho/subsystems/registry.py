@@ -8,7 +8,7 @@ for a name it does not know.  O(the reader's cost).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kho.abi.kexec_metadata import KHO_METADATA_NODE_NAME
 from kho.abi.luo import LUO_KHO_ENTRY_NAME

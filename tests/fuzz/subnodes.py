@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from kho.abi.memfd import MEMFD_LUO_FH_COMPATIBLE, MEMFD_LUO_FH_COMPATIBLE_V1
 from kho.currentkernel.tracker import Tracker
