@@ -47,7 +47,7 @@ from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.checksum import csum_memory
 from kho.subsystems.common import Blob, Range, get_order, in_ram, read_checked
-from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, vmalloc
+from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, restore_vmalloc, vmalloc
 
 _U32 = struct.Struct("<I")
 assert _U32.size == KHO_TEST_U32_BYTES
@@ -221,3 +221,22 @@ def read_kho_test(memory, phys: int, size: int, *, strict: bool = True) -> KhoTe
             if a + (ps << oa) > b:
                 raise KHOFormatError(f"{field}.folios_info", f"folios {a:#x} and {b:#x} overlap", b)
     return KhoTest(phys, size, magic, nr_folios, csum, area, tuple(folios))
+
+
+def restore_kho_test(kernel, memory, test: KhoTest, arch: str = "x86_64") -> int:
+    """``kho_test_restore_data`` after :func:`read_kho_test`: the ``folios_info`` area
+    restored (:func:`~kho.subsystems.vmalloc.restore_vmalloc`), every folio restored with
+    the next ``kernel``'s ``restore_folio`` and checksummed; returns the checksum.
+    KHOError(EINVAL) when a folio comes back with another order or the checksum differs
+    from ``csum`` (the kernel's "KHO restore failed"); the kernel's restore errors
+    propagate.  O(folio bytes)."""
+    restore_vmalloc(kernel, test.folios_info)
+    csum = 0
+    for phys, order in test.folios:
+        got = kernel.restore_folio(phys)
+        if got != order:
+            raise KHOError("EINVAL", f"kho_test folio {phys:#x} restored with order {got}, recorded {order}")
+        csum = csum_memory(memory, phys, memory.page_size << order, csum, arch)
+    if csum != test.csum:
+        raise KHOError("EINVAL", f"kho_test checksum {csum:#010x}, {test.csum:#010x} handed over")
+    return csum

@@ -52,7 +52,7 @@ from kho.subsystems.common import (
     encode_c_string,
     read_checked,
 )
-from kho.subsystems.memfd import Memfd, preserve_memfd, read_memfd
+from kho.subsystems.memfd import Memfd, preserve_memfd, read_memfd, restore_memfd
 
 _U64_MAX = (1 << 64) - 1
 
@@ -321,3 +321,22 @@ def read_luo(memory, phys: int, size: int, *, strict: bool = True) -> Luo:
         sessions.append(LuoSession(name, files, file_blocks))
     flbs = _read_flbs(memory, flbs_pa, strict)
     return Luo(phys, size, LUO_ABI_COMPATIBLE, int(ser["liveupdate_num"]), sessions_pa, flbs_pa, tuple(sessions), blocks, flbs)
+
+
+def restore_luo_files(kernel, memory, luo: Luo) -> dict[tuple[str, int], bytes | None]:
+    """What the next kernel takes back when its sessions are deserialized and every file
+    retrieved, through ``kernel`` (``restore_folio``, ``restore_pages``): each memfd
+    (:func:`~kho.subsystems.memfd.restore_memfd`), then the file and session block pages
+    (``kho_block_set_destroy`` frees them with ``kho_restore_free``).  Returns each file's
+    contents by ``(session name, token)``: the memfd's bytes, None for other handlers
+    (whose data kho does not model).  The ``luo_ser`` and FLB pages stay with the caller.
+    The kernel's restore errors propagate.  O(files + memfd bytes)."""
+    out: dict[tuple[str, int], bytes | None] = {}
+    for session in luo.sessions:
+        for f in session.files:
+            out[(session.name, f.token)] = None if f.memfd is None else restore_memfd(kernel, memory, f.memfd)
+        for phys, _ in session.file_blocks.blocks:
+            kernel.restore_folio(phys)
+    for phys, _ in luo.session_blocks.blocks:
+        kernel.restore_folio(phys)
+    return out

@@ -36,7 +36,7 @@ from kho.abi.memfd import (
 )
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.common import Range, alloc_preserve, check_pointer, in_ram
-from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, vmalloc
+from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, restore_vmalloc, vmalloc
 
 _PFN_MASK = (1 << MEMFD_LUO_PFN_BITS) - 1
 _KNOWN_FOLIO_FLAGS = MEMFD_LUO_FOLIO_DIRTY | MEMFD_LUO_FOLIO_UPTODATE
@@ -202,3 +202,17 @@ def read_memfd(memory, phys: int, compatible: str = MEMFD_LUO_FH_COMPATIBLE, *, 
         seen_phys.add(folio)
         folios.append(MemfdFolio(folio, index, folio_flags))
     return Memfd(compatible, phys, int(ser["pos"]), size, seals, flags, nr_folios, tuple(folios), area)
+
+
+def restore_memfd(kernel, memory, memfd: Memfd) -> bytes:
+    """``memfd_luo_retrieve`` after :func:`read_memfd`, through the next ``kernel``
+    (``restore_folio``, ``restore_pages``): the folio array restored, every folio restored
+    (its order as the kernel reports it), the struct's page restored last
+    (``kho_restore_free``); returns the file's ``size`` bytes (:meth:`Memfd.contents`).
+    The kernel's restore errors propagate.  O(size + folios)."""
+    if memfd.vmalloc is not None:
+        restore_vmalloc(kernel, memfd.vmalloc)
+    orders = {folio.phys: kernel.restore_folio(folio.phys) for folio in memfd.folios}
+    contents = memfd.contents(memory, orders.__getitem__)
+    kernel.restore_folio(memfd.phys)
+    return contents

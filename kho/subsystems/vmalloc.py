@@ -238,3 +238,14 @@ def release_vmalloc(allocator, tracker, area: VmallocArea) -> None:
     for chunk in area.chunks:
         tracker.unpreserve_pages(chunk, 1)
         allocator.free_pages(chunk, 0)
+
+
+def restore_vmalloc(kernel, area: VmallocArea) -> None:
+    """The restores of ``kho_restore_vmalloc`` through the next ``kernel`` (anything with
+    ``restore_pages(phys, nr_pages)``): every block (``1 << order`` pages), then every chunk
+    page.  The kernel's errors propagate (the area is then partly restored, as in the
+    kernel).  O(blocks + chunks)."""
+    for phys in area.blocks:
+        kernel.restore_pages(phys, 1 << area.order)
+    for chunk in area.chunks:
+        kernel.restore_pages(chunk, 1)
