@@ -39,6 +39,7 @@ from kho.memory import intervals
 
 #: ``struct memblock_region`` on a 64-bit NUMA kernel: base, size (bytes), flags, nid (24 bytes).
 REGION_DTYPE = np.dtype([("base", "<u8"), ("size", "<u8"), ("flags", "<u4"), ("nid", "<i4")])
+assert REGION_DTYPE.itemsize == 24 and [REGION_DTYPE.fields[f][1] for f in REGION_DTYPE.names] == [0, 8, 16, 20]
 
 #: No NUMA node (what ``memblock_reserve`` and ``memblock_add`` record).
 NUMA_NO_NODE = -1
@@ -230,12 +231,19 @@ class Memblock:
         last = np.empty_like(first)
         last[:-1] = first[1:] - 1
         last[-1] = base.size - 1
-        fresh = np.empty(first.size, dtype=REGION_DTYPE)
-        fresh["base"] = base[first]
-        fresh["size"] = end[last] - fresh["base"]
-        fresh["flags"] = MemblockFlag.RSRV_NOINIT
-        fresh["nid"] = NUMA_NO_NODE
-        new = np.insert(fresh, np.searchsorted(fresh["base"], old["base"]), old) if old.size else fresh
+        fresh_base, fresh_end = base[first], end[last]
+        at = np.searchsorted(fresh_base, old["base"]).tolist() if old.size else []  # new regions below each old one
+        new = np.empty(first.size + old.size, dtype=REGION_DTYPE)
+        cols = new.view(np.uint64).reshape(new.size, 3)  # base, size, flags|nid: column copies, not field casts
+        tail = np.zeros(1, dtype=REGION_DTYPE)
+        tail["flags"], tail["nid"] = MemblockFlag.RSRV_NOINIT, NUMA_NO_NODE
+        for k, (lo, hi) in enumerate(zip([0] + at, at + [first.size])):
+            rows = slice(lo + k, hi + k)
+            cols[rows, 0] = fresh_base[lo:hi]
+            np.subtract(fresh_end[lo:hi], fresh_base[lo:hi], out=cols[rows, 1])
+            cols[rows, 2] = tail.view(np.uint64)[2]
+            if k < old.size:
+                new[hi + k] = old[k]
         self.reserved.regions = new
         return True
 
