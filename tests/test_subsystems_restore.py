@@ -2,13 +2,13 @@
 built from the preserved units, and what they leave behind."""
 
 import pytest
+from subsystem_helpers import machine
 
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split
 from kho.subsystems.kho_test import read_kho_test, restore_kho_test, write_kho_test
 from kho.subsystems.luo import OutgoingLuo, read_luo, restore_luo_files
 from kho.subsystems.memfd import preserve_memfd, read_memfd, restore_memfd
-from subsystem_helpers import machine
 
 
 class NextKernel:

@@ -47,7 +47,13 @@ from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.checksum import csum_memory
 from kho.subsystems.common import Blob, Range, get_order, in_ram, read_checked
-from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, restore_vmalloc, vmalloc
+from kho.subsystems.vmalloc import (
+    VmallocArea,
+    read_vmalloc,
+    release_vmalloc,
+    restore_vmalloc,
+    vmalloc,
+)
 
 _U32 = struct.Struct("<I")
 assert _U32.size == KHO_TEST_U32_BYTES

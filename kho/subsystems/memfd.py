@@ -36,7 +36,13 @@ from kho.abi.memfd import (
 )
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.common import Range, alloc_preserve, check_pointer, in_ram
-from kho.subsystems.vmalloc import VmallocArea, read_vmalloc, release_vmalloc, restore_vmalloc, vmalloc
+from kho.subsystems.vmalloc import (
+    VmallocArea,
+    read_vmalloc,
+    release_vmalloc,
+    restore_vmalloc,
+    vmalloc,
+)
 
 _PFN_MASK = (1 << MEMFD_LUO_PFN_BITS) - 1
 _KNOWN_FOLIO_FLAGS = MEMFD_LUO_FOLIO_DIRTY | MEMFD_LUO_FOLIO_UPTODATE
