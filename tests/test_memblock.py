@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kho.errors import KHOError
+from kho.memory import intervals
 from kho.nextkernel.memblock import NUMA_NO_NODE, REGION_DTYPE, Memblock, MemblockFlag, MemblockType
 
 NOINIT = int(MemblockFlag.RSRV_NOINIT)
@@ -212,8 +213,6 @@ def covered(start, end):
 @settings(max_examples=100, deadline=None)
 @given(ranges, ranges, st.sets(st.integers(0, 250), max_size=8))
 def test_interval_operations_match_sets(a, b, points):
-    from kho.memory import intervals
-
     a_s, a_e = intervals.normalize([s for s, _ in a], [s + n for s, n in a])
     b_s, b_e = intervals.normalize([s for s, _ in b], [s + n for s, n in b])
     assert covered(a_s, a_e) == {x for s, n in a for x in range(s, s + n)}

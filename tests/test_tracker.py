@@ -4,6 +4,7 @@ from hypothesis import assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.errors import KHOError
 from kho.memory.geometry import greedy_split
@@ -279,8 +280,6 @@ TestTrackerVsSet.settings = settings(max_examples=80, stateful_step_count=30, de
 @pytest.mark.parametrize("preserve_bits", ["page", 4096])
 def test_units_array_against_what_was_preserved(preserve_bits):
     """Several orders, sparse XArray indices in two banks with a hole, an emptied bitmap."""
-    from kho.currentkernel.pagealloc import PageAllocator
-
     memory = PhysicalMemory([Bank(0, 256 * MiB), Bank(1024 * MiB, 64 * MiB)])
     alloc = PageAllocator(memory, seed=3)
     tracker = Tracker(memory, preserve_bits)
