@@ -1,6 +1,6 @@
 """The interface every preservation-map encoding implements, and the registry by name.
 
-An encoding turns the current kernel's :class:`~kho.tracker.Tracker` into bytes the
+An encoding turns the current kernel's :class:`~kho.currentkernel.tracker.Tracker` into bytes the
 next kernel can read: pages written into :class:`~kho.memory.physical.PhysicalMemory` (chunks,
 radix nodes, packed ranges, maple nodes, an instruction stream) and/or properties of
 the KHO FDT's root node, and reads them back.
