@@ -13,11 +13,13 @@ long-running system's scattered folios look).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Iterable
 
 import numpy as np
 
 from kho.errors import KHOError
+from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
 #: Pages scanned per numpy step in first-fit searches.
@@ -34,9 +36,9 @@ class PageAllocator:
     def __init__(self, memory: PhysicalMemory, reserved: Iterable[tuple[int, int]] = (), seed: int = 0, use_scratch: bool = False):
         self.memory = memory
         self.rng = np.random.default_rng(seed)
-        shift = memory.page_shift
-        self._bank_pfn = [(b.start >> shift, b.end >> shift) for b in memory.banks]
-        self._bank_first = np.array([s for s, _ in self._bank_pfn], dtype=np.uint64)
+        first, end = intervals.banks(memory)
+        self._bank_pfn = list(zip(first.tolist(), end.tolist()))  # (first pfn, end pfn) per bank
+        self._bank_first = first.tolist()
         self._used = [np.zeros(e - s, dtype=bool) for s, e in self._bank_pfn]
         self._hint: dict[int, tuple[int, int]] = {}  # order -> (bank index, pfn) where first-fit resumes
         self._exhausted: set[int] = set()  # orders a full first-fit scan found none of, since the last free
@@ -49,7 +51,7 @@ class PageAllocator:
     # -- bookkeeping --------------------------------------------------------------------
     def _locate(self, pfn: int, nr: int) -> tuple[int, int]:
         """(bank index, offset in bank) of pfn range ``[pfn, pfn+nr)``; EINVAL outside RAM."""
-        i = int(np.searchsorted(self._bank_first, np.uint64(pfn), side="right")) - 1
+        i = bisect_right(self._bank_first, pfn) - 1
         if i < 0 or pfn + nr > self._bank_pfn[i][1]:
             raise KHOError("EINVAL", f"pages {pfn:#x}+{nr} are outside RAM")
         return i, pfn - self._bank_pfn[i][0]
