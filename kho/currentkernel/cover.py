@@ -18,7 +18,7 @@ byte per RAM page (16 MiB for 64 GiB of 4 KiB pages).
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 import numpy as np
 
@@ -35,12 +35,25 @@ class PageCover:
         self._first, self._end = intervals.banks(memory)
         #: First and end pfn of every RAM bank, as lists for scalar lookups.
         self.first_pfn, self.end_pfn = self._first.tolist(), self._end.tolist()
-        self.counts = [np.zeros(e - s, dtype=np.uint8) for s, e in zip(self.first_pfn, self.end_pfn)]
+        #: The counts as bytearrays, for scalar reads and writes at Python speed (single
+        #: preserve_folio calls); ``counts`` are numpy views of the same bytes.
+        self._raw = [bytearray(e - s) for s, e in zip(self.first_pfn, self.end_pfn)]
+        self.counts = [np.frombuffer(raw, dtype=np.uint8) for raw in self._raw]
+        self._single = len(self._raw) == 1
+        self._page_size, self._page_shift = memory.page_size, memory.page_shift
+        #: The scratch areas' bounds (bytes) as lists, for :meth:`locate_unit`; refreshed
+        #: whenever ``memory.scratch`` is another tuple.
+        self._scratch: tuple = ()
+        self._scratch_start: list[int] = []
+        self._scratch_end: list[int] = []
 
     # -- one unit -------------------------------------------------------------------------
     def bank_offset(self, pfn: int, nr: int) -> tuple[int, int] | None:
         """``(bank index, offset in bank)`` of pfns ``[pfn, pfn + nr)``, or None when they
         are not all in one bank.  O(log banks)."""
+        if self._single:
+            first = self.first_pfn[0]
+            return None if pfn < first or pfn + nr > self.end_pfn[0] else (0, pfn - first)
         i = bisect_right(self.first_pfn, pfn) - 1
         if i < 0 or pfn + nr > self.end_pfn[i]:
             return None
@@ -48,30 +61,53 @@ class PageCover:
 
     def covered(self, bank: int, off: int, nr: int) -> bool:
         """True when a page of ``nr`` pages at ``off`` in ``bank`` is covered.  O(nr)."""
-        counts = self.counts[bank]
-        return bool(counts[off]) if nr == 1 else bool(counts[off:off + nr].any())
+        return self._raw[bank][off] != 0 if nr == 1 else bool(self.counts[bank][off:off + nr].any())
 
     def locate_unit(self, phys: int, order: int) -> tuple[int, int]:
         """``(bank index, offset in bank)`` of the unit of ``2**order`` pages at byte
         ``phys`` (an order the tracker accepts); EINVAL unless it is aligned to its size,
         inside one RAM bank and outside the scratch areas.  O(log banks + areas)."""
-        size = self.memory.page_size << order
+        size = self._page_size << order
         if phys < 0 or phys & (size - 1):
             raise KHOError("EINVAL", f"{phys:#x} is not aligned to a unit of order {order} ({size} bytes)")
-        where = self.bank_offset(phys >> self.memory.page_shift, 1 << order)
+        pfn = phys >> self._page_shift
+        if self._single and self.first_pfn[0] <= pfn and pfn + (1 << order) <= self.end_pfn[0]:
+            where = 0, pfn - self.first_pfn[0]
+        else:
+            where = self.bank_offset(pfn, 1 << order)
         if where is None:
             raise KHOError("EINVAL", f"unit {phys:#x} order {order} is outside RAM")
-        if self.memory.overlaps_scratch(phys, size):
+        if self.memory.scratch is not self._scratch:  # the areas changed: refresh the bounds
+            self._scratch = self.memory.scratch
+            self._scratch_start, self._scratch_end = [a.addr for a in self._scratch], [a.end for a in self._scratch]
+        i = bisect_left(self._scratch_start, phys + size) - 1
+        if i >= 0 and self._scratch_end[i] > phys:
             raise KHOError("EINVAL", f"unit {phys:#x} order {order} overlaps a scratch area")
         return where
 
+    def claim(self, bank: int, off: int, nr: int) -> bool:
+        """Count ``nr`` pages at ``off`` in ``bank`` as covered once more when none of them
+        is covered yet and return True; False, changing nothing, when one is.  O(nr)."""
+        if nr == 1:
+            raw = self._raw[bank]
+            if raw[off]:
+                return False
+            raw[off] = 1
+            return True
+        counts = self.counts[bank][off:off + nr]
+        if counts.any():
+            return False
+        counts += 1
+        return True
+
     def add(self, bank: int, off: int, nr: int, delta: int) -> None:
         """Add ``delta`` (+1 or -1) to the counts of ``nr`` pages at ``off`` in ``bank``.  O(nr)."""
-        where = off if nr == 1 else slice(off, off + nr)
-        if delta > 0:
-            self.counts[bank][where] += delta
+        if nr == 1:
+            self._raw[bank][off] += delta
+        elif delta > 0:
+            self.counts[bank][off:off + nr] += delta
         else:
-            self.counts[bank][where] -= -delta
+            self.counts[bank][off:off + nr] -= -delta
 
     # -- batches ------------------------------------------------------------------------
     def check_units(self, phys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -98,6 +98,7 @@ class RadixTracker(TrackerBase):
         self.geometry = g
         self._slot_mask = (1 << g.table_log2) - 1
         self._bit_mask = (1 << g.bitmap_log2) - 1
+        self._bitmap_log2 = g.bitmap_log2
         #: Largest order kho accepts: the order bit of its key stays above the leaf bits.
         self.max_order = g.order0_log2 - g.bitmap_log2
         #: Smallest order whose key the tables can hold (1 for 16 KiB pages without the fix).
@@ -156,7 +157,7 @@ class RadixTracker(TrackerBase):
     def _leaf_of(self, phys: int, order: int) -> tuple[int, int]:
         """``(leaf key, bit)`` of one unit.  O(1)."""
         key = self.geometry.encode_key(phys, order)
-        return key >> self.geometry.bitmap_log2, self.geometry.bitmap_index(key)
+        return key >> self._bitmap_log2, key & self._bit_mask  # bitmap_index, without the call
 
     def _add_paths(self, leaf_keys: list[int]) -> None:
         """Create the missing nodes on the paths to ``leaf_keys`` (kho_radix_add_page's walk).
@@ -222,18 +223,21 @@ class RadixTracker(TrackerBase):
         O(1) dict work plus one leaf page write; O(depth) page allocations when the path
         is new.
         """
-        where = self._new_unit(phys, order)
+        where = self._claim_unit(phys, order)
         if where is None:
             return
         leaf_key, bit = self._leaf_of(phys, order)
         leaf = self._nodes[0].get(leaf_key)
         if leaf is None:
-            self._add_paths([leaf_key])
+            try:
+                self._add_paths([leaf_key])
+            except KHOError:
+                self._cover.add(*where, 1 << order, -1)
+                raise
             leaf = self._nodes[0][leaf_key]
         page = self._pages[leaf]
         page[bit >> 3] |= 1 << (bit & 7)
         self.memory.write(leaf, page)
-        self._cover.add(*where, 1 << order, 1)
         self._count(order, 1)
 
     def unpreserve_folio(self, phys: int, order: int = 0) -> None:

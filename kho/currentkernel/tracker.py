@@ -75,6 +75,10 @@ class Tracker(TrackerBase):
         self.finalized = False
         self.orders = XArray()  # order -> XArray(index -> bitmap)
         self._phys_bits: dict[int, XArray] = {}  # the same per-order XArrays, for O(1) lookup
+        #: order -> {xarray index: bitmap bytes}: the bytes the XArrays' numpy bitmaps view,
+        #: for single-unit calls at Python speed (not modelled kernel memory).
+        self._raw: dict[int, dict[int, bytearray]] = {}
+        self._bit_mask = self.preserve_bits - 1
         self._max_order = memory.geometry.max_order
 
     # -- sizes --------------------------------------------------------------------------
@@ -118,8 +122,10 @@ class Tracker(TrackerBase):
             self.orders.store(order, phys_bits)
         bitmap = phys_bits.load(index)
         if bitmap is None and create:
-            bitmap = np.zeros(self.bitmap_bytes, dtype=np.uint8)
+            raw = bytearray(self.bitmap_bytes)
+            bitmap = np.frombuffer(raw, dtype=np.uint8)
             phys_bits.store(index, bitmap)
+            self._raw.setdefault(order, {})[index] = raw
         return bitmap
 
     def _bit_of(self, phys: int, order: int) -> tuple[int, int]:
@@ -136,14 +142,15 @@ class Tracker(TrackerBase):
         """Preserve the folio of ``2**order`` pages at ``phys`` (kho_preserve_folio).  O(height)."""
         if self.finalized:
             self._check_mutable()
-        where = self._new_unit(phys, order)
-        if where is None:
+        if self._claim_unit(phys, order) is None:
             return
-        self._cover.add(*where, 1 << order, 1)
         key = phys >> (self._page_shift + order)
-        bit = key & (self.preserve_bits - 1)
-        bitmap = self._bitmap(order, key >> self._bits_shift, create=True)
-        bitmap[bit >> 3] |= 1 << (bit & 7)
+        bit = key & self._bit_mask
+        raw = self._raw[order].get(key >> self._bits_shift) if order in self._raw else None
+        if raw is None:
+            self._bitmap(order, key >> self._bits_shift, create=True)
+            raw = self._raw[order][key >> self._bits_shift]
+        raw[bit >> 3] |= 1 << (bit & 7)
         self._nr_units += 1
         self._nr_pages += 1 << order
 

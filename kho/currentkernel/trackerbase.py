@@ -114,17 +114,21 @@ class TrackerBase(ABC):
         self.preserve_pages(phys, size >> self._page_shift)
 
     # -- one unit, batches ------------------------------------------------------------------
-    def _new_unit(self, phys: int, order: int) -> tuple[int, int] | None:
-        """A unit about to be preserved, checked: ``(bank index, pfn offset in bank)``, or
-        None in kernel-compatible mode when that exact unit is preserved already (a no-op).
-        Strict mode: EEXIST when it covers a preserved page.  O(2**order)."""
+    def _claim_unit(self, phys: int, order: int) -> tuple[int, int] | None:
+        """A unit about to be preserved, checked and counted in the page cover: ``(bank
+        index, pfn offset in bank)``, or None (nothing counted) in kernel-compatible mode
+        when that exact unit is preserved already (a no-op).  Strict mode: EEXIST when it
+        covers a preserved page.  The caller undoes the count if it then fails.  O(2**order)."""
         bank, off = self._locate_unit(phys, order)
-        if self._cover.covered(bank, off, 1 << order):
-            if self.strict:
-                what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
-                raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
-            if self._test_bit(phys, order):
-                return None
+        nr = 1 << order
+        if self._cover.claim(bank, off, nr):
+            return bank, off
+        if self.strict:
+            what = "is already preserved" if order == 0 else "overlaps memory that is already preserved"
+            raise KHOError("EEXIST", f"{phys:#x} order {order} {what}")
+        if self._test_bit(phys, order):
+            return None
+        self._cover.add(bank, off, nr, 1)
         return bank, off
 
     def _drop_already_set(self, phys: np.ndarray, orders: np.ndarray, bank: np.ndarray):

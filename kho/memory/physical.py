@@ -218,7 +218,16 @@ class PhysicalMemory:
         return int.from_bytes(self.read(phys, 8), "little")
 
     def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        """Write ``data`` at ``phys``; the pages touched become explicitly stored.  O(len)."""
+        """Write ``data`` at ``phys``; the pages touched become explicitly stored.  O(len).
+
+        Fast path: bytes or a bytearray of exactly one page over a page already stored (so
+        inside RAM and not generated) replaces it in place.
+        """
+        if type(data) in (bytes, bytearray) and len(data) == self.geometry.page_size and phys >= 0:
+            pfn, offset = divmod(phys, self.geometry.page_size)
+            if not offset and pfn in self._pages:
+                self._pages[pfn] = bytes(data)
+                return
         data = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
         size = len(data)
         self.check_range(phys, size, "write")
