@@ -42,21 +42,8 @@ from kho.abi.kho_v1 import (
 from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import pack_u64
+from kho.encodings import common
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.common import (
-    DECODE_BATCH,
-    PHYS_ADDR_BITS,
-    alloc_pages_bulk,
-    check_distinct,
-    check_page_size,
-    check_pointers,
-    finish_units,
-    max_unit_order,
-    read_map_pointer,
-    read_pages,
-    tracker_bitmaps,
-    units_from_bitmaps,
-)
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
@@ -100,8 +87,8 @@ class KhoV1(Encoding):
         anything is written (ENOMEM frees them again).  O(bitmaps) Python + O(bytes) numpy.
         """
         memory = tracker.memory
-        check_page_size(self.name, self.page_size, memory)
-        groups = tracker_bitmaps(tracker, self.preserve_bits)
+        common.check_page_size(self.name, self.page_size, memory)
+        groups = common.tracker_bitmaps(tracker, self.preserve_bits)
         if not groups:  # one empty chunk keeps the map pointer non-zero
             groups = [(0, np.empty(0, np.int64), np.empty((0, self.bitmap_bytes), np.uint8))]
         chunks_per_order = [max(1, -(-idx.size // self.capacity)) for _, idx, _ in groups]
@@ -109,7 +96,7 @@ class KhoV1(Encoding):
         nr_bitmaps = sum(idx.size for _, idx, _ in groups)
         per_page = self.page_size // self.bitmap_bytes
         nr_bitmap_pages = -(-nr_bitmaps // per_page)
-        pages = alloc_pages_bulk(allocator, nr_chunks + nr_bitmap_pages, self.page_size, max_order=0)
+        pages = common.alloc_pages_bulk(allocator, nr_chunks + nr_bitmap_pages, self.page_size, max_order=0)
         chunk_phys, bitmap_pages = pages[:nr_chunks], pages[nr_chunks:]
 
         chunks = np.zeros(nr_chunks, dtype=self.chunk)
@@ -147,7 +134,7 @@ class KhoV1(Encoding):
         Both modes: every pointer page-aligned and in RAM, no chunk reached twice (so the walk
         ends after at most one visit per stored page: a chunk that is not stored reads as
         zeros and ends the list), ``num_elms`` at most the page's capacity, ``order`` at most
-        :func:`max_unit_order`.  ``strict`` adds the kernel writer's layout: chunks outside
+        :func:`~kho.encodings.common.max_unit_order`.  ``strict`` adds the kernel writer's layout: chunks outside
         scratch, orders ascending along the list, and a chunk followed by one of the same
         order full.  O(chunks).
         """
@@ -155,10 +142,10 @@ class KhoV1(Encoding):
         seen: set[int] = set()
         phys_list, records = [], []
         phys = first
-        top = max_unit_order(memory, strict)
+        top = common.max_unit_order(memory, strict)
         while phys:
             field = "chunk.next" if phys_list else f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}"
-            check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field, strict=strict)
+            common.check_pointers(memory, np.array([phys], dtype=np.uint64), ps, ps, field, strict=strict)
             if phys in seen:
                 raise KHOFormatError("chunk.next", "the chunk list loops back to a chunk already read", phys)
             seen.add(phys)
@@ -189,14 +176,14 @@ class KhoV1(Encoding):
         Both modes: the chunk walk of :meth:`walk_chunks`; each ``phys_start`` below 2**52
         and aligned to its unit size; bitmap pointers aligned to the bitmap size and in RAM;
         no bitmap read twice and no chunk page used as a bitmap page; units as
-        :func:`finish_units` checks them.  ``strict`` adds: a non-zero map pointer,
+        :func:`~kho.encodings.common.finish_units` checks them.  ``strict`` adds: a non-zero map pointer,
         ``phys_start`` aligned to the span a bitmap covers and ascending within an order
         (so never repeated), bitmaps outside scratch.  Lenient, a zero map pointer is the
-        empty map, as Linux 6.16 reads it.  Bitmaps are expanded :data:`DECODE_BATCH` at a
+        empty map, as Linux 6.16 reads it.  Bitmaps are expanded :data:`~kho.encodings.common.DECODE_BATCH` at a
         time.  O(chunks + bitmaps) Python + O(bitmap bytes + set bits) numpy.
         """
-        check_page_size(self.name, self.page_size, memory)
-        first = read_map_pointer(props, allow_zero=not strict)
+        common.check_page_size(self.name, self.page_size, memory)
+        first = common.read_map_pointer(props, allow_zero=not strict)
         if not first:
             return DecodedMap(np.empty(0, np.uint64), np.empty(0, np.uint8), True, np.empty(0, np.uint64))
         chunk_phys, chunks = self.walk_chunks(memory, first, strict=strict)
@@ -215,8 +202,8 @@ class KhoV1(Encoding):
                 i = int(np.argmax(mask))
                 raise KHOFormatError(field, message(i), int(entry_at[i]))
 
-        fail(start >= np.uint64(1 << PHYS_ADDR_BITS), "chunk.phys_start",
-             lambda i: f"{int(start[i]):#x} is beyond the {PHYS_ADDR_BITS}-bit physical address space")
+        fail(start >= np.uint64(1 << common.PHYS_ADDR_BITS), "chunk.phys_start",
+             lambda i: f"{int(start[i]):#x} is beyond the {common.PHYS_ADDR_BITS}-bit physical address space")
         shift = (entry_order + (self.shift + self.preserve_bits.bit_length() - 1 if strict else self.shift)).astype(np.uint64)
         align = np.left_shift(np.uint64(1), shift)
         what = "the span a bitmap covers" if strict else "the unit size"
@@ -226,23 +213,23 @@ class KhoV1(Encoding):
             same = entry_order[1:] == entry_order[:-1]
             fail(np.concatenate([[False], same & (start[1:] <= start[:-1])]), "chunk.phys_start",
                  lambda i: f"{int(start[i]):#x} does not follow {int(start[i - 1]):#x}: a bitmap's start ascends within an order")
-        check_pointers(memory, bitmap, self.bitmap_bytes, self.bitmap_bytes, "chunk.bitmap", strict=strict)
-        check_distinct(bitmap, "chunk.bitmap", "a bitmap")
+        common.check_pointers(memory, bitmap, self.bitmap_bytes, self.bitmap_bytes, "chunk.bitmap", strict=strict)
+        common.check_distinct(bitmap, "chunk.bitmap", "a bitmap")
         bitmap_page = bitmap & ~np.uint64(self.page_size - 1)
-        check_distinct(np.concatenate([chunk_phys, np.unique(bitmap_page)]), "chunk.bitmap", "a chunk page used as a bitmap page")
+        common.check_distinct(np.concatenate([chunk_phys, np.unique(bitmap_page)]), "chunk.bitmap", "a chunk page used as a bitmap page")
 
         per_page = self.page_size // self.bitmap_bytes
         slot = ((bitmap & np.uint64(self.page_size - 1)) // np.uint64(self.bitmap_bytes)).astype(np.int64)
         first_unit = (start >> (entry_order + self.shift).astype(np.uint64)).astype(np.int64)
         phys_parts, order_parts = [], []
-        for b in range(0, bitmap.size, DECODE_BATCH):
-            part = slice(b, b + DECODE_BATCH)
+        for b in range(0, bitmap.size, common.DECODE_BATCH):
+            part = slice(b, b + common.DECODE_BATCH)
             pages, where = np.unique(bitmap_page[part], return_inverse=True)
-            maps = read_pages(memory, pages).reshape(-1, self.bitmap_bytes)[where.reshape(-1) * per_page + slot[part]]
-            phys, order = units_from_bitmaps(maps, first_unit[part], entry_order[part], self.shift, bitmap[part])
+            maps = common.read_pages(memory, pages).reshape(-1, self.bitmap_bytes)[where.reshape(-1) * per_page + slot[part]]
+            phys, order = common.units_from_bitmaps(maps, first_unit[part], entry_order[part], self.shift, bitmap[part])
             phys_parts.append(phys)
             order_parts.append(order)
         phys = np.concatenate(phys_parts) if phys_parts else np.empty(0, np.uint64)
         order = np.concatenate(order_parts) if order_parts else np.empty(0, np.uint8)
         metadata = np.concatenate([chunk_phys, np.unique(bitmap_page)])
-        return finish_units(memory, phys, order, metadata, strict=strict, metadata_field="chunk.bitmap")
+        return common.finish_units(memory, phys, order, metadata, strict=strict, metadata_field="chunk.bitmap")

@@ -46,20 +46,8 @@ from kho.currentkernel.pagealloc import PageAllocator
 from kho.currentkernel.radix_tracker import RadixTracker
 from kho.currentkernel.tracker import Tracker
 from kho.devicetree.layout import pack_u64
+from kho.encodings import common
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
-from kho.encodings.common import (
-    DECODE_BATCH,
-    alloc_pages_bulk,
-    check_distinct,
-    check_page_size,
-    check_pointers,
-    finish_units,
-    max_unit_order,
-    read_map_pointer,
-    read_pages,
-    tracker_bitmaps,
-    units_from_bitmaps,
-)
 from kho.errors import KHOError, KHOFormatError
 from kho.memory.physical import PhysicalMemory
 
@@ -92,7 +80,7 @@ class KhoV2(Encoding):
         """
         g = self.geometry
         keys, maps = [], []
-        for order, index, bitmaps in tracker_bitmaps(tracker, 1 << g.bitmap_log2):
+        for order, index, bitmaps in common.tracker_bitmaps(tracker, 1 << g.bitmap_log2):
             keys.append(g.leaf_key_array(order, index))
             maps.append(bitmaps)
         if not keys:
@@ -109,7 +97,7 @@ class KhoV2(Encoding):
         allocated before anything is written.  O(nodes) Python + O(bytes) numpy.
         """
         memory = tracker.memory
-        check_page_size(self.name, self.page_size, memory)
+        common.check_page_size(self.name, self.page_size, memory)
         if isinstance(tracker, RadixTracker):
             return self._live_map(tracker)
         g = self.geometry
@@ -126,7 +114,7 @@ class KhoV2(Encoding):
         prefixes[g.root_level] = np.zeros(1, np.uint64)  # the root always exists
         counts = [p.size for p in prefixes]
         order_of_alloc = list(range(g.root_level, -1, -1))
-        pages = alloc_pages_bulk(allocator, sum(counts), self.page_size, max_order=0)
+        pages = common.alloc_pages_bulk(allocator, sum(counts), self.page_size, max_order=0)
         phys_of: dict[int, np.ndarray] = {}
         first = 0
         for level in order_of_alloc:
@@ -147,21 +135,21 @@ class KhoV2(Encoding):
 
     # -- decode ------------------------------------------------------------------------------
     def decode(self, memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = True) -> DecodedMap:
-        """Walk the tree level by level, :data:`DECODE_BATCH` nodes at a time.
+        """Walk the tree level by level, :data:`~kho.encodings.common.DECODE_BATCH` nodes at a time.
 
         Both modes: a non-zero root pointer (the kernel refuses 0 too); every pointer
         page-aligned and in RAM; no page reached twice (a kernel never shares a node, and a
         shared one would let a few pages stand for 512**5 leaf visits); no table slot or leaf
         key encoding no order or an order too large for the physical address space; units as
-        :func:`finish_units` checks them.  ``strict`` adds: orders at most MAX_PAGE_ORDER,
-        nodes outside scratch, and the unit checks of :func:`finish_units`.
+        :func:`~kho.encodings.common.finish_units` checks them.  ``strict`` adds: orders at most MAX_PAGE_ORDER,
+        nodes outside scratch, and the unit checks of :func:`~kho.encodings.common.finish_units`.
         O(nodes) page reads + O(leaf bytes + set bits) numpy.
         """
-        check_page_size(self.name, self.page_size, memory)
+        common.check_page_size(self.name, self.page_size, memory)
         g = self.geometry
         ps = self.page_size
-        root = read_map_pointer(props)
-        check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}", strict=strict)
+        root = common.read_map_pointer(props)
+        common.check_pointers(memory, np.array([root], np.uint64), ps, ps, f"fdt.{KHO_FDT_MEMORY_MAP_PROP_NAME}", strict=strict)
         node_phys = np.array([root], np.uint64)
         node_prefix = np.zeros(1, np.uint64)
         visited = [node_phys]
@@ -169,10 +157,10 @@ class KhoV2(Encoding):
         key_limit_log2 = g.order0_log2 + 1
         for level in range(g.root_level, 0, -1):
             child_phys, child_prefix = [], []
-            for b in range(0, node_phys.size, DECODE_BATCH):
-                tables = read_pages(memory, node_phys[b:b + DECODE_BATCH]).view("<u8")
+            for b in range(0, node_phys.size, common.DECODE_BATCH):
+                tables = common.read_pages(memory, node_phys[b:b + common.DECODE_BATCH]).view("<u8")
                 rows, slots = np.nonzero(tables)
-                prefix = (node_prefix[b:b + DECODE_BATCH][rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
+                prefix = (node_prefix[b:b + common.DECODE_BATCH][rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
                 limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
                 if limit_log2 < KHO_KEY_BITS:
                     high = prefix >= np.uint64(1 << max(limit_log2, 0))
@@ -185,27 +173,27 @@ class KhoV2(Encoding):
             node_phys = np.concatenate(child_phys) if child_phys else np.empty(0, np.uint64)
             node_prefix = np.concatenate(child_prefix) if child_prefix else np.empty(0, np.uint64)
             field = "radix.leaf" if level == 1 else "radix.node"
-            check_pointers(memory, node_phys, ps, ps, field, strict=strict)
+            common.check_pointers(memory, node_phys, ps, ps, field, strict=strict)
             visited.append(node_phys)
-            check_distinct(np.concatenate(visited), field, "a radix tree page")
+            common.check_distinct(np.concatenate(visited), field, "a radix tree page")
         leaf_phys, leaf_key = node_phys, node_prefix
         order = g.leaf_order_array(leaf_key)
-        limit = max_unit_order(memory, strict, capped=False)
+        limit = common.max_unit_order(memory, strict, capped=False)
         bad = (leaf_key == 0) | (order < 0) | (order > limit)
         if bad.any():
             i = int(np.argmax(bad))
             raise KHOFormatError("radix.key", f"leaf key {int(leaf_key[i]):#x} encodes no order in 0..{limit}", int(leaf_phys[i]))
         first_unit = g.leaf_first_unit_array(leaf_key)
         phys_parts, order_parts = [], []
-        for b in range(0, leaf_phys.size, DECODE_BATCH):
-            part = slice(b, b + DECODE_BATCH)
-            phys, unit_order = units_from_bitmaps(read_pages(memory, leaf_phys[part]), first_unit[part], order[part],
+        for b in range(0, leaf_phys.size, common.DECODE_BATCH):
+            part = slice(b, b + common.DECODE_BATCH)
+            phys, unit_order = common.units_from_bitmaps(common.read_pages(memory, leaf_phys[part]), first_unit[part], order[part],
                                                   g.page_shift, leaf_phys[part])
             phys_parts.append(phys)
             order_parts.append(unit_order)
         phys = np.concatenate(phys_parts) if phys_parts else np.empty(0, np.uint64)
         unit_order = np.concatenate(order_parts) if order_parts else np.empty(0, np.uint8)
-        return finish_units(memory, phys, unit_order, np.concatenate(visited), strict=strict, metadata_field="radix.node",
+        return common.finish_units(memory, phys, unit_order, np.concatenate(visited), strict=strict, metadata_field="radix.node",
                             capped=False)
 
     def _live_map(self, tracker: RadixTracker) -> EncodedMap:

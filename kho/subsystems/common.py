@@ -5,33 +5,35 @@ Units: ``phys`` and sizes in bytes.  Every helper is O(bytes it reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from kho.errors import KHOError, KHOFormatError
 
 
+class FieldsJson:
+    """Mixin for frozen dataclasses of plain values: ``to_json()`` is their fields by name,
+    in declaration order.  O(fields)."""
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass(frozen=True)
-class Blob:
+class Blob(FieldsJson):
     """A sub-node's blob as ``kho_add_subtree`` registers it: name, phys and size (bytes)."""
 
     name: str
     phys: int
     size: int
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "phys": self.phys, "size": self.size}
-
 
 @dataclass(frozen=True)
-class Range:
+class Range(FieldsJson):
     """A physical range a structure references: ``[phys, phys + size)`` and what it holds."""
 
     phys: int
     size: int
     what: str
-
-    def to_json(self) -> dict:
-        return {"phys": self.phys, "size": self.size, "what": self.what}
 
 
 def in_ram(memory, phys: int, size: int) -> bool:

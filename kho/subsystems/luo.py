@@ -45,6 +45,7 @@ from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.blocks import BlockSet, OutgoingBlockSet, read_block_set
 from kho.subsystems.common import (
     Blob,
+    FieldsJson,
     Range,
     alloc_preserve,
     c_string,
@@ -87,15 +88,12 @@ class LuoSession:
 
 
 @dataclass(frozen=True)
-class LuoFlb:
+class LuoFlb(FieldsJson):
     """A preserved File-Lifecycle-Bound object: its compatible, data and dependent files."""
 
     name: str
     data: int
     count: int
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "data": self.data, "count": self.count}
 
 
 @dataclass(frozen=True)

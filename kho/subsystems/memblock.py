@@ -39,19 +39,16 @@ from kho.devicetree.flat import (
 )
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
-from kho.subsystems.common import Blob, Range, in_ram, read_checked
+from kho.subsystems.common import Blob, FieldsJson, Range, in_ram, read_checked
 
 
 @dataclass(frozen=True)
-class ReservedRegion:
+class ReservedRegion(FieldsJson):
     """A ``reserve_mem`` region: its name, start and size (bytes)."""
 
     name: str
     start: int
     size: int
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "start": self.start, "size": self.size}
 
 
 @dataclass(frozen=True)

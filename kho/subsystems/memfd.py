@@ -35,7 +35,7 @@ from kho.abi.memfd import (
     MEMFD_LUO_SER_DTYPES,
 )
 from kho.errors import KHOError, KHOFormatError
-from kho.subsystems.common import Range, alloc_preserve, check_pointer, in_ram
+from kho.subsystems.common import FieldsJson, Range, alloc_preserve, check_pointer, in_ram
 from kho.subsystems.vmalloc import (
     VmallocArea,
     read_vmalloc,
@@ -51,15 +51,12 @@ MEMFD_MAX_PAGES = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
-class MemfdFolio:
+class MemfdFolio(FieldsJson):
     """One ``struct memfd_luo_folio_ser``: the folio's phys, its page index in the file, its flags."""
 
     phys: int
     index: int
     flags: int
-
-    def to_json(self) -> dict:
-        return {"phys": self.phys, "index": self.index, "flags": self.flags}
 
 
 @dataclass(frozen=True)
