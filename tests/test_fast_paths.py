@@ -3,7 +3,9 @@
 * ``Memblock.reserve_noinit_many`` on sorted, disjoint ranges (one adjacent-merge pass)
   against the same ranges shuffled (the general normalize / subtract / merge path);
 * the memblock boot path's free-page mask from the reserved regions against memory minus
-  ``for_each_free_mem_range`` rounded in.
+  ``for_each_free_mem_range`` rounded in;
+* ``Tracker.preserve_many`` of ascending units (bank and scratch checks by binary search)
+  against the same units shuffled.
 """
 
 from __future__ import annotations
@@ -89,3 +91,31 @@ def test_free_mask_of_reserved_matches_free_ranges(seed):
     start, end, _ = nk.memblock.free_ranges()
     expected = nk.memmap.ranges_mask((start + page - np.uint64(1)) // page, end // page)
     assert mask is not None and np.array_equal(mask, expected)
+
+
+def test_sorted_batch_checks_match_unsorted():
+    """preserve_many of ascending units (checked with a few binary searches) refuses and
+    accepts exactly what the same units shuffled (checked one by one) do."""
+    from kho.currentkernel.tracker import Tracker
+    from kho.errors import KHOError
+
+    machine = Machine.boot(1 << 30, seed=3)
+    memory = machine.memory
+    area = memory.scratch[-1]
+    page = memory.page_size
+    ok = machine.allocator.alloc_many(500, 0)
+    rng = np.random.default_rng(3)
+    for bad in ([area.addr], [area.end - page], [memory.banks[-1].end]):
+        batch = np.sort(np.concatenate([ok[:200], np.array(bad, dtype=np.uint64)]))
+        messages = []
+        for phys in (batch, batch[rng.permutation(batch.size)]):
+            with pytest.raises(KHOError) as err:
+                Tracker(memory).preserve_many(phys, 0)
+            messages.append((err.value.errno_name, str(err.value)))
+        assert messages[0] == messages[1]
+        assert messages[0][0] == "EINVAL" and ("scratch" in messages[0][1] or "outside RAM" in messages[0][1])
+    sorted_tracker, shuffled_tracker = Tracker(memory), Tracker(memory)
+    sorted_tracker.preserve_many(ok, 0)
+    shuffled_tracker.preserve_many(ok[rng.permutation(ok.size)], 0)
+    assert all(np.array_equal(a, b) for a, b in zip(sorted_tracker.units_array(), shuffled_tracker.units_array()))
+    assert sorted_tracker.nr_pages == shuffled_tracker.nr_pages == ok.size

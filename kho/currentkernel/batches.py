@@ -65,12 +65,16 @@ def packed_bitmaps(phys: np.ndarray, orders: np.ndarray, page_shift: int, bits_l
     present = np.flatnonzero(np.bincount(orders, minlength=1))
     for order in present.tolist():
         units = ((phys if present.size == 1 else phys[orders == order]) >> np.uint64(page_shift + order)).view(np.int64)
+        lo, hi = int(units.min()) >> bits_log2, int(units.max()) >> bits_log2
+        if hi - lo < rows_per_pass:  # one pass over consecutive rows: a unit's bit is units - lo * nbits
+            dense = np.zeros((hi + 1 - lo) * nbits, dtype=bool)
+            dense[units - (lo << bits_log2)] = True
+            packed = np.packbits(dense, bitorder="little").reshape(hi + 1 - lo, nbits // 8)
+            nonempty = np.flatnonzero(packed.any(axis=1))
+            yield order, nonempty + lo, packed[nonempty]
+            continue
         index, bit = units >> bits_log2, units & (nbits - 1)
-        lo, hi = int(index.min()), int(index.max())
-        if hi - lo < rows_per_pass:
-            row_index, row = np.arange(lo, hi + 1, dtype=np.int64), index - lo
-        else:
-            row_index, row = np.unique(index, return_inverse=True)
+        row_index, row = np.unique(index, return_inverse=True)
         for first in range(0, row_index.size, rows_per_pass):
             rows = min(rows_per_pass, row_index.size - first)
             sel = slice(None) if rows == row_index.size else (row >= first) & (row < first + rows)

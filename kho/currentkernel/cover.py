@@ -127,6 +127,8 @@ class PageCover:
         if misaligned.any():
             i = int(np.argmax(misaligned))
             raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
+        if sizes.ndim == 0 and self._sorted_inside(phys, int(sizes)):
+            return phys, orders, self.bank_array(phys)
         outside = ~self.memory.in_ram_array(phys, sizes)
         if outside.any():
             i = int(np.argmax(outside))
@@ -137,6 +139,22 @@ class PageCover:
                 i = int(np.argmax(in_scratch))
                 raise KHOError("EINVAL", f"unit {int(phys[i]):#x} order {int(orders[i])} overlaps a scratch area")
         return phys, orders, self.bank_array(phys)
+
+    def _sorted_inside(self, phys: np.ndarray, size: int) -> bool:
+        """True when the units of ``size`` bytes at ``phys`` (aligned) ascend strictly and lie
+        in one bank and outside every scratch area: a few binary searches instead of one per
+        unit.  False says nothing (the caller checks unit by unit).  O(n) for the order check."""
+        if not phys.size or (phys.size > 1 and not (phys[1:] > phys[:-1]).all()):
+            return False
+        first, last = int(phys[0]), int(phys[-1]) + size
+        where = self.bank_offset(first >> self._page_shift, (last - first) >> self._page_shift)
+        if where is None:
+            return False
+        for area in self.memory.scratch:  # the first unit ending after the area's start
+            i = int(np.searchsorted(phys, np.uint64(max(area.addr - size + 1, 0))))
+            if i < phys.size and int(phys[i]) < area.end:
+                return False
+        return True
 
     def bank_array(self, phys: np.ndarray) -> np.ndarray:
         """Bank index of each (validated, in-RAM) uint64 address (int64).  O(n log banks)."""

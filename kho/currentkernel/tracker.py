@@ -207,7 +207,7 @@ class Tracker(TrackerBase):
             self._cover.add_pages(pages, 1)
         self._set_bits(phys, orders)
         self._nr_units += int(phys.size)
-        self._nr_pages += int(np.sum(np.left_shift(1, orders.astype(np.int64))))
+        self._nr_pages += int(np.bincount(orders, minlength=self._max_order + 1) @ (1 << np.arange(self._max_order + 1)))
 
     def _batch_bitmaps(self, phys: np.ndarray, orders: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(order, xarray index, packed bits)`` for the units of a validated batch."""
