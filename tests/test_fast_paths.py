@@ -119,3 +119,36 @@ def test_sorted_batch_checks_match_unsorted():
     shuffled_tracker.preserve_many(ok[rng.permutation(ok.size)], 0)
     assert all(np.array_equal(a, b) for a, b in zip(sorted_tracker.units_array(), shuffled_tracker.units_array()))
     assert sorted_tracker.nr_pages == shuffled_tracker.nr_pages == ok.size
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_page_private_matches_a_dense_array(seed):
+    """MemMap.info (stamped heads plus other words) reads and writes as the dense
+    KHO_PAGE_INFO_DTYPE array it replaces."""
+    from kho.abi.kexec_handover import KHO_PAGE_INFO_DTYPE, KHO_PAGE_MAGIC
+    from kho.nextkernel.memmap import PagePrivate
+
+    rng = np.random.default_rng(seed)
+    n = 50
+    sparse, dense = PagePrivate(n), np.zeros(n, KHO_PAGE_INFO_DTYPE)
+    for _ in range(200):
+        op = rng.integers(4)
+        if op == 0:
+            idx = np.unique(rng.integers(0, n, rng.integers(1, 8)))
+            order = rng.integers(0, 12, idx.size)
+            if rng.random() < 0.5:
+                idx, order = idx[::-1], order[::-1]
+            sparse.stamp(idx, order)
+            dense[idx] = [(int(o), KHO_PAGE_MAGIC) for o in order]
+        elif op == 1:
+            i = int(rng.integers(n))
+            sparse[i] = dense[i] = 0
+        elif op == 2:
+            i = int(rng.integers(n))
+            sparse[i] = dense[i] = (int(rng.integers(20)), KHO_PAGE_MAGIC if rng.random() < 0.5 else 7)
+        else:
+            i, idx = int(rng.integers(n)), rng.integers(0, n, 5)
+            assert sparse[i] == dense[i]
+            assert np.array_equal(sparse["magic"][idx], dense["magic"][idx])
+            assert np.array_equal(sparse[idx], dense[idx])
+        assert np.array_equal(np.asarray(sparse), dense)
