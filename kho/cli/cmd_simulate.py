@@ -11,13 +11,16 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kho.abi.versions import DEFAULT_KERNEL, KERNEL_VERSIONS
 from kho.benchmark.encodings import Point
 from kho.benchmark.restore import compare_encodings
 from kho.cli.options import add_machine_options, size_arg
 from kho.errors import KHOError
+from kho.handover.outgoing import ARCHES
 from kho.kexec.profiles import load_profile
 from kho.kexec.relocate import RELOCATION_MODES
 from kho.kexec.timing import PARAMETERS, FitReport, reboot_timeline
@@ -41,7 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bytes the workload preserves (default 128M)")
     p.add_argument("--pattern", choices=WORKLOAD_PATTERNS, default="selftest",
                    help="how preserved folios are drawn (default selftest: random orders, like the kernel's KHO self-test)")
-    p.add_argument("--abi", default="kho-v2", metavar="NAME", help="preservation-map encoding (default kho-v2)")
+    p.add_argument("--kernel", choices=[v.version for v in KERNEL_VERSIONS], default=None, metavar="VERSION",
+                   help=f"the Linux version simulated (default {DEFAULT_KERNEL}, or none with --abi alone): 7.1 and "
+                        f"later run a 7.x system (self-test folios, reserve_mem, kexec-metadata, LUO sessions of "
+                        f"memfds, the live radix map); earlier ones the 6.16-era workload; "
+                        f"{', '.join(v.version for v in KERNEL_VERSIONS)}")
+    p.add_argument("--abi", default=None, metavar="NAME",
+                   help="preservation-map encoding (default: what --kernel writes); without --kernel, kho's "
+                        "encode-at-finalize model of that encoding with the 6.16-era workload")
+    p.add_argument("--arch", choices=ARCHES, default="arm64",
+                   help="the next kernel's architecture: arm64 (a boot DTB, default) or x86_64 (boot_params with "
+                        "setup_data); the reboot profiles are arm64's")
     p.add_argument("--boot-path", choices=["memblock", "instructions"], default="memblock",
                    help="next kernel's deserialization path (instructions needs --abi instructions)")
     p.add_argument("--relocation", choices=RELOCATION_MODES, default="mmu-on", help="relocation mode (default mmu-on)")
@@ -108,7 +121,8 @@ def run(args) -> int:
     if args.compare_encodings:
         return _compare_encodings(args, report, out)
     config = sim.Config(ram=args.ram, page_size=args.page_size, kho_scratch=args.kho_scratch, preserve=args.preserve,
-                        pattern=args.pattern, abi=args.abi, relocation=args.relocation, linear_map=args.linear_map,
+                        pattern=args.pattern, kernel=args.kernel, abi=args.abi, arch=args.arch,
+                        relocation=args.relocation, linear_map=args.linear_map,
                         image_size=args.image_size, generations=args.generations, seed=args.seed,
                         checks=not args.no_checks, boot_path=args.boot_path, save_image=args.save_image, profile=report)
     config.validate()
@@ -129,7 +143,8 @@ def run(args) -> int:
 def _print_result(result: sim.Result, out: Console) -> None:
     c, g1 = result.config, result.generations[0]
     moved = sum(s["memsz"] for s in g1.segments)
-    out.print(f"[bold]kho simulate[/]: {_bytes(c.ram)} RAM, {c.abi}, {c.relocation} relocation, "
+    system = "" if c.kernel_entry is None else f"Linux {c.kernel_entry.version} "
+    out.print(f"[bold]kho simulate[/]: {system}{c.arch}, {_bytes(c.ram)} RAM, {c.encoding}, {c.relocation} relocation, "
               f"{_bytes(c.image_size)} kernel + initramfs, profile {result.profile.profile.name}")
     table = Table(title=f"Reboot timeline (modelled; {_bytes(moved)} of segments, purgatory checks "
                         f"{'on' if c.checks else 'off'})")
@@ -177,15 +192,19 @@ def _print_result(result: sim.Result, out: Console) -> None:
                     _bytes(g1.region["size"]), "forever")
     mem.add_row("KHO memory-map metadata", f"{g1.metadata_bytes // ps:,}", _bytes(g1.metadata_bytes), "next kernel")
     out.print(mem)
+    system = c.system
     ver = Table(title="Verification")
-    for col in ("gen", "preserved", "units", "folios", "verified", "vmalloc", "SHA-256", "lost", "leaked", "result"):
+    middle = ("kexec", "reserve_mem", "LUO #", "memfds") if system else ("vmalloc",)
+    for col in ("gen", "preserved", "units", "folios", "verified", *middle, "SHA-256", "lost", "leaked", "result"):
         ver.add_column(col, justify="right")
     for g in result.generations:
         ver.add_row(str(g.index), _bytes(g.preserved_pages * ps), f"{g.preserved_units:,}", f"{g.verify.folios:,}",
-                    _bytes(g.verify.folio_bytes), f"{g.verify.vmalloc_pages:,}",
+                    _bytes(g.verify.folio_bytes), *(_system_cells(g.verify) if system else (f"{g.verify.vmalloc_pages:,}",)),
                     "skipped" if g.purgatory is None else ("ok" if g.purgatory["ok"] else "MISMATCH"),
                     str(g.lost_units), str(g.leaked_units), "[green]ok[/]" if g.ok else "[red]FAILED[/]")
     out.print(ver)
+    if system:
+        out.print(_system_note(result))
     for g in result.generations:
         for msg in g.boot.get("messages", []):
             out.print(f"generation {g.index} next kernel: {msg}")
@@ -195,6 +214,26 @@ def _print_result(result: sim.Result, out: Console) -> None:
         n = len(result.generations)
         out.print(f"[green]{n} generation{'s' if n > 1 else ''} verified: every checksum matched, "
                   f"no preserved page lost or leaked.[/]")
+
+
+def _system_cells(report) -> tuple[str, ...]:
+    """The 7.x columns of one generation: kexec_count, reserve_mem regions revived intact,
+    LUO's liveupdate_num, memfds verified."""
+    regions = sum(1 for r in report.regions if r["contents_ok"])
+    return ("-" if report.kexec_count is None else str(report.kexec_count), f"{regions} revived",
+            "-" if report.liveupdate_num is None else str(report.liveupdate_num),
+            f"{report.memfds}, {_bytes(report.memfd_bytes)}")
+
+
+def _system_note(result: sim.Result) -> str:
+    """What the next kernels checked in a 7.x run, in one paragraph (names escaped)."""
+    g = result.generations[-1].verify
+    regions = ", ".join(f"{escape(r['name'])} {r['start']:#x} + {_bytes(r['size'])}" for r in g.regions) or "none"
+    csum = "-" if g.csum is None else f"{g.csum:#010x}"
+    return (f"Each next kernel read every sub-node strictly: kexec-metadata (kexec_count counts the chained kexecs), "
+            f"reserve_mem revived at the same address ({regions}; contents compared), the self-test's folios restored "
+            f"(csum_partial recomputed, last {csum}), LUO's {g.sessions} sessions retrieved and every memfd restored and "
+            f"compared (LUO serialized them at reboot).")
 
 
 def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:

@@ -3,15 +3,20 @@
 One :class:`~kho.memory.physical.PhysicalMemory` lives through every generation:
 
 1. the running kernel (the first kernel's :class:`~kho.currentkernel.machine.Machine`, or the previous
-   generation's next kernel with its buddy allocator) runs the :mod:`kho.simulation.workload`,
-   preserving it through :class:`kho.handover.outgoing.KHO`, and finalizes the handover;
+   generation's next kernel with its buddy allocator) preserves through
+   :class:`kho.handover.outgoing.KHO` what its version hands over — a Linux 7.x system
+   (:mod:`kho.simulation.system`: self-test, ``reserve_mem``, kexec-metadata, LUO memfds; the
+   default) or the 6.16-era :mod:`kho.simulation.workload` (kernels 6.16 .. 7.0, and ``abi``
+   alone) — and finalizes the handover (7.x: places the scratch array; LUO serializes its
+   sessions at reboot, after the kexec load);
 2. kexec load (:mod:`kho.kexec.kimage`): kernel Image, initramfs, the boot DTB pointing at
-   the KHO FDT, and (with checks) purgatory, placed in the scratch areas off every page
+   the KHO FDT (arm64) or the params segment (x86_64: ``boot_params`` whose ``setup_data``
+   points at it), and (with checks) purgatory, placed in the scratch areas off every page
    that must survive — or, in ``reserved`` mode, loaded in place in a ``kexeckernel=``
    region carved from free scratch; in ``mmu-on`` mode the transitional tables
    (:mod:`kho.kexec.transpgd`);
 3. reboot: relocation (:mod:`kho.kexec.relocate`) and purgatory's SHA-256 check;
-4. the next kernel boots from the DTB found at its destination (:mod:`kho.nextkernel`),
+4. the next kernel boots from the DTB or ``boot_params`` found at its destination (:mod:`kho.nextkernel`),
    and every preserved unit is compared with what the map hands over ("lost");
 5. the workload is restored and every checksum verified; units never restored are
    "leaked".
@@ -30,12 +35,14 @@ from typing import Callable
 
 import numpy as np
 
+from kho.abi.versions import DEFAULT_KERNEL, KernelVersion, kernel_version
 from kho.currentkernel.machine import Machine
 from kho.devicetree.layout import FDT_HEADER, fdt_totalsize
 from kho.encodings import get_encoding
 from kho.errors import KHOError
 from kho.handover.imagefile import save_image
-from kho.handover.outgoing import KHO
+from kho.handover.outgoing import ARCH_X86_64, ARCHES, KHO
+from kho.handover.x86_boot_params import params_segment_size
 from kho.kexec import entries as ent
 from kho.kexec import kimage as K
 from kho.kexec import purgatory as purg
@@ -46,6 +53,7 @@ from kho.kexec.timing import FitReport, Timeline, reboot_timeline
 from kho.memory import intervals
 from kho.memory.intervals import IntervalSet
 from kho.nextkernel.boot import KERNEL_IMAGE_ALIGN, boot
+from kho.simulation import system as SY
 from kho.simulation import workload as W
 
 #: Largest kernel Image part of ``image_size`` (the rest is the initramfs), as in the
@@ -53,6 +61,8 @@ from kho.simulation import workload as W
 KERNEL_IMAGE_MAX = 13 << 20
 #: ``kexeckernel=`` regions are sized to the image rounded up to this (bytes).
 REGION_ALIGN = 2 << 20
+#: Name of the x86_64 params segment (``boot_params`` and its ``setup_data``).
+PARAMS_SEGMENT = "params"
 
 
 @dataclass
@@ -64,7 +74,13 @@ class Config:
     kho_scratch: str = "200%"
     preserve: int = 128 << 20
     pattern: str = "selftest"
-    abi: str = "kho-v2"
+    #: The kernel version modelled (:mod:`kho.abi.versions`); None: the default (7.3), or, when
+    #: ``abi`` is given, kho's encode-at-finalize model of that encoding (a 6.16-style tracker).
+    kernel: str | None = None
+    #: The preservation-map encoding; None: the one ``kernel`` writes.
+    abi: str | None = None
+    #: The next kernel's architecture: ``arm64`` (a boot DTB) or ``x86_64`` (boot_params).
+    arch: str = "arm64"
     relocation: str = "mmu-on"
     linear_map: str = "page"
     image_size: int = 47 << 20
@@ -75,9 +91,35 @@ class Config:
     save_image: str | None = None
     profile: FitReport | None = None
 
+    @property
+    def kernel_entry(self) -> KernelVersion | None:
+        """The kernel modelled, or None for kho's encode-at-finalize model (``abi`` alone)."""
+        if self.kernel is None and self.abi is not None:
+            return None
+        return kernel_version(DEFAULT_KERNEL if self.kernel is None else self.kernel)
+
+    @property
+    def encoding(self) -> str:
+        """The encoding written: ``abi``, else what the kernel writes."""
+        return self.abi if self.abi is not None else self.kernel_entry.compatible
+
+    @property
+    def system(self) -> bool:
+        """True when the run is a Linux 7.x system (:mod:`kho.simulation.system`): a stateless
+        kernel (7.1+); else the 6.16-era workload (:mod:`kho.simulation.workload`)."""
+        entry = self.kernel_entry
+        return entry is not None and entry.stateless
+
     def validate(self) -> None:
         """EINVAL for impossible settings, before anything runs."""
         check_mode(self.relocation)
+        if self.arch not in ARCHES:
+            raise KHOError("EINVAL", f"unknown architecture {self.arch!r} (one of {', '.join(ARCHES)})")
+        if self.arch == ARCH_X86_64 and self.page_size != 4096:
+            raise KHOError("EINVAL", f"x86_64 has 4096-byte pages, not {self.page_size}")
+        if self.system and self.pattern != W.SELFTEST:
+            raise KHOError("EINVAL", f"--pattern {self.pattern} draws the 6.16-era workload's folios: a "
+                                     f"{self.kernel_entry.version} system runs the kernel's own self-test")
         transpgd.Granule(self.page_size).block_levels(self.linear_map)
         if self.ram <= 0 or self.ram % self.page_size:
             raise KHOError("EINVAL", f"RAM size {self.ram} is not a positive multiple of the page size")
@@ -87,11 +129,11 @@ class Config:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is smaller than two pages")
         if self.image_size > self.ram // 2:
             raise KHOError("EINVAL", f"an image of {self.image_size} bytes is more than half of RAM")
-        encoding = get_encoding(self.abi, self.page_size)
+        encoding = get_encoding(self.encoding, self.page_size)
         if not encoding.keeps_orders:
-            raise KHOError("EINVAL", f"encoding {self.abi} does not keep folio orders: the next kernel could not restore folios")
-        if self.boot_path == "instructions" and self.abi != "instructions":
-            raise KHOError("EINVAL", f"the instructions boot path reads the instructions encoding, not {self.abi}")
+            raise KHOError("EINVAL", f"encoding {self.encoding} does not keep folio orders: the next kernel could not restore folios")
+        if self.boot_path == "instructions" and self.encoding != "instructions":
+            raise KHOError("EINVAL", f"the instructions boot path reads the instructions encoding, not {self.encoding}")
         if self.boot_path not in ("memblock", "instructions"):
             raise KHOError("EINVAL", f"unknown boot path {self.boot_path!r} (memblock or instructions)")
         if self.generations < 1:
@@ -156,7 +198,8 @@ class Result:
         c = self.config
         return {
             "config": {"ram": c.ram, "page_size": c.page_size, "kho_scratch": c.kho_scratch, "preserve": c.preserve,
-                       "pattern": c.pattern, "abi": c.abi, "relocation": c.relocation, "linear_map": c.linear_map,
+                       "pattern": c.pattern, "kernel": None if c.kernel_entry is None else c.kernel_entry.version,
+                       "abi": c.encoding, "arch": c.arch, "relocation": c.relocation, "linear_map": c.linear_map,
                        "image_size": c.image_size, "generations": c.generations, "seed": c.seed,
                        "checks": c.checks, "boot_path": c.boot_path},
             "profile": self.profile.to_dict(),
@@ -209,13 +252,34 @@ def _free_scratch(memory, allocator, first: bool) -> IntervalSet:
 
 
 def _boot_next(memory, segments: list[K.Segment], config: Config, handover, seed: int):
-    """Boot the next kernel (:func:`kho.nextkernel.boot`) from the DTB kexec loaded, its
-    image (the first segment) where kexec put it."""
+    """Boot the next kernel (:func:`kho.nextkernel.boot`) from the DTB kexec loaded (arm64)
+    or from the ``boot_params`` of the params segment (x86_64), its image (the first
+    segment) where kexec put it."""
+    kernel = segments[0]
+    if config.arch == ARCH_X86_64:
+        params = next(s for s in segments if s.name == PARAMS_SEGMENT)
+        return boot(memory, None, config.boot_path, boot_params=params.mem, encoding_options=handover.options,
+                    kernel_image=kernel.memsz, image_phys=kernel.mem, seed=seed)
     dtb = next(s for s in segments if s.name == "dtb")
     size = fdt_totalsize(memory.read(dtb.mem, FDT_HEADER.size))
-    kernel = segments[0]
     return boot(memory, memory.read(dtb.mem, min(size, dtb.memsz)), config.boot_path, encoding_options=handover.options,
                 kernel_image=kernel.memsz, image_phys=kernel.mem, seed=seed)
+
+
+def _handoff_request(config: Config, handover) -> K.SegmentRequest:
+    """The segment telling the next kernel where the handover is: the boot DTB (arm64) or,
+    on x86_64, the params segment (``boot_params`` + ``SETUP_KEXEC_KHO``), whose contents
+    depend on where it lands (:func:`_fill_params`)."""
+    if config.arch == ARCH_X86_64:
+        return K.SegmentRequest(PARAMS_SEGMENT, b"", memsz=params_segment_size())
+    return K.SegmentRequest("dtb", handover.boot_dtb())
+
+
+def _fill_params(segment: K.Segment, handover) -> K.Segment:
+    """The params segment with its contents for its destination (other segments unchanged)."""
+    if segment.name != PARAMS_SEGMENT:
+        return segment
+    return K.Segment(handover.params_segment(segment.mem), segment.mem, segment.memsz, segment.name)
 
 
 class _Stages:
@@ -268,17 +332,25 @@ def _generation(config: Config, profile: FitReport, index: int, memory, allocato
     if previous is not None:
         with stage("release"):
             W.release(allocator, previous)
+    entry = config.kernel_entry
     with stage("workload"):
-        kho = KHO(memory, allocator, config.abi)
-        work = W.create(kho, allocator, config.preserve, config.pattern, config.seed + index)
+        kho = KHO(memory, allocator, config.abi, kernel=None if entry is None else entry.version, arch=config.arch)
+        if config.system:
+            work = SY.create(kho, allocator, config.preserve, config.seed + index,
+                             previous.carried if isinstance(previous, SY.SystemReport) else None)
+        else:
+            work = W.create(kho, allocator, config.preserve, config.pattern, config.seed + index)
     with stage("finalize"):
         handover = kho.finalize()
         preserved_phys, preserved_order = kho.tracker.units_array()
-        if index == 1 and config.save_image:
-            save_image(config.save_image, handover)
     with stage("kexec load"):
         image, trans, segments, region = _load(config, memory, allocator, handover, preserved_phys, preserved_order,
                                                kernel, first=index == 1)
+    if config.system:
+        with stage("LUO serialize"):
+            SY.reboot(work)
+    if index == 1 and config.save_image:
+        save_image(config.save_image, handover)
     with stage("relocation"):
         reloc = relocate(image, config.relocation, trans)
     check = None
@@ -291,7 +363,7 @@ def _generation(config: Config, profile: FitReport, index: int, memory, allocato
         nk = _boot_next(memory, segments, config, handover, config.seed + index)
     with stage("verify"):
         lost = _lost_units(nk, preserved_phys, preserved_order)
-        report = W.verify(nk, memory, work)
+        report = SY.verify(nk, memory, handover.fdt_phys, work) if config.system else W.verify(nk, memory, work)
         leaked = int(nk.leaked()[0].size)
     hashed = check.bytes_hashed if check else 0
     moved = image.nr_pages * memory.page_size
@@ -318,7 +390,7 @@ def _load(config, memory, allocator, handover, preserved_phys, preserved_order, 
     unit_start, unit_end = intervals.of_units(preserved_phys >> np.uint64(shift), preserved_order)
     keep = handover.pages_to_keep() >> np.uint64(shift)
     busy = IntervalSet.of(np.concatenate([unit_start, keep]), np.concatenate([unit_end, keep + np.uint64(1)]))
-    requests = kernel.requests() + [K.SegmentRequest("dtb", handover.boot_dtb())]
+    requests = kernel.requests() + [_handoff_request(config, handover)]
     region = None
     allowed = K.scratch_pages(memory)
     if config.relocation == "reserved":
@@ -331,7 +403,7 @@ def _load(config, memory, allocator, handover, preserved_phys, preserved_order, 
                                 free, busy)[0]
         allowed = IntervalSet.of([spot.mem >> shift], [spot.end >> shift])
         region = {"phys": spot.mem, "size": spot.memsz}
-    segments = [kernel.fill(seg) for seg in K.place_segments(memory, requests, allowed, busy)]
+    segments = [_fill_params(kernel.fill(seg), handover) for seg in K.place_segments(memory, requests, allowed, busy)]
     if config.checks:
         taken = K.destination_ranges(segments, shift)
         segments += K.place_segments(memory, [K.SegmentRequest("purgatory", purg.build(segments))], allowed.subtract(taken), busy)
