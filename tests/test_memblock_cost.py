@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kho.currentkernel.machine import Machine
 from kho.errors import KHOError
+from kho.handover.outgoing import KHO
 from kho.nextkernel import memblock_cost as MC
 from kho.nextkernel.memblock import MemblockFlag
 
@@ -259,3 +261,13 @@ def test_radix_pages_count_leaves_and_tables():
     # 32768 consecutive order-0 pages from 0 share one leaf; a 32769th needs another leaf
     phys = np.arange(32769, dtype=np.uint64) * np.uint64(4096)
     assert MC.radix_pages(phys, np.zeros(phys.size, np.int64)) == 7
+
+
+def test_radix_pages_are_the_pages_the_kho_v2_encoder_writes():
+    machine = Machine.boot(1 << 30, seed=2)
+    kho = KHO(machine.memory, machine.allocator, "kho-v2")
+    kho.tracker.preserve_many(machine.allocator.alloc_many(5000, 0), 0)
+    kho.tracker.preserve_many(machine.allocator.alloc_many(300, 3), 3)
+    handover = kho.finalize()
+    phys, order = kho.tracker.units_array()
+    assert MC.radix_pages(phys, order) == handover.encoded.metadata_pages.size

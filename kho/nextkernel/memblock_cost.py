@@ -349,19 +349,27 @@ def restore_cost(costs: NextKernelCosts, path: str, units: int, map_pages: int, 
                        counts if path == MEMBLOCK_PATH else None, walk, reserve, noinit, free)
 
 
-def boot_restore_cost(nk, costs: NextKernelCosts, map_pages: int) -> RestoreCost:
+def boot_restore_cost(nk, costs: NextKernelCosts, map_pages: int | None = None) -> RestoreCost:
     """:func:`restore_cost` of a booted :class:`~kho.nextkernel.boot.NextKernel`: its units in
     the walk order of its map's compatible, the regions reserved before them (its final
     ``memblock.reserved`` minus the units), its free pages and blocks.  ``map_pages``: pages
-    of the serialized map the kernel walked.  O(R n + n log n)."""
+    of the serialized map the kernel walked; None counts the radix tree's pages of a radix
+    map (EINVAL for another map).  O(R n + n log n)."""
     phys, order = nk.kho.unit_phys, nk.kho.unit_order
     ps = nk.memory.page_size
     size = np.left_shift(np.uint64(ps), order.astype(np.uint64))
     report = nk.report()
     free_blocks = sum(sum(v) for v in report["free_blocks"].values())
+    compatible = nk.kho.fdt.compatible if nk.kho.fdt is not None else ""
+    if map_pages is None:
+        if not nk.revived:
+            map_pages = 0
+        elif compatible in RADIX_COMPATIBLES:
+            map_pages = radix_pages(phys, order, nk.memory.page_shift)
+        else:
+            raise KHOError("EINVAL", f"the pages of a {compatible} map are not known: give them")
     counts = None
     if nk.path == MEMBLOCK_PATH:
-        compatible = nk.kho.fdt.compatible if nk.kho.fdt is not None else ""
         idx = walk_order(phys, order, compatible)
         counts = count_memblock(phys[idx], size[idx], base_regions_of(nk.memblock.reserved.regions, phys, size))
     return restore_cost(costs, nk.path, int(phys.size), map_pages, counts, report["free_pages"], free_blocks,
