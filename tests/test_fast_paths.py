@@ -152,3 +152,20 @@ def test_page_private_matches_a_dense_array(seed):
             assert np.array_equal(sparse["magic"][idx], dense["magic"][idx])
             assert np.array_equal(sparse[idx], dense[idx])
         assert np.array_equal(np.asarray(sparse), dense)
+
+
+def test_stream_walk_in_small_chunks_matches(monkeypatch):
+    """The instruction walker expands the bitmap words a chunk at a time: any chunk size
+    gives the same units (two orders, so both the uniform and the per-word order paths)."""
+    import kho.encodings.instructions as instructions
+
+    machine = Machine.boot(1 << 30, seed=2)
+    kho = KHO(machine.memory, machine.allocator, "instructions")
+    kho.tracker.preserve_many(machine.allocator.alloc_many(20000, 0), 0)
+    kho.tracker.preserve_many(machine.allocator.alloc_many(300, 3), 3)
+    handover = kho.finalize()
+    whole = instructions.walk(machine.memory, handover.encoded.props)
+    monkeypatch.setattr(instructions, "WALK_WORDS", 3)
+    chunked = instructions.walk(machine.memory, handover.encoded.props)
+    assert np.array_equal(whole.unit_phys, chunked.unit_phys) and np.array_equal(whole.unit_order, chunked.unit_order)
+    assert set(np.unique(whole.unit_order).tolist()) == {0, 3}

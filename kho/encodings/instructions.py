@@ -82,6 +82,10 @@ OP_NAMES = {OP_FREE: "FREE", OP_SKIP: "SKIP", OP_UNIT: "UNIT", OP_BITMAP: "BITMA
 SKIP_HOLE, SKIP_SCRATCH = 0, 1
 #: Largest page count an ``arg`` may hold (the pfn space).
 MAX_ARG = 1 << PFN_BITS
+#: Bitmap words the walker expands at a time (2**20 words: 64 Mi bits, 64 MiB unpacked).
+WALK_WORDS = 1 << 20
+#: Set bits of every byte value.
+_POPCOUNT8 = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 #: A gap of more units than this between two units of one order ends a bitmap slice
 #: (256 bits = 32 bytes, the cost of a FREE record plus a new BITMAP record).
 GAP_BITS = 256
@@ -365,19 +369,28 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
         raise KHOFormatError("instructions.bitmap", f"bits beyond the {int(nbits[i])} of BITMAP record {int(records[i])} are set",
                              stream.word_location(int(woff[i] + words_per[i] - 1)))
     # Unit of bit b of word w: pfn = (b_in_slice << order) + start = (b << order) + w_base,
-    # with per-word tables (one entry per word, not per bit).
+    # with per-word tables (one entry per word, not per bit).  Expanded WALK_WORDS words at
+    # a time into arrays sized by the set bits: temporaries bounded whatever the stream's size.
     word_order = np.repeat(order.astype(np.uint8), words_per)
     word_base = np.repeat(start - ((woff * 64) << order), words_per)
-    pos = np.flatnonzero(np.unpackbits(stream.words.view(np.uint8), bitorder="little"))
-    word = pos >> 6
-    if (order == order[0]).all():
-        pos <<= int(order[0])
-        unit_order = np.full(pos.size, order[0], dtype=np.uint8)
-    else:
-        unit_order = word_order[word]
-        pos <<= unit_order
-    pos += word_base[word]
-    return pos, unit_order
+    uniform = bool((order == order[0]).all())
+    total = int(_POPCOUNT8[stream.words.view(np.uint8)].sum(dtype=np.int64))
+    unit_pfn = np.empty(total, dtype=np.int64)
+    unit_order = np.full(total, order[0], dtype=np.uint8) if uniform else np.empty(total, dtype=np.uint8)
+    at = 0
+    for w0 in range(0, stream.words.size, WALK_WORDS):
+        pos = np.flatnonzero(np.unpackbits(stream.words[w0:w0 + WALK_WORDS].view(np.uint8), bitorder="little").view(bool))
+        pos += w0 << 6
+        word = pos >> 6
+        out = unit_pfn[at:at + pos.size]
+        if uniform:
+            np.left_shift(pos, int(order[0]), out=out)
+        else:
+            unit_order[at:at + pos.size] = word_order[word]
+            np.left_shift(pos, unit_order[at:at + pos.size], out=out)
+        out += word_base[word]
+        at += pos.size
+    return unit_pfn, unit_order
 
 
 def _free_gaps(memory: PhysicalMemory, unit_start: np.ndarray, unit_end: np.ndarray):
