@@ -7,7 +7,9 @@ reading every sub-node blob, and the child's peak RSS from ``ru_maxrss``):
 - ``raw``: the same, decompressed to a temporary (non-sparse) raw file first (page cache
   warm: the file was just written);
 - ``sparse-64g``: a 64 GiB sparse raw file holding a handover kho wrote on a 64 GiB machine
-  (``--units`` random order-0 pages preserved, a blob sub-node), planted at its addresses.
+  (``--units`` random order-0 pages preserved, a blob sub-node), planted at its addresses;
+- ``zstd-64g`` (with ``--zstd-64g``; minutes): that file zstd-compressed (level 1), opened:
+  the one decompression pass over 64 GiB bounds it.
 
 The shared cases are skipped when ``../shared`` is absent.  ``--json`` prints the results
 as JSON; ``--out DIR`` also writes ``DIR/dump.json`` and ``DIR/dump.md``.
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--units", type=int, default=1 << 20, help="order-0 pages preserved in the 64 GiB dump")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary dumps go")
+    parser.add_argument("--zstd-64g", action="store_true", help="also the 64 GiB dump zstd-compressed (minutes)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -107,6 +110,12 @@ def main() -> None:
         sparse = os.path.join(tmp, "sparse-64g.raw")
         plant_64g(sparse, args.units)
         results.append(run_child("sparse-64g", sparse))
+        if args.zstd_64g:
+            compressed = sparse + ".zst"
+            with open(sparse, "rb") as fin, open(compressed, "wb") as fout:
+                zstandard.ZstdCompressor(level=1).copy_stream(fin, fout, size=os.path.getsize(sparse), read_size=16 << 20)
+            os.unlink(sparse)
+            results.append(run_child("zstd-64g", compressed))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "dump.json").write_text(json.dumps(results, indent=1) + "\n")
