@@ -169,3 +169,23 @@ def test_stream_walk_in_small_chunks_matches(monkeypatch):
     chunked = instructions.walk(machine.memory, handover.encoded.props)
     assert np.array_equal(whole.unit_phys, chunked.unit_phys) and np.array_equal(whole.unit_order, chunked.unit_order)
     assert set(np.unique(whole.unit_order).tolist()) == {0, 3}
+
+
+@pytest.mark.parametrize("window", [1 << 12, 1 << 15, 1 << 23])
+def test_ascending_bitmaps_match_the_general_packing(monkeypatch, window):
+    """packed_bitmaps of ascending units (window by window) gives the bitmaps the general
+    packing gives for the same units in another order."""
+    from kho.currentkernel import batches
+
+    monkeypatch.setattr(batches, "WINDOW_BITS", window)
+    rng = np.random.default_rng(window)
+    pfn = np.unique(rng.integers(0, 1 << 20, 30000)) << 2  # order-2 aligned
+    phys = pfn.astype(np.uint64) << np.uint64(12)
+    orders = np.full(phys.size, 2, dtype=np.uint8)
+
+    def flat(batch):
+        parts = list(batches.packed_bitmaps(batch, orders, 12, 12, 1 << 28))
+        return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+    (ia, pa), (ib, pb) = flat(phys), flat(phys[rng.permutation(phys.size)])
+    assert np.array_equal(ia, ib) and np.array_equal(pa, pb)
