@@ -45,6 +45,7 @@ from kho.abi.versions import KernelVersion
 from kho.errors import KHOError
 from kho.memory.physical import PhysicalMemory
 from kho.simulation.workload import DIGEST_BYTES, VerifyReport
+from kho.subsystems.checksum import CSUM_OF_ARCH
 from kho.subsystems.kexec_metadata import read_kexec_metadata, write_kexec_metadata
 from kho.subsystems.kho_test import read_kho_test, restore_kho_test, write_kho_test
 from kho.subsystems.luo import OutgoingLuo, read_luo, restore_luo_files
@@ -59,8 +60,6 @@ RESERVE_MEM = (("kho_sim_big", 8 * MIB, 8 * MIB),)
 MEMFDS = (("kho-sim-db", 1, 64 << 12, 0),
           ("kho-sim-db", 2, 10_000, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW),
           ("kho-sim-vm", 0x10, 1 * MIB, 0))
-#: ``csum_partial`` implementation of each architecture (``lib/test_kho.c``'s checksum).
-CSUM_ARCH = {"arm64": "generic", "x86_64": "x86_64"}
 
 
 def _digest(data: bytes) -> bytes:
@@ -166,7 +165,7 @@ def create(kho, allocator, size: int, seed: int, carried: Carried | None = None)
             blob = write_kexec_metadata(memory, allocator, tracker, work.release, carried.kexec_count)
             kho.add_subtree(blob.name, blob.phys, blob.size)
         elif name == KHO_TEST_FDT:
-            test = write_kho_test(memory, allocator, tracker, size, int(rng.integers(2**62)), CSUM_ARCH[kho.arch])
+            test = write_kho_test(memory, allocator, tracker, size, int(rng.integers(2**62)), CSUM_OF_ARCH[kho.arch])
             kho.add_subtree(KHO_TEST_FDT, test.phys, test.size)
             work.test_folios, work.test_csum = test.nr_folios, test.csum
             work.test_bytes = sum(memory.page_size << o for _, o in test.folios)
@@ -212,7 +211,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload |
     kernel keeps.  O(bytes preserved)."""
     report = SystemReport()
     ps = memory.page_size
-    arch = CSUM_ARCH[work.arch] if work is not None else CSUM_ARCH["arm64"]
+    arch = CSUM_OF_ARCH[work.arch] if work is not None else CSUM_OF_ARCH["arm64"]
     carried = report.carried
     names = set(kernel.kho.fdt.subtrees()) if kernel.kho.fdt is not None else set()
     wanted = set(work.kernel.sub_nodes) if work is not None else names

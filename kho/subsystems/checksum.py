@@ -26,6 +26,8 @@ from kho.errors import KHOError
 
 #: The implementations modelled.
 CSUM_ARCHES = ("x86_64", "generic")
+#: The implementation each architecture's kernel runs (arm64 builds ``lib/checksum.c``).
+CSUM_OF_ARCH = {"x86_64": "x86_64", "arm64": "generic"}
 #: Bytes summed per numpy step (the u64 accumulator cannot overflow below 2**32 words).
 SLICE_BYTES = 64 << 20
 _M32 = 0xFFFFFFFF
