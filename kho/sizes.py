@@ -1,4 +1,6 @@
-"""Parsing of sizes written by people: the CLI's and the kernel's ``memparse`` rules."""
+"""Sizes for people: parsing (the CLI's and the kernel's ``memparse`` rules) and the one
+formatter every command and report prints bytes with (:func:`format_size`, binary units).
+JSON output keeps exact byte counts."""
 
 from __future__ import annotations
 
@@ -21,6 +23,25 @@ def parse_size(text: str) -> int:
         raise KHOError("EINVAL", f"invalid size {text!r} (examples: 4096, 0x1000, 64M, 16GiB)")
     number, suffix, _ = match.groups()
     return int(number, 0) << _BINARY_SUFFIX[suffix.upper()]
+
+
+#: Binary units, largest first, as format_size prints them.
+_UNITS = (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
+
+
+def format_size(n: int | float | None, digits: int = 1) -> str:
+    """``n`` bytes in the largest binary unit it reaches: exact and without decimals when it
+    is a whole number of that unit (``64 GiB``, ``512 KiB``, ``47 MiB``), else with ``digits``
+    decimals (``48.3 MiB``); below 1 KiB in bytes (``512 B``); ``-`` for None.  O(1)."""
+    if n is None:
+        return "-"
+    sign, n = ("-", -n) if n < 0 else ("", n)
+    for unit, shift in _UNITS:
+        if n >= 1 << shift:
+            if n == int(n) and int(n) % (1 << shift) == 0:
+                return f"{sign}{int(n) >> shift:,} {unit}"
+            return f"{sign}{n / (1 << shift):,.{digits}f} {unit}"
+    return f"{sign}{n:,.0f} B" if n != int(n) else f"{sign}{int(n):,} B"
 
 
 def kernel_strtoull_base0(text: str) -> tuple[int, int]:

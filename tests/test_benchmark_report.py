@@ -9,6 +9,7 @@ from kho.benchmark import plots, report
 from kho.benchmark.encodings import Point, run_points
 from kho.benchmark.reboot import run_reboot
 from kho.errors import KHOError
+from kho.sizes import format_size
 
 MIB, GIB = 1 << 20, 1 << 30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -99,8 +100,9 @@ def test_reboot_and_scale_markdown(reboot):
 
 
 def test_formatting():
-    assert report.fmt_bytes(48 << 20) == "48.0 MiB" and report.fmt_bytes(100) == "100 B" and report.fmt_bytes(None) == "-"
-    assert report.fmt_ram(1 << 40) == "1 TiB" and report.fmt_ram(47 << 20) == "47 MiB" and report.fmt_ram(1536) == "1.5 KiB"
+    assert format_size(48 << 20) == "48 MiB" and format_size(100) == "100 B" and format_size(None) == "-"
+    assert format_size(1 << 40) == "1 TiB" and format_size(47 << 20) == "47 MiB" and format_size(1536) == "1.5 KiB"
+    assert format_size(48.25 * (1 << 20)) == "48.2 MiB" and format_size(65536 << 20) == "64 GiB"
     assert report.fmt_s(0.0123456) == "0.0123" and report.fmt_s(None) == "-"
     assert report.table(["a", "b"], [[1, 2]]) == "| a | b |\n|:---|---:|\n| 1 | 2 |\n"
 

@@ -15,7 +15,7 @@ ROOT = Path(kho.__file__).parent
 #: Imports allowed inside functions: optional dependencies, loaded only when used.
 OPTIONAL = {"matplotlib", "atheris", "drgn"}
 #: The data flow, bottom to top: a module may import its own layer and the layers before it.
-LAYERS = ["version", "errors", "sizes", "abi", "memory", "currentkernel", "devicetree", "encodings", "subsystems",
+LAYERS = ["version", "errors", "sizes", "files", "abi", "memory", "currentkernel", "devicetree", "encodings", "subsystems",
           "handover", "dumps", "kexec", "nextkernel", "simulation", "benchmark", "cli"]
 
 

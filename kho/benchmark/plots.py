@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from kho.benchmark.design import BUDGET as DESIGN_BUDGET
-from kho.benchmark.report import fmt_bytes, fmt_ram, measured
+from kho.benchmark.report import measured
 from kho.errors import KHOError
+from kho.files import atomic_write
+from kho.sizes import format_size
 
 #: Line style per boot path.
 PATH_STYLE = {"memblock": "-", "instructions": "--"}
@@ -58,7 +60,7 @@ def _bytes_axis(ax) -> None:
 
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(FixedLocator([1 << s for s in range(0, 61, 2)]))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_ram(int(v)) if v >= 1 else ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(int(v)) if v >= 1 else ""))
     ax.yaxis.set_minor_locator(FixedLocator([]))
 
 
@@ -82,7 +84,8 @@ def _label_panel(ax, xlabel: str, ylabel: str, title: str, grid: str) -> None:
 
 
 def _save(fig, path: str) -> str:
-    fig.savefig(path, dpi=DPI)
+    with atomic_write(path) as out:
+        fig.savefig(out, dpi=DPI, format="png")
     _pyplot().close(fig)
     return path
 
@@ -90,7 +93,7 @@ def _save(fig, path: str) -> str:
 def _log2_ram_axis(ax, rams: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(rams))
-    ax.set_xticklabels([fmt_ram(r).replace(" ", "\n") for r in sorted(rams)], fontsize=8)
+    ax.set_xticklabels([format_size(r).replace(" ", "\n") for r in sorted(rams)], fontsize=8)
     ax.minorticks_off()
 
 
@@ -141,14 +144,14 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
     legend_ax = flat[len(patterns)]
     handles = [plt.Line2D([], [], color=colors[n], marker=markers[n], lw=1.6, label=n) for n in names]
     handles += [plt.Line2D([], [], color="grey", marker="o", mfc="white", lw=0, label="handover impossible"),
-                plt.Line2D([], [], color="grey", ls=":", label=f"one FDT page ({fmt_ram(page_size)})"),
+                plt.Line2D([], [], color="grey", ls=":", label=f"one FDT page ({format_size(page_size)})"),
                 plt.Line2D([], [], color="grey", ls="--", label="512 KiB (design discussion)")]
     legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("map bytes (log)")
     for ax in axes[-1, :]:
         ax.set_xlabel("preserved share of RAM")
-    fig.suptitle(f"Preservation-map size by encoding, {fmt_ram(ram)} RAM", fontsize=12)
+    fig.suptitle(f"Preservation-map size by encoding, {format_size(ram)} RAM", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -228,7 +231,7 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
                   color=colors[_mode_label(sel[0])], label=label)
     left.set_xscale("log")
     left.set_xticks(images)
-    left.set_xticklabels([fmt_bytes(i).replace(".0 ", " ") for i in images], fontsize=8)
+    left.set_xticklabels([format_size(i) for i in images], fontsize=8)
     left.minorticks_off()
     _seconds_axis(left)
     _label_panel(left, "kernel + initramfs (log)", "whole reboot (modelled, log)",
@@ -242,7 +245,7 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
                    marker="s" if forever else "o", ms=4, lw=1.8, color=colors[label], label=label)
     _log2_ram_axis(right, sorted({r["ram_bytes"] for r in rows if r["image_bytes"] == image}))
     _bytes_axis(right)
-    _label_panel(right, "RAM", "memory cost (log)", f"Memory cost, {fmt_ram(image)} image (dashed: reserved forever)",
+    _label_panel(right, "RAM", "memory cost (log)", f"Memory cost, {format_size(image)} image (dashed: reserved forever)",
                  grid="major")
     fig.suptitle("Relocation trade-off: MMU off vs MMU-on transitional tables vs a reserved region", fontsize=12)
     fig.tight_layout()

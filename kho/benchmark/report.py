@@ -22,6 +22,8 @@ from typing import Sequence
 from kho.benchmark.design import BUDGET as DESIGN_BUDGET
 from kho.benchmark.environment import machine_info
 from kho.errors import KHOError
+from kho.files import write_atomic
+from kho.sizes import format_size
 
 SCHEMA = "kho-bench/1"
 KINDS = ("encodings", "reboot", "scale", "sizes")
@@ -38,10 +40,8 @@ def document(kind: str, config: dict, results) -> dict:
 
 
 def dump(doc: dict, path: str) -> None:
-    """Write ``doc`` as indented JSON at ``path``."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    """Write ``doc`` as indented JSON at ``path`` (atomically: :func:`kho.files.write_atomic`)."""
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def load(path: str, kind: str | None = None) -> dict:
@@ -59,25 +59,7 @@ def load(path: str, kind: str | None = None) -> dict:
     return doc
 
 
-# -- formatting ---------------------------------------------------------------------------
-def fmt_bytes(n: float | None) -> str:
-    """``n`` bytes with a binary unit (``48.0 MiB``), or ``-`` for None."""
-    if n is None:
-        return "-"
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def fmt_ram(n: int) -> str:
-    """A RAM or image size, exact when whole (``16 GiB``, ``47 MiB``)."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return fmt_bytes(n)
-
-
+# -- formatting (sizes: kho.sizes.format_size) -------------------------------------------
 def fmt_s(seconds: float | None) -> str:
     """Seconds with three significant digits, or ``-``."""
     if seconds is None:
@@ -101,7 +83,7 @@ def measured(points: Sequence[dict]) -> list[dict]:
 
 def skipped_lines(points: Sequence[dict]) -> str:
     """A markdown list of the points that could not run, with the reason ('' when none)."""
-    return "".join(f"- {p['pattern']}, {p['share']:.0%} of {fmt_ram(p['ram_bytes'])}: {p['error']}\n"
+    return "".join(f"- {p['pattern']}, {p['share']:.0%} of {format_size(p['ram_bytes'])}: {p['error']}\n"
                    for p in points if "error" in p)
 
 
@@ -110,7 +92,7 @@ def _path_s(enc: dict, path: str) -> float | None:
 
 
 def _point_label(p: dict) -> tuple[str, str, str]:
-    return p["pattern"], fmt_ram(p["ram_bytes"]), f"{p['share']:.0%}"
+    return p["pattern"], format_size(p["ram_bytes"]), f"{p['share']:.0%}"
 
 
 def encodings_table(points: Sequence[dict]) -> str:
@@ -121,7 +103,7 @@ def encodings_table(points: Sequence[dict]) -> str:
     for p in measured(points):
         for e in p["encodings"]:
             mb = e["paths"].get("memblock")
-            rows.append([*_point_label(p), f"{p['units']:,}", e["encoding"], fmt_bytes(e["total_bytes"]),
+            rows.append([*_point_label(p), f"{p['units']:,}", e["encoding"], format_size(e["total_bytes"]),
                          f"{e['bytes_per_page']:.3g}", fmt_s(e["encode_s"]), fmt_s(e["decode_s"]),
                          fmt_s(_path_s(e, "memblock")), fmt_s(_path_s(e, "instructions")),
                          f"{mb['memblock_reserve_calls']:,}" if mb else "-",
@@ -141,7 +123,7 @@ def _best(encs: Sequence[dict], key) -> str:
     if not scored:
         return "-"
     value, name = min(scored)
-    return f"{name} ({value:.3g})" if isinstance(value, float) else f"{name} ({fmt_bytes(value)})"
+    return f"{name} ({value:.3g})" if isinstance(value, float) else f"{name} ({format_size(value)})"
 
 
 def winners_table(points: Sequence[dict]) -> str:
@@ -167,9 +149,9 @@ def winners_table(points: Sequence[dict]) -> str:
 def reboot_table(results: dict) -> str:
     """One row per RAM, image and mode (and linear map for MMU on)."""
     headers = ["RAM", "image", "mode", "linear map", "relocation s", "reboot s", "speedup", "memory cost", "held"]
-    rows = [[fmt_ram(r["ram_bytes"]), fmt_ram(r["image_bytes"]), r["mode"], r["linear_map"] or "-",
+    rows = [[format_size(r["ram_bytes"]), format_size(r["image_bytes"]), r["mode"], r["linear_map"] or "-",
              fmt_s(r["relocation_s"]), fmt_s(r["total_s"]), f"{r['speedup_vs_mmu_off']:.2f}x",
-             fmt_bytes(r["memory_bytes"]), r["lifetime"]] for r in results["rows"]]
+             format_size(r["memory_bytes"]), r["lifetime"]] for r in results["rows"]]
     return table(headers, rows, [True, True, False, False, True, True, True, True, False])
 
 
@@ -179,11 +161,11 @@ def simulated_table(results: dict) -> str:
     rows = []
     for s in results["simulated"]:
         if "error" in s:
-            rows.append([fmt_ram(s["ram_bytes"]), fmt_ram(s["image_bytes"]), s["mode"], fmt_s(s["model_total_s"]),
+            rows.append([format_size(s["ram_bytes"]), format_size(s["image_bytes"]), s["mode"], fmt_s(s["model_total_s"]),
                          "-", "-", "-", s["error"].split(":")[0] + ": does not fit"])
         else:
-            rows.append([fmt_ram(s["ram_bytes"]), fmt_ram(s["image_bytes"]), s["mode"], fmt_s(s["model_total_s"]),
-                         fmt_s(s["total_s"]), fmt_bytes(s["bytes_relocated"]), fmt_s(s["host_s"]),
+            rows.append([format_size(s["ram_bytes"]), format_size(s["image_bytes"]), s["mode"], fmt_s(s["model_total_s"]),
+                         fmt_s(s["total_s"]), format_size(s["bytes_relocated"]), fmt_s(s["host_s"]),
                          "verified" if s["ok"] else "FAILED"])
     return table(headers, rows, [True, True, False, True, True, True, True, False])
 
@@ -204,9 +186,9 @@ def scale_table(results: dict) -> str:
             target = "met" if ok else ("too slow" if not v["within_time"] else "too much memory")
         else:
             target = "(not held)"
-        rows.append([e["encoding"], fmt_bytes(e["total_bytes"]), fmt_s(r["generate_s"]), fmt_s(r["preserve_s"]),
+        rows.append([e["encoding"], format_size(e["total_bytes"]), fmt_s(r["generate_s"]), fmt_s(r["preserve_s"]),
                      fmt_s(e["encode_s"]), fmt_s(e["decode_s"]), fmt_s(v["encode_decode_s"]),
-                     fmt_bytes(v["peak_rss_bytes"]), target])
+                     format_size(v["peak_rss_bytes"]), target])
     return table(headers, rows, [False] + [True] * 7 + [False])
 
 
@@ -221,17 +203,17 @@ def limits(results: dict) -> str:
         e, v = r["encoding"], r["verdict"]
         if v["held"]:
             continue
-        parts = [f"{fmt_bytes(e['total_bytes'])} ({e['total_bytes'] / DESIGN_BUDGET:,.1f}x the design discussion's "
+        parts = [f"{format_size(e['total_bytes'])} ({e['total_bytes'] / DESIGN_BUDGET:,.1f}x the design discussion's "
                  f"512 KiB" + (f", {e['total_bytes'] / min(held):,.0f}x the smallest held map)" if held else ")")]
         if e["fdt_bytes"] > 8:
-            parts.append(f"{fmt_bytes(e['fdt_bytes'])} inside the root FDT, which then needs at least "
-                         f"{fmt_bytes(e['fdt_min_bytes'])} "
+            parts.append(f"{format_size(e['fdt_bytes'])} inside the root FDT, which then needs at least "
+                         f"{format_size(e['fdt_min_bytes'])} "
                          f"({'fits' if e['fdt_fits_page'] else 'the kernel builds it in one 4 KiB page'})")
         if e["handover"] not in (None, "ok"):
             parts.append(f"no handover: {e['handover']}")
         if not e["orders_survive"]:
             parts.append("folio orders lost")
-        parts.append(f"encode + decode {v['encode_decode_s']:.3g} s, peak RSS {fmt_bytes(v['peak_rss_bytes'])}")
+        parts.append(f"encode + decode {v['encode_decode_s']:.3g} s, peak RSS {format_size(v['peak_rss_bytes'])}")
         lines.append(f"- **{e['encoding']}**: " + "; ".join(parts))
     for r in results["results"]:
         if "error" in r:
@@ -251,7 +233,7 @@ def scale_boot_table(results: dict) -> str:
             rows.append([r["encoding"]["encoding"], "-", "-", "-", "-", "-", f"no handover: {r['encoding']['handover']}"])
         for path, v in r["encoding"]["paths"].items():
             rows.append([r["encoding"]["encoding"], path, fmt_s(v["rebuild_s"]), fmt_s(v["deserialize_s"]),
-                         fmt_s(v["free_lists_s"]), f"{v['memblock_reserve_calls']:,}", fmt_bytes(r["peak_rss_bytes"])])
+                         fmt_s(v["free_lists_s"]), f"{v['memblock_reserve_calls']:,}", format_size(r["peak_rss_bytes"])])
     return table(headers, rows, [False, False] + [True] * 5)
 
 
@@ -261,20 +243,20 @@ def sizes_table(sizes: dict) -> str:
     b, ri, rr, pk, mp = (sizes[k] for k in ("bitmaps_16g", "ranges_isolated", "ranges_random", "packed_512k", "maple_node"))
     rows = [
         ["512 KiB of order-0 bitmaps covers 16 GiB",
-         f"{fmt_ram(b['ram_bytes'])}, every page preserved: {b['page']['bitmaps']} x {b['page']['bitmap_bytes_each']} B "
-         f"= {fmt_bytes(b['page']['bytes'])} ({b['linux_6_16']['bitmaps']:,} x {b['linux_6_16']['bitmap_bytes_each']} B "
-         f"= {fmt_bytes(b['linux_6_16']['bytes'])} with Linux 6.16's bitmaps)"],
+         f"{format_size(b['ram_bytes'])}, every page preserved: {b['page']['bitmaps']} x {b['page']['bitmap_bytes_each']} B "
+         f"= {format_size(b['page']['bytes'])} ({b['linux_6_16']['bitmaps']:,} x {b['linux_6_16']['bitmap_bytes_each']} B "
+         f"= {format_size(b['linux_6_16']['bytes'])} with Linux 6.16's bitmaps)"],
         ["16 GiB of random order-0 pages as 16-byte pairs, none neighbours: 64 MiB",
-         f"{ri['ranges']:,} ranges x {ri['range_bytes']} B = {fmt_bytes(ri['bytes'])}"],
+         f"{ri['ranges']:,} ranges x {ri['range_bytes']} B = {format_size(ri['bytes'])}"],
         ["merging neighbours, 16 GiB random in 64 GiB: about 48 MiB, 3.1 M ranges",
-         f"{rr['ranges']:,} ranges = {rr['bytes']:,} B ({fmt_bytes(rr['bytes'])}, {rr['bytes'] / 1e6:.1f} MB)"],
+         f"{rr['ranges']:,} ranges = {rr['bytes']:,} B ({format_size(rr['bytes'])}, {rr['bytes'] / 1e6:.1f} MB)"],
         ["512 KiB of packed 8-byte ranges = 65k ranges = only 256 MiB of random 4 KiB pages",
-         f"{pk['full']['ranges']:,} isolated pages ({fmt_bytes(pk['full']['preserved_bytes'])}) fill "
-         f"{fmt_bytes(pk['full']['bytes'])} of chunks ({pk['entries_without_headers']:,} entries without the "
-         f"{pk['chunk_header_bytes']}-byte chunk headers); one more page needs {fmt_bytes(pk['one_more']['bytes'])}"],
+         f"{pk['full']['ranges']:,} isolated pages ({format_size(pk['full']['preserved_bytes'])}) fill "
+         f"{format_size(pk['full']['bytes'])} of chunks ({pk['entries_without_headers']:,} entries without the "
+         f"{pk['chunk_header_bytes']}-byte chunk headers); one more page needs {format_size(pk['one_more']['bytes'])}"],
         ["maple tree node: 256 bytes, 16 slots, 15 pivots",
          f"{mp['node_bytes']} B, {mp['slots']} slots, {mp['pivots']} pivots; {mp['units']:,} isolated pages: "
-         f"{mp['nodes']:,} nodes, height {mp['height']}, {fmt_bytes(mp['bytes'])} of pages"],
+         f"{mp['nodes']:,} nodes, height {mp['height']}, {format_size(mp['bytes'])} of pages"],
     ]
     return table(["DESIGN.md section 5", "computed by kho"], rows, [False, False])
 
@@ -283,7 +265,7 @@ def sizes_table(sizes: dict) -> str:
 def machine_line(doc: dict) -> str:
     """One line naming the machine, versions and date of a document."""
     m = doc["machine"]
-    ram = f", {fmt_bytes(m['ram_bytes'])} RAM" if m.get("ram_bytes") else ""
+    ram = f", {format_size(m['ram_bytes'])} RAM" if m.get("ram_bytes") else ""
     return (f"Measured on {m['cpu']} ({m['cores']} cores{ram}), {m['os']}, Python {m['python']}, numpy {m['numpy']}, "
             f"kho {m['kho']}, {m['date']}.")
 
@@ -305,7 +287,7 @@ def markdown(doc: dict) -> str:
         if res["simulated"]:
             parts.append("## Simulated reboots against the model\n\n" + simulated_table(res))
     elif kind == "scale":
-        parts += [f"# Scale run: {fmt_ram(res['ram_bytes'])} RAM, {fmt_ram(res['preserved_bytes'])} of random order-0 "
+        parts += [f"# Scale run: {format_size(res['ram_bytes'])} RAM, {format_size(res['preserved_bytes'])} of random order-0 "
                   f"pages\n\n{machine_line(doc)}  Each encoding in its own process; peak RSS from getrusage.\n",
                   scale_table(res)]
         if limits(res):
@@ -338,6 +320,5 @@ def write_index(directory: str) -> str:
         elif kind == "scale":
             lines.append(scale_table(doc["results"]))
     path = os.path.join(directory, "README.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path

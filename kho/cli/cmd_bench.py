@@ -2,7 +2,8 @@
 
 Every subcommand prints markdown tables (or JSON with ``--json``); ``--out DIR`` also
 writes the JSON document, the markdown and the PNG plots there, and the directory's
-``README.md`` index.  A progress bar runs on stderr when it is a terminal.
+``README.md`` index.  A progress bar runs on stderr when it is a terminal.  Exit status 1
+when any point failed (its error is in the report and one ``kho:`` line says so).
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from kho.benchmark import encodings as benc
 from kho.benchmark import reboot as breboot
 from kho.benchmark import scale as bscale
 from kho.benchmark.progress import progress
-from kho.cli.options import page_size_arg, size_arg
+from kho.cli.options import page_size_arg, seed_arg, size_arg
 from kho.encodings import load_all
+from kho.files import write_atomic
 from kho.simulation.preserved_sets import PATTERNS
+
+#: Exit status when the report was printed but some point failed.
+EXIT_FAILED = 1
 
 
 def share_arg(text: str) -> float:
@@ -75,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="next-kernel boots per path (default --runs; 0 skips the boot paths)")
     e.add_argument("--page-size", type=page_size_arg, default=4096, help="page size: 4K (default), 16K or 64K")
     e.add_argument("--kho-scratch", default="200%", metavar="SPEC", help="kho_scratch= value (default 200%%)")
-    e.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    e.add_argument("--seed", type=seed_arg, default=1, help="random seed (default 1)")
     _output_options(e)
     e.set_defaults(func=run_encodings)
 
@@ -97,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = bench.add_parser("sizes", help="the design discussion's sizes (DESIGN.md section 5), computed",
                          description="Compute the sizes of DESIGN.md section 5 by running the encodings.")
-    s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    s.add_argument("--seed", type=seed_arg, default=1, help="random seed (default 1)")
     _output_options(s)
     s.set_defaults(func=run_sizes)
 
@@ -110,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--encoding", nargs="+", choices=sorted(load_all()), default=None, metavar="NAME",
                    help="encodings (default all)")
     c.add_argument("--boot", action="store_true", help="also boot the next kernel once on each path")
-    c.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    c.add_argument("--seed", type=seed_arg, default=1, help="random seed (default 1)")
     _output_options(c)
     c.set_defaults(func=run_scale)
 
@@ -131,8 +136,7 @@ def _emit(args, doc: dict, plot) -> int:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, doc["kind"])
         report.dump(doc, stem + ".json")
-        with open(stem + ".md", "w", encoding="utf-8") as f:
-            f.write(report.markdown(doc))
+        write_atomic(stem + ".md", report.markdown(doc))
         if plot is not None:
             plot(stem)
         report.write_index(args.out)
@@ -140,7 +144,26 @@ def _emit(args, doc: dict, plot) -> int:
         print(json.dumps(doc, indent=1))
     else:
         print(report.markdown(doc))
+    failed = failures(doc["results"])
+    if failed:
+        print(f"kho: bench {doc['kind']}: {len(failed)} point(s) failed, e.g. {failed[0]}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+def failures(results) -> list[str]:
+    """The ``error`` of every point recorded as failed, anywhere in ``results``.  O(size)."""
+    found = []
+    stack = [results]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "error" in item:
+                found.append(str(item["error"]))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+    return found
 
 
 def run_encodings(args) -> int:

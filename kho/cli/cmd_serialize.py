@@ -25,6 +25,7 @@ from kho.errors import KHOError
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO
 from kho.simulation.preserved_sets import generate
+from kho.sizes import format_size
 
 #: A units-file line: PHYS (hex with 0x, or decimal) and ORDER (decimal).
 _UNIT_LINE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s+([0-9]+)")
@@ -50,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     units.add_argument("--preserve-random", type=size_arg, metavar="SIZE", help="bytes to preserve as random units")
     p.add_argument("--order", default="0", metavar="N|mixed",
                    help="order of the random units, or 'mixed' for random orders as the kernel self-test (default 0)")
-    p.add_argument("--out", required=True, metavar="IMAGE", help="handover image to write (.kho)")
+    p.add_argument("--out", required=True, metavar="IMAGE",
+                   help="handover image to write (.kho; replaced atomically: a failed write leaves the old file whole)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -159,6 +161,7 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{args.out}: Linux {args.kernel} {handover.encoding} map of {summary['units']:,} units ({summary['preserved_pages']:,} pages) in "
-              f"{machine.memory.ram_size >> 20:,} MiB; metadata {summary['metadata_pages']:,} pages "
-              f"({summary['metadata_bytes']:,} bytes); KHO FDT at {handover.fdt_phys:#x}; image {image_bytes:,} bytes")
+              f"{format_size(machine.memory.ram_size)}; metadata {summary['metadata_pages']:,} pages "
+              f"({format_size(summary['metadata_bytes'])}); KHO FDT at {handover.fdt_phys:#x}; "
+              f"image {format_size(image_bytes)}")
     return 0

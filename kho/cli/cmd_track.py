@@ -14,6 +14,7 @@ from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
 from kho.currentkernel.xarray import XA_NODE_BYTES
 from kho.errors import KHOError
+from kho.sizes import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,15 +65,15 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    table = Table(title=f"KHO tracker: {report['units']:,} units of order {args.order} in {args.ram >> 20:,} MiB")
+    table = Table(title=f"KHO tracker: {report['units']:,} units of order {args.order} in {format_size(args.ram)}")
     table.add_column("what")
     table.add_column("value", justify="right")
     for area in machine.memory.scratch:
-        table.add_row(f"scratch {area.kind}", f"{area.addr:#x} + {area.size >> 20} MiB")
+        table.add_row(f"scratch {area.kind}", f"{area.addr:#x} + {format_size(area.size)}")
     table.add_row("preserved pages", f"{tracker.nr_pages:,}")
-    table.add_row(f"bitmaps ({tracker.preserve_bits} bits)", f"{mem.nr_bitmaps:,} = {mem.bitmaps:,} B")
-    table.add_row(f"XArray nodes ({XA_NODE_BYTES} B)", f"{mem.nr_xarray_nodes:,} = {mem.xarray_nodes:,} B")
-    table.add_row("tracker kernel memory", f"{mem.total:,} B")
+    table.add_row(f"bitmaps ({tracker.preserve_bits} bits)", f"{mem.nr_bitmaps:,} = {format_size(mem.bitmaps)}")
+    table.add_row(f"XArray nodes ({XA_NODE_BYTES} B)", f"{mem.nr_xarray_nodes:,} = {format_size(mem.xarray_nodes)}")
+    table.add_row("tracker kernel memory", format_size(mem.total))
     table.add_row("preserve_many", f"{report['preserve_s']:.3f} s")
     Console().print(table)
     return 0

@@ -4,7 +4,8 @@ Subcommands live in modules ``kho/cli/cmd_*.py``, each defining ``register(subpa
 that adds its parser and sets ``func`` to a callable ``func(args) -> int``.
 
 Exit status: 0 success, 2 usage error (argparse), 3 invalid input data or a refused
-operation (one line ``kho: ...`` on stderr, never a traceback).
+operation (one line ``kho: ...`` on stderr, never a traceback; a ``MemoryError`` that
+escapes is reported as ``kho: ENOMEM: ...``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ from kho.errors import KHOError
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``kho CMD: error: ... (kho CMD --help)``, exit 2.
+    Sub-command parsers are of this class too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kho",
         description="Model Linux Kexec HandOver: preservation maps, their encodings, an arm64 kexec reboot and the next kernel.",
     )
@@ -44,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or EXIT_OK
     except KHOError as err:
         print(f"kho: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except MemoryError as err:
+        print(f"kho: ENOMEM: the host ran out of memory{': ' if str(err) else ''}{err}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as err:
         print(f"kho: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""Argument types shared by subcommands: sizes, page sizes, seeds."""
+"""Argument types shared by subcommands: sizes, page sizes, seeds (non-negative).  A RAM
+size the host cannot model is refused by the page allocator (ENOMEM, exit 3) before
+anything is allocated."""
 
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(err.message) from None
 
 
+def seed_arg(text: str) -> int:
+    """argparse type: a random seed, an integer from 0 to 2**64 - 1."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"seed {text} must be between 0 and 2**64 - 1")
+    return value
+
+
 def page_size_arg(text: str) -> int:
     """argparse type: 4096, 16384 or 65536 (suffixes allowed: 4K, 16K, 64K)."""
     value = size_arg(text)
@@ -31,4 +44,4 @@ def add_machine_options(parser: argparse.ArgumentParser, ram_default: str | None
     parser.add_argument("--page-size", type=page_size_arg, default=4096, help="page size: 4K (default), 16K or 64K")
     parser.add_argument("--kho-scratch", default="200%", metavar="SPEC",
                         help="kho_scratch= value: N%% of kernel-reserved memory or lowmem,global,pernode (default 200%%)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")

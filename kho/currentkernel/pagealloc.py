@@ -19,6 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from kho.errors import KHOError
+from kho.files import check_host_memory
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
@@ -26,16 +27,24 @@ from kho.memory.physical import PhysicalMemory
 _SCAN_WINDOW = 1 << 16
 
 
+def host_bytes(nr_pages: int) -> int:
+    """Host memory a :class:`PageAllocator` of ``nr_pages`` pages holds: one byte a page."""
+    return nr_pages
+
+
 class PageAllocator:
     """Allocate and free naturally aligned blocks of ``2**order`` pages.
 
     ``reserved`` are ``(phys, size)`` byte ranges never handed out (the kernel's own
-    memory); scratch areas are never handed out either unless ``use_scratch``.
+    memory); scratch areas are never handed out either unless ``use_scratch``.  ENOMEM,
+    before anything is allocated, when the host has less memory available than the
+    per-page state needs (:func:`host_bytes`).
     """
 
     def __init__(self, memory: PhysicalMemory, reserved: Iterable[tuple[int, int]] = (), seed: int = 0, use_scratch: bool = False):
         self.memory = memory
         self.rng = np.random.default_rng(seed)
+        check_host_memory(host_bytes(memory.nr_pages), f"a page allocator for {memory.nr_pages:,} pages")
         first, end = intervals.banks(memory)
         self._bank_pfn = list(zip(first.tolist(), end.tolist()))  # (first pfn, end pfn) per bank
         self._bank_first = first.tolist()

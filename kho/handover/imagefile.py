@@ -21,6 +21,7 @@ not judge the KHO FDT or the map themselves: a damaged handover loads, and
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -32,6 +33,7 @@ from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.devicetree import ChosenKHO, KHOFdt, parse_chosen
 from kho.encodings import DecodedMap, Encoding, get_encoding
 from kho.errors import KHOError, KHOFormatError
+from kho.files import read_bounded, write_atomic
 from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64, ARCHES, Handover
 from kho.handover.x86_boot_params import params_segment_size, read_handoff
 from kho.handover.scratch_array import MAX_SCRATCH_AREAS
@@ -50,6 +52,15 @@ IMAGE_OPTIONAL_KEYS = ("arch", "boot_params")
 U64_MAX = (1 << 64) - 1
 #: Most RAM banks an image may describe (a bound on the work any reader does per bank).
 MAX_BANKS = 4096
+#: Largest image file read (msgpack's 32-bit lengths; the file is also checked against the
+#: host's available memory before it is read).
+MAX_IMAGE_BYTES = (1 << 32) - 1
+#: Longest string (magic, encoding name, scratch kind, option value) an image may hold.
+MAX_STR_BYTES = 4096
+#: Most items of an array inside the top-level arrays or values (a bank, a run: 2-3 items).
+MAX_NESTED_ITEMS = 16
+#: Most entries of a map (the top-level map, the encoding's options).
+MAX_MAP_ITEMS = 64
 
 PathOrFile = str | os.PathLike | BinaryIO
 
@@ -156,14 +167,9 @@ def image_map(handover: Handover) -> dict:
 
 
 def save_image(path_or_file: PathOrFile, handover: Handover) -> int:
-    """Write the image of ``handover``; returns its size in bytes."""
-    data = msgpack.packb(image_map(handover), use_bin_type=True)
-    if hasattr(path_or_file, "write"):
-        path_or_file.write(data)
-    else:
-        with open(path_or_file, "wb") as out:
-            out.write(data)
-    return len(data)
+    """Write the image of ``handover`` (to a path: atomically, :func:`kho.files.write_atomic`;
+    a failed write leaves the old file whole); returns its size in bytes."""
+    return write_atomic(path_or_file, msgpack.packb(image_map(handover), use_bin_type=True))
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -191,19 +197,55 @@ def _typed(value, kind: type, field: str):
     return value
 
 
-def _read_bytes(path_or_file: PathOrFile) -> bytes:
-    if hasattr(path_or_file, "read"):
-        return bytes(path_or_file.read())
-    with open(path_or_file, "rb") as src:
-        return src.read()
+def _array_limits(size: int) -> dict[str, int]:
+    """Most items each top-level array of a ``size``-byte image may hold, checked from its
+    header before any item is unpacked: the format's limits for banks and scratch areas;
+    a run (explicit or generated) takes at least 4 bytes of the file."""
+    return {"banks": MAX_BANKS, "scratch": MAX_SCRATCH_AREAS, "pages": size // 4, "generated": size // 4}
+
+
+def _unpack_top(data: bytes) -> dict:
+    """The image's top-level map, read key by key with the unpacker's limits set before
+    anything is unpacked: every bin or str at most the file's size (a str at most
+    MAX_STR_BYTES), every nested array at most MAX_NESTED_ITEMS items, every map at most
+    MAX_MAP_ITEMS; each top-level array's length is checked against :func:`_array_limits`
+    from its header, a key outside the format is refused before its value is read.
+    Work and memory O(file size)."""
+    size = len(data)
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True, use_list=True,
+                                max_buffer_size=max(size, 1), max_bin_len=size, max_str_len=min(size, MAX_STR_BYTES),
+                                max_array_len=MAX_NESTED_ITEMS, max_map_len=MAX_MAP_ITEMS, max_ext_len=0)
+    limits = _array_limits(size)
+    top: dict = {}
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if key not in IMAGE_KEYS + IMAGE_OPTIONAL_KEYS:
+            raise KHOFormatError("image.map", f"unknown key {key!r}")
+        if key in top:
+            raise KHOFormatError("image.map", f"key {key!r} appears twice")
+        if key in limits:
+            try:
+                count = unpacker.read_array_header()
+            except ValueError:  # the unpacker's "unexpected type" for anything but an array header
+                raise KHOFormatError(f"image.{key}", "expected an array") from None
+            if count > limits[key]:
+                raise KHOFormatError(f"image.{key}", f"{count:,} items, more than the {limits[key]:,} "
+                                                     f"a {size:,}-byte image may hold")
+            top[key] = [unpacker.unpack() for _ in range(count)]
+        else:
+            top[key] = unpacker.unpack()
+    if unpacker.tell() != size:
+        raise KHOFormatError("image", f"{size - unpacker.tell()} bytes after the image's map", unpacker.tell(), where="offset")
+    return top
 
 
 def _unpack(data: bytes) -> dict:
     try:
-        top = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        top = _unpack_top(data)
+    except KHOError:
+        raise
     except Exception as err:  # msgpack signals malformed input with several exception types
-        raise KHOFormatError("image", f"not a msgpack document: {err}", 0, where="offset") from None
-    top = _typed(top, dict, "map")
+        raise KHOFormatError("image", f"not a msgpack image map: {type(err).__name__} {err}", 0, where="offset") from None
     if top.get("magic") != IMAGE_MAGIC:
         raise KHOFormatError("image.magic", f"not a kho image (magic {top.get('magic')!r})")
     version = _int(top.get("version"), "version")
@@ -276,7 +318,7 @@ def _contents(top: dict, memory: PhysicalMemory) -> None:
 
 def load_image(path_or_file: PathOrFile) -> LoadedImage:
     """Read and check an image (KHOFormatError for anything malformed); see the module docstring."""
-    top = _unpack(_read_bytes(path_or_file))
+    top = _unpack(read_bounded(path_or_file, MAX_IMAGE_BYTES, "image"))
     memory = _memory(top)
     name = _typed(top["encoding"], str, "encoding")
     options = _typed(top["options"], dict, "options")

@@ -115,6 +115,36 @@ class Handover(ChosenKHO):
         return np.unique(np.concatenate([fdt_pages, scratch_pages, self.encoded.metadata_pages.astype(np.uint64)]))
 
 
+class RecordingAllocator:
+    """The allocator an encoding writes its map with during :meth:`KHO.finalize`: forwards
+    ``alloc_pages`` / ``free_pages`` and remembers the contents every block it hands out had
+    (kept only when not all zeros), so a failed finalize puts them back (:meth:`restore`)
+    instead of leaving the map's half-written pages or zeros.  O(bytes allocated)."""
+
+    def __init__(self, allocator, memory: PhysicalMemory):
+        self.allocator = allocator
+        self.memory = memory
+        self._before: list[tuple[int, int, bytes | None]] = []  # (phys, bytes, old contents or None for zeros)
+
+    def alloc_pages(self, order: int) -> int:
+        phys = self.allocator.alloc_pages(order)
+        size = self.memory.page_size << order
+        data = self.memory.read(phys, size)
+        self._before.append((phys, size, None if data.count(0) == size else data))
+        return phys
+
+    def free_pages(self, phys: int, order: int) -> None:
+        self.allocator.free_pages(phys, order)
+
+    def restore(self) -> None:
+        """Give every block handed out its contents from before (latest first).  O(bytes)."""
+        for phys, size, data in reversed(self._before):
+            self.memory.discard(phys, size)
+            if data is not None:
+                self.memory.write(phys, data)
+        self._before.clear()
+
+
 #: Alignment of the scratch-array kexec segment (``kho_fill_kimage``: "makes it easier to map").
 SCRATCH_ARRAY_ALIGN = 64 << 10
 
@@ -248,7 +278,7 @@ class KHO:
 
         EBUSY when the finalize model is already finalized; EINVAL without scratch areas;
         ENOMEM / E2BIG / EADDRNOTAVAIL leave everything as it was (the tracker open again,
-        no page kept).
+        no page kept, every page the encoding took holding its previous contents again).
         """
         self._check_open()
         if not self.memory.scratch:
@@ -259,8 +289,9 @@ class KHO:
         taken: list[tuple[int, int]] = []  # (phys, order) allocated here
         self.tracker.finalize()
         encoded = None
+        recording = RecordingAllocator(self.allocator, self.memory)
         try:
-            encoded = self.encoding.encode(self.tracker, self.allocator)
+            encoded = self.encoding.encode(self.tracker, recording)
             fdt = self._new_fdt(encoded.props)
             for name, phys, size in self._subtrees:
                 fdt.add_subtree(name, phys, size)
@@ -278,7 +309,7 @@ class KHO:
             if encoded is not None:
                 for phys in encoded.metadata_pages.tolist():
                     self.allocator.free_pages(phys, 0)
-                    self.memory.discard(phys, ps)
+            recording.restore()
             self.tracker.finalized = False
             raise
         fdt_size = ps << fdt_order

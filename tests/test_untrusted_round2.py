@@ -1,0 +1,210 @@
+"""Untrusted input, round two (issue 15): one regression test per row of the issue's table,
+plus the atomic writes, the size formatter and the option checks it asked for.
+
+Every row: the CLI exits 3 (or 2 for a usage error) with one ``kho`` line on stderr and no
+traceback, or the library raises KHOError, before doing work or allocating memory beyond
+what the input holds."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from kho.cli import cmd_track
+from kho.cli.main import main
+from kho.currentkernel.machine import Machine
+from kho.errors import KHOError, KHOFormatError
+from kho.files import atomic_write, read_bounded, write_atomic
+from kho.handover.imagefile import MAX_BANKS, load_image
+from kho.handover.outgoing import KHO
+from kho.sizes import format_size
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``kho ARGV`` run in this process (SystemExit caught)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The single stderr line of a refused command (no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("kho"), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("img") / "small.kho")
+    assert main(["serialize", "--ram", "1G", "--abi", "kho-v2", "--preserve-random", "4M", "--out", path]) == 0
+    return path
+
+
+# -- files: size-checked reads, atomic writes ------------------------------------------------
+def test_sparse_8gib_image_is_refused_before_reading(tmp_path, capsys):
+    sparse = tmp_path / "sparse.kho"
+    with open(sparse, "wb") as f:
+        f.truncate(8 * GiB)
+    code, _, err = cli(capsys, "units", str(sparse))
+    assert code == 3 and "E2BIG" in one_line_error(err)
+
+
+def test_dev_zero_image_is_refused_before_reading(capsys):
+    code, _, err = cli(capsys, "dump", "/dev/zero")
+    assert code == 3 and "not a regular file" in one_line_error(err)
+    with pytest.raises(KHOError) as info:
+        read_bounded("/dev/zero", 1 << 20)
+    assert info.value.errno_name == "EINVAL"
+
+
+def test_read_bounded_file_object_reads_at_most_limit_plus_one():
+    assert read_bounded(io.BytesIO(b"x" * 10), 10) == b"x" * 10
+    with pytest.raises(KHOError) as info:
+        read_bounded(io.BytesIO(b"x" * 11), 10)
+    assert info.value.errno_name == "E2BIG"
+
+
+def test_atomic_write_failure_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as out:
+            out.write(b"new, half written")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["out.bin"]
+    assert write_atomic(path, "new") == 3 and path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_serialize_out_efbig_leaves_the_old_image_whole(tmp_path):
+    path = tmp_path / "image.kho"
+    base = [sys.executable, "-m", "kho.cli.main", "serialize", "--ram", "1G", "--abi", "kho-v1", "--out", str(path)]
+    subprocess.run(base + ["--preserve-random", "1M"], check=True, capture_output=True)
+    old = path.read_bytes()
+    big = subprocess.run(base + ["--preserve-random", "64M", "--seed", "2"], capture_output=True, text=True,
+                         preexec_fn=_limit_file_size(4096))
+    assert big.returncode == 3 and "File too large" in one_line_error(big.stderr)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["image.kho"]
+    load_image(str(path))
+
+
+# -- msgpack limits ------------------------------------------------------------------------------
+def test_ten_million_banks_refused_from_the_array_header():
+    """The banks array's header claims 10**7 banks: refused before any bank is unpacked (the
+    data holding them is not even there: unpacking would have failed on truncation instead)."""
+    head = b"\x84" + b"".join(msgpack.packb(v) for v in ("magic", "kho-image", "version", 1, "page_size", 4096, "banks"))
+    data = head + b"\xdd" + struct.pack(">I", 10 ** 7) + msgpack.packb([0, 4096, 0]) * 3
+    with pytest.raises(KHOFormatError) as info:
+        load_image(io.BytesIO(data))
+    assert info.value.field == "image.banks" and "10,000,000" in info.value.message
+    assert MAX_BANKS < 10 ** 7
+
+
+def test_nested_arrays_and_strings_bounded_before_unpacking():
+    for hostile in ({"magic": "kho-image", "options": {"x": [0] * 100}},
+                    {"magic": "x" * 10000},
+                    {"magic": "kho-image", "extra": b"\0" * 1000}):
+        with pytest.raises(KHOFormatError) as info:
+            load_image(io.BytesIO(msgpack.packb(hostile, use_bin_type=True)))
+        assert info.value.field.startswith("image")
+
+
+# -- finalize: all or nothing --------------------------------------------------------------------
+class ArmedAllocator:
+    """Forwards to a page allocator, records what it hands out, and fails with ENOMEM once armed."""
+
+    def __init__(self, inner):
+        self.inner, self.armed, self.taken = inner, False, []
+
+    def alloc_pages(self, order=0):
+        if self.armed:
+            raise KHOError("ENOMEM", "injected after the encode")
+        phys = self.inner.alloc_pages(order)
+        self.taken.append(phys)
+        return phys
+
+    def free_pages(self, phys, order=0):
+        self.inner.free_pages(phys, order)
+
+
+def test_enomem_after_encode_restores_the_metadata_pages_contents(monkeypatch):
+    m = Machine.boot(512 * MiB, seed=3)
+    alloc = ArmedAllocator(m.allocator)
+    out = KHO(m.memory, alloc, "kho-v2")
+    out.tracker.preserve_many(m.allocator.alloc_many(2000, 0), 0)
+    # The pages the map will take (first fit) hold old data: pages freed with their contents.
+    probe = [m.allocator.alloc_pages(0) for _ in range(64)]
+    for i, phys in enumerate(probe):
+        m.memory.write(phys, bytes([i + 1]) * m.memory.page_size)
+    for phys in reversed(probe):
+        m.allocator.free_pages(phys, 0)
+    before = {phys: m.memory.read(phys, m.memory.page_size) for phys in probe}
+    encode = out.encoding.encode
+
+    def encode_then_arm(tracker, allocator):
+        encoded = encode(tracker, allocator)
+        alloc.armed = True  # the FDT's page fails: after the map's pages were written
+        return encoded
+    monkeypatch.setattr(out.encoding, "encode", encode_then_arm)
+    with pytest.raises(KHOError) as info:
+        out.finalize()
+    assert info.value.errno_name == "ENOMEM" and not out.tracker.finalized
+    assert set(alloc.taken) & set(probe), "the encoding took none of the pages with old contents"
+    assert {phys: m.memory.read(phys, m.memory.page_size) for phys in probe} == before
+
+
+# -- options and the host's limits ----------------------------------------------------------------
+@pytest.mark.parametrize("command", [["simulate"], ["track", "--ram", "1G"],
+                                     ["serialize", "--ram", "1G", "--preserve-random", "1M", "--out", "x.kho"],
+                                     ["bench", "encodings"], ["bench", "scale"]])
+def test_negative_seed_is_a_one_line_usage_error(capsys, command):
+    code, _, err = cli(capsys, *command, "--seed", "-1")
+    assert code == 2 and "--seed" in one_line_error(err)
+
+
+@pytest.mark.parametrize("ram", ["1P", "4096T"])
+def test_ram_the_host_cannot_model_is_refused_before_allocating(capsys, ram):
+    code, _, err = cli(capsys, "simulate", "--ram", ram)
+    assert code == 3 and "ENOMEM" in one_line_error(err)
+
+
+def test_bench_exits_non_zero_when_a_point_failed(capsys):
+    code, out, err = cli(capsys, "bench", "encodings", "--ram", "1P", "--runs", "1", "--no-progress")
+    assert code == 1 and "ENOMEM" in out and "1 point(s) failed" in one_line_error(err)
+
+
+def test_memory_error_becomes_enomem(capsys, monkeypatch):
+    def exhausted(args):
+        raise MemoryError("Unable to allocate 8 GiB")
+    monkeypatch.setattr(cmd_track, "run", exhausted)
+    code, _, err = cli(capsys, "track", "--ram", "1G")
+    assert code == 3 and one_line_error(err).startswith("kho: ENOMEM:")
+
+
+# -- the size formatter -----------------------------------------------------------------------------
+def test_one_size_formatter():
+    assert [format_size(n) for n in (64 * GiB, 65536 * MiB, 512 << 10, 47 * MiB, 1536, 100, None)] == [
+        "64 GiB", "64 GiB", "512 KiB", "47 MiB", "1.5 KiB", "100 B", "-"]
+    assert format_size(1 << 50) == "1 PiB" and format_size((1 << 40) + (1 << 39)) == "1.5 TiB"
