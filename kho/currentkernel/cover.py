@@ -127,7 +127,8 @@ class PageCover:
         if misaligned.any():
             i = int(np.argmax(misaligned))
             raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
-        if sizes.ndim == 0 and self._sorted_inside(phys, int(sizes)):
+        uniform = sizes.ndim == 0 or (sizes.size and int(orders.min()) == int(orders.max()))
+        if uniform and self._sorted_inside(phys, int(sizes) if sizes.ndim == 0 else int(sizes[0])):
             return phys, orders, self.bank_array(phys)
         outside = ~self.memory.in_ram_array(phys, sizes)
         if outside.any():
