@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from kho.abi.memfd import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK
 from kho.cli.main import main
 from kho.currentkernel.machine import Machine
 from kho.handover.imagefile import save_image
@@ -84,7 +83,7 @@ def test_dts_nests_the_sub_fdts(capsys, sim_image):
     assert "\t\t\tkho_sim_big {" in out and "\t\t\t\tnr_folios = [" in out
     if shutil.which("dtc"):
         done = subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-o", "/dev/null", "-"], input=out.encode(),
-                              capture_output=True)
+                              capture_output=True, check=False)
         assert done.returncode == 0, done.stderr
 
 

@@ -21,7 +21,7 @@ MIB, GIB = 1 << 20, 1 << 30
 
 
 def small(**kw):
-    base = dict(ram=1 * GIB, preserve=8 * MIB, image_size=8 * MIB)
+    base = {"ram": 1 * GIB, "preserve": 8 * MIB, "image_size": 8 * MIB}
     base.update(kw)
     return S.Config(**base)
 
@@ -123,11 +123,13 @@ def test_7_1_writes_no_kexec_metadata_and_6_16_runs_the_old_workload():
     assert finalize_model.ok and finalize_model.config.kernel_entry is None
 
 
-@pytest.mark.parametrize("kw", [dict(pattern="random"), dict(arch="x86_64", page_size=16384), dict(kernel="9.9"),
-                                dict(arch="riscv"), dict(preserve=990 * MIB)])
-def test_impossible_7x_configurations(kw):
-    with pytest.raises(KHOError):
+@pytest.mark.parametrize("kw, errno", [({"pattern": "random"}, "EINVAL"), ({"arch": "x86_64", "page_size": 16384}, "EINVAL"),
+                                       ({"kernel": "9.9"}, "EINVAL"), ({"arch": "riscv"}, "EINVAL"),
+                                       ({"preserve": 990 * MIB}, "ENOMEM")])
+def test_impossible_7x_configurations(kw, errno):
+    with pytest.raises(KHOError) as info:
         S.run(small(**kw))
+    assert info.value.errno_name == errno
 
 
 def test_cli_7x_json_and_text(capsys, tmp_path):

@@ -20,7 +20,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from kho.abi.memfd import F_SEAL_EXEC, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_WRITE
+from kho.abi.memfd import (
+    F_SEAL_EXEC,
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+)
 from kho.cli.imageio import emit
 from kho.devicetree.flat import parse_fdt, prop_bytes, string_list
 from kho.devicetree.layout import FDT_HEADER, U64_PROP, fdt_totalsize
@@ -153,8 +160,9 @@ def nested_dts(root_dts: str, nodes: list[SubNode]) -> str:
         except KHOError as err:
             nested = [f"\t\t/* the FDT at {node.phys:#x} does not parse: {_comment(str(err))} */"]
         else:
-            nested = ["", f"\t\t/* {_comment(node.name)}: the FDT at {node.phys:#x} ({len(node.data)} bytes), "
-                          "shown as a nested node */"] + _node_dts(tree.root, "\t\t", "blob")
+            note = (f"\t\t/* {_comment(node.name)}: the FDT at {node.phys:#x} ({len(node.data)} bytes), "
+                    "shown as a nested node */")
+            nested = ["", note, *_node_dts(tree.root, "\t\t", "blob")]
         lines[close:close] = nested
     return "\n".join(lines) + "\n"
 

@@ -29,9 +29,9 @@ relocation mode's time against its memory cost, without running anything.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

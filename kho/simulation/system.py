@@ -31,7 +31,6 @@ self-test's data is generated content; the checksum reads it once).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +43,7 @@ from kho.abi.test_kho import KHO_TEST_FDT
 from kho.abi.versions import KernelVersion
 from kho.errors import KHOError
 from kho.memory.physical import PhysicalMemory
-from kho.simulation.workload import DIGEST_BYTES, VerifyReport
+from kho.simulation.workload import VerifyReport
 from kho.subsystems.checksum import CSUM_OF_ARCH
 from kho.subsystems.kexec_metadata import read_kexec_metadata, write_kexec_metadata
 from kho.subsystems.kho_test import read_kho_test, restore_kho_test, write_kho_test
@@ -60,10 +59,6 @@ RESERVE_MEM = (("kho_sim_big", 8 * MIB, 8 * MIB),)
 MEMFDS = (("kho-sim-db", 1, 64 << 12, 0),
           ("kho-sim-db", 2, 10_000, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW),
           ("kho-sim-vm", 0x10, 1 * MIB, 0))
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def release_string(kernel: KernelVersion) -> str:
@@ -201,20 +196,20 @@ def _blob(kernel, name: str) -> tuple[int, int]:
     return kernel.retrieve_subtree(name), kernel.kho.fdt.subtree_size(name)
 
 
-def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload | None = None) -> SystemReport:
+def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload) -> SystemReport:
     """The next ``kernel`` (a :class:`~kho.nextkernel.boot.NextKernel`) takes back what a
     7.x kernel handed over; see the module docstring.  ``fdt_phys``: the KHO FDT the kernel
     was pointed at (a 7.x kernel preserves that page; ``kho_in`` keeps it, the model takes
-    it back with the rest).  ``work`` (what was handed over) gives
-    the expected counts, digests and contents.  Failures are recorded, not raised.
-    ``restored_units`` lists every unit taken back except the revived regions, which the
-    kernel keeps.  O(bytes preserved)."""
+    it back with the rest).  ``work`` (what was handed over) gives the expected counts,
+    digests and contents.  Failures are recorded, not raised.  ``restored_units`` lists
+    every unit taken back except the revived regions, which the kernel keeps.
+    O(bytes preserved)."""
     report = SystemReport()
     ps = memory.page_size
-    arch = CSUM_OF_ARCH[work.arch] if work is not None else CSUM_OF_ARCH["arm64"]
+    arch = CSUM_OF_ARCH[work.arch]
     carried = report.carried
     names = set(kernel.kho.fdt.subtrees()) if kernel.kho.fdt is not None else set()
-    wanted = set(work.kernel.sub_nodes) if work is not None else names
+    wanted = set(work.kernel.sub_nodes)
     for name in sorted(wanted - names):
         report.failures.append(f"{name}: sub-node not handed over")
     kept: set[int] = set()
@@ -233,7 +228,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload |
         kernel.restore_folio(phys)
         report.kexec_count, report.previous_release = md.kexec_count, md.previous_release
         carried.kexec_count = md.kexec_count
-        if work is not None and (md.kexec_count, md.previous_release) != (work.kexec_count, work.release):
+        if (md.kexec_count, md.previous_release) != (work.kexec_count, work.release):
             report.failures.append(f"kexec-metadata: count {md.kexec_count} of {md.previous_release!r}, "
                                    f"{work.kexec_count} of {work.release!r} handed over")
 
@@ -245,14 +240,13 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload |
             kernel.restore_pages(r.start, r.size // ps)  # revived where it was: the kernel keeps it
             kept.add(r.start)
             digest = memory.digest(r.start, r.size)
-            expected = work.region_digests.get(r.name) if work is not None else None
-            ok = expected is None or digest == expected
+            ok = digest == work.region_digests.get(r.name)
             if not ok:
                 report.failures.append(f"reserve_mem {r.name}: contents changed across the kexec")
             report.regions.append({**r.to_json(), "revived": True, "contents_ok": ok})
             carried.region_digests[r.name] = digest
         carried.regions = mb.regions
-        if work is not None and {(r.name, r.start, r.size) for r in mb.regions} != \
+        if {(r.name, r.start, r.size) for r in mb.regions} != \
                 {(r.name, r.start, r.size) for r in work.regions}:
             report.failures.append("memblock: the regions handed over are not the regions reserved")
 
@@ -263,7 +257,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload |
         kernel.restore_folio(phys)
         report.folios = test.nr_folios
         report.folio_bytes = sum(ps << o for _, o in test.folios)
-        if work is not None and (test.nr_folios, test.csum) != (work.test_folios, work.test_csum):
+        if (test.nr_folios, test.csum) != (work.test_folios, work.test_csum):
             report.failures.append(f"kho_test: {test.nr_folios} folios, csum {test.csum:#x}; "
                                    f"{work.test_folios}, {work.test_csum:#x} handed over")
 
@@ -282,14 +276,12 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload |
             report.memfds += 1
             report.memfd_bytes += len(contents)
             carried.memfds[key] = (contents, seals[key])
-            expected = work.memfds.get(key) if work is not None else None
-            if expected is not None and (_digest(contents), seals[key]) != (_digest(expected[0]), expected[1]):
+            if (contents, seals[key]) != work.memfds.get(key):
                 report.failures.append(f"memfd {key[0]}/{key[1]:#x}: contents or seals differ")
-        if work is not None:
-            for key in sorted(set(work.memfds) - set(files)):
-                report.failures.append(f"memfd {key[0]}/{key[1]:#x}: not handed over")
-            if state.liveupdate_num != work.liveupdate_num:
-                report.failures.append(f"LUO: liveupdate_num {state.liveupdate_num}, {work.liveupdate_num} handed over")
+        for key in sorted(set(work.memfds) - set(files)):
+            report.failures.append(f"memfd {key[0]}/{key[1]:#x}: not handed over")
+        if state.liveupdate_num != work.liveupdate_num:
+            report.failures.append(f"LUO: liveupdate_num {state.liveupdate_num}, {work.liveupdate_num} handed over")
 
     step(KHO_METADATA_NODE_NAME, metadata)
     step(MEMBLOCK_KHO_FDT, memblock)
