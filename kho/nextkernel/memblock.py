@@ -224,20 +224,20 @@ class Memblock:
             noinit = (old["flags"] == MemblockFlag.RSRV_NOINIT) & (old["nid"] == NUMA_NO_NODE)
             if touch.any() or (touching & noinit).any():
                 return False
-        start = np.empty(base.size, dtype=bool)
-        start[0] = True
-        np.not_equal(base[1:], end[:-1], out=start[1:])
-        first = np.flatnonzero(start)
-        last = np.empty_like(first)
-        last[:-1] = first[1:] - 1
-        last[-1] = base.size - 1
-        fresh_base, fresh_end = base[first], end[last]
+        apart = base[1:] != end[:-1]  # range i + 1 starts a region; range i ends one
+        fresh_base = np.empty(int(np.count_nonzero(apart)) + 1, dtype=np.uint64)
+        fresh_base[0] = base[0]
+        np.compress(apart, base[1:], out=fresh_base[1:])
+        fresh_end = np.empty_like(fresh_base)
+        fresh_end[-1] = end[-1]
+        np.compress(apart, end[:-1], out=fresh_end[:-1])
+        del apart
         at = np.searchsorted(fresh_base, old["base"]).tolist() if old.size else []  # new regions below each old one
-        new = np.empty(first.size + old.size, dtype=REGION_DTYPE)
+        new = np.empty(fresh_base.size + old.size, dtype=REGION_DTYPE)
         cols = new.view(np.uint64).reshape(new.size, 3)  # base, size, flags|nid: column copies, not field casts
         tail = np.zeros(1, dtype=REGION_DTYPE)
         tail["flags"], tail["nid"] = MemblockFlag.RSRV_NOINIT, NUMA_NO_NODE
-        for k, (lo, hi) in enumerate(zip([0] + at, at + [first.size])):
+        for k, (lo, hi) in enumerate(zip([0] + at, at + [fresh_base.size])):
             rows = slice(lo + k, hi + k)
             cols[rows, 0] = fresh_base[lo:hi]
             np.subtract(fresh_end[lo:hi], fresh_base[lo:hi], out=cols[rows, 1])
