@@ -113,6 +113,15 @@ def test_self_test_checksum_is_verified():
     assert any(f.startswith("kho_test:") and "checksum" in f for f in report.failures), report.failures
 
 
+@pytest.mark.parametrize("abi, path", [("kho-v1", "memblock"), ("maple", "memblock"), ("instructions", "instructions")])
+def test_7x_system_through_kho_encode_at_finalize_model(abi, path):
+    """A 7.3 system with another encoding: a 6.16-style tracker caps the region's split (two
+    order-10 units), and the kernel keeps both halves of the revived region."""
+    result = S.run(small(kernel="7.3", abi=abi, boot_path=path, generations=2))
+    assert result.ok, [g.verify.failures for g in result.generations]
+    assert all(r["contents_ok"] for g in result.generations for r in g.verify.regions)
+
+
 def test_7_1_writes_no_kexec_metadata_and_6_16_runs_the_old_workload():
     v71 = S.run(small(kernel="7.1")).generations[0].verify
     assert v71.ok and v71.kexec_count is None and v71.liveupdate_num == 1

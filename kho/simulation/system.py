@@ -96,6 +96,9 @@ class SystemWorkload:
     test_csum: int
     memfds: dict[tuple[str, int], tuple[bytes, int]]
     luo: OutgoingLuo | None
+    #: The KHO FDT page is preserved (the live model); not with an encoding the kernel does
+    #: not write (kho's encode-at-finalize model).
+    fdt_preserved: bool = True
 
 
 @dataclass
@@ -154,7 +157,7 @@ def create(kho, allocator, size: int, seed: int, carried: Carried | None = None)
     rng = np.random.default_rng(seed)
     work = SystemWorkload(kernel, kho.arch, release_string(kernel), carried.kexec_count + 1,
                           carried.liveupdate_num + 1, carried.regions, dict(carried.region_digests), 0, 0, 0,
-                          dict(carried.memfds), None)
+                          dict(carried.memfds), None, kho.live)
     for name in kernel.sub_nodes:
         if name == KHO_METADATA_NODE_NAME:
             blob = write_kexec_metadata(memory, allocator, tracker, work.release, carried.kexec_count)
@@ -212,7 +215,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload) 
     wanted = set(work.kernel.sub_nodes)
     for name in sorted(wanted - names):
         report.failures.append(f"{name}: sub-node not handed over")
-    kept: set[int] = set()
+    kept: list[tuple[int, int]] = []  # revived regions: [start, end) bytes
 
     def step(name: str, action) -> None:
         if name not in names:
@@ -238,7 +241,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload) 
         kernel.restore_folio(phys)
         for r in mb.regions:
             kernel.restore_pages(r.start, r.size // ps)  # revived where it was: the kernel keeps it
-            kept.add(r.start)
+            kept.append((r.start, r.start + r.size))
             digest = memory.digest(r.start, r.size)
             ok = digest == work.region_digests.get(r.name)
             if not ok:
@@ -287,7 +290,7 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload) 
     step(MEMBLOCK_KHO_FDT, memblock)
     step(KHO_TEST_FDT, self_test)
     step(LUO_KHO_ENTRY_NAME, luo)
-    if kernel.revived:
+    if kernel.revived and work.fdt_preserved:
         try:
             kernel.restore_folio(fdt_phys)
         except KHOError as err:
@@ -296,8 +299,10 @@ def verify(kernel, memory: PhysicalMemory, fdt_phys: int, work: SystemWorkload) 
     return report
 
 
-def _restored(kernel, kept: set[int]) -> list[tuple[int, int]]:
-    """Every unit the next kernel received and took back, but the ones in ``kept``."""
+def _restored(kernel, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every unit the next kernel received and took back, but those inside the ``kept``
+    ranges (a region can be several units: the 6.16-style tracker caps the split).
+    O(units * regions)."""
     left = set(kernel.leaked()[0].tolist())
     return [(p, o) for p, o in zip(kernel.kho.unit_phys.tolist(), kernel.kho.unit_order.tolist())
-            if p not in left and p not in kept]
+            if p not in left and not any(lo <= p < hi for lo, hi in kept)]
