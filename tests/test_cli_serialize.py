@@ -204,3 +204,13 @@ def test_unknown_kernel_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["serialize", "--ram", "1G", "--kernel", "5.4", "--preserve-random", "4M", "--out", str(tmp_path / "x.kho")])
     assert exit_.value.code == 2
+
+
+def test_x86_image_boots_from_boot_params(capsys, tmp_path):
+    code, out, err, image = serialize(capsys, tmp_path, "--arch", "x86_64", "--preserve-random", "4M", "--json")
+    assert code == 0, err
+    assert json.loads(out)["arch"] == "x86_64"
+    code, out, err = run(capsys, "boot", image, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["arch"] == "x86_64" and report["revived"] is True

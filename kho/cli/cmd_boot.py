@@ -64,10 +64,10 @@ def run(args) -> int:
         raise KHOError("EINVAL", f"--path instructions reads an instruction stream; {args.image} holds a "
                                  f"{image.encoding} map (serialize it with --abi {INSTRUCTIONS_ENCODING})")
     profile = load_profile(args.profile).profile
-    nk = boot(image.memory, image.boot_dtb, args.path, encoding_options=image.options, kernel_image=args.kernel_image,
-              strict=not args.lenient)
+    nk = boot(image.memory, path=args.path, **image.boot_args(), encoding_options=image.options,
+              kernel_image=args.kernel_image, strict=not args.lenient)
     restore = _restore(nk, image, profile, not args.lenient)
-    report = {"image": args.image, "abi": image.encoding, **nk.report(), "kho_restore_s": restore.get("kho_restore_s"),
+    report = {"image": args.image, "abi": image.encoding, "arch": image.arch, **nk.report(), "kho_restore_s": restore.get("kho_restore_s"),
               "free_list_s": restore.get("free_list_s"), "memblock_region_visits": restore.get("memblock_region_visits", 0),
               "kho_restore": restore}
     if args.json:

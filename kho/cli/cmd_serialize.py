@@ -23,7 +23,7 @@ from kho.currentkernel.tracker import Tracker
 from kho.encodings import load_all
 from kho.errors import KHOError
 from kho.handover.imagefile import save_image
-from kho.handover.outgoing import KHO
+from kho.handover.outgoing import ARCH_ARM64, ARCHES, KHO
 from kho.simulation.preserved_sets import generate
 from kho.sizes import format_size
 
@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", default=DEFAULT_KERNEL, choices=[v.version for v in KERNEL_VERSIONS], metavar="VERSION",
                    help=f"the Linux version whose KHO writes the handover (default {DEFAULT_KERNEL}; "
                         f"{', '.join(v.version for v in KERNEL_VERSIONS)})")
+    p.add_argument("--arch", choices=ARCHES, default=ARCH_ARM64,
+                   help="the next kernel's architecture: arm64 (a boot DTB's /chosen; default) or x86_64 "
+                        "(boot_params with a SETUP_KEXEC_KHO setup_data node)")
     p.add_argument("--abi", choices=sorted(load_all()), default=None,
                    help="encoding of the preserved-memory map (default: what --kernel writes; another one is "
                         "written at finalize by kho's encode-at-finalize model)")
@@ -138,7 +141,8 @@ def run(args) -> int:
         preserve_bits = PRESERVE_BITS_6_16 if args.bitmap_bytes == "512" else "page"
         if (args.abi or kernel_version(args.kernel).compatible) == "kho-v1":
             options["bitmap_bytes"] = 512 if args.bitmap_bytes == "512" else "page"
-    kho = KHO(machine.memory, machine.allocator, args.abi, kernel=args.kernel, preserve_bits=preserve_bits, **options)
+    kho = KHO(machine.memory, machine.allocator, args.abi, kernel=args.kernel, arch=args.arch, preserve_bits=preserve_bits,
+              **options)
     if args.units is not None:
         preserve_file_units(kho, machine, args.units)
     else:
@@ -149,7 +153,7 @@ def run(args) -> int:
     image_bytes = save_image(args.out, handover)
     saved = time.perf_counter()
     summary = {
-        "image": args.out, "image_bytes": image_bytes, "kernel": args.kernel, "abi": handover.encoding,
+        "image": args.out, "image_bytes": image_bytes, "kernel": args.kernel, "arch": handover.arch, "abi": handover.encoding,
         "options": handover.options,
         "ram_bytes": machine.memory.ram_size, "page_size": machine.memory.page_size,
         "units": len(kho.tracker), "preserved_pages": kho.tracker.nr_pages,
