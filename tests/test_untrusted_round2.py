@@ -7,6 +7,7 @@ what the input holds."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import resource
@@ -16,15 +17,21 @@ import subprocess
 import sys
 
 import msgpack
+import numpy as np
 import pytest
 
 from kho.cli import cmd_track
 from kho.cli.main import main
+from kho.cli.options import show_progress
 from kho.currentkernel.machine import Machine
+from kho.encodings import get_encoding
+from kho.encodings.ranges import RANGE
 from kho.errors import KHOError, KHOFormatError
 from kho.files import atomic_write, read_bounded, write_atomic
 from kho.handover.imagefile import MAX_BANKS, load_image
 from kho.handover.outgoing import KHO
+from kho.memory.geometry import greedy_split_array, greedy_split_bound
+from kho.memory.physical import Bank, PhysicalMemory
 from kho.sizes import format_size
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -175,6 +182,26 @@ def test_enomem_after_encode_restores_the_metadata_pages_contents(monkeypatch):
     assert {phys: m.memory.read(phys, m.memory.page_size) for phys in probe} == before
 
 
+# -- decoders bounded by their input -------------------------------------------------------------
+def test_ranges_entry_over_a_2_52_byte_bank_is_refused_before_splitting():
+    memory = PhysicalMemory([Bank(0, (1 << 52) - GiB)])
+    entry = np.array([(GiB, (1 << 52) - 2 * GiB)], dtype=RANGE).tobytes()
+    for strict in (True, False):
+        with pytest.raises(KHOFormatError) as info:
+            get_encoding("ranges").decode(memory, {"mem": entry}, strict=strict)
+        assert info.value.field == "fdt.mem" and "units" in info.value.message
+    tib = np.array([(0, 1 << 40)], dtype=RANGE).tobytes()  # 1 TiB in one entry: 2**18 order-10 units, fine
+    assert len(get_encoding("ranges").decode(PhysicalMemory([Bank(0, 1 << 40)]), {"mem": tib}, strict=False)) == 1 << 18
+
+
+def test_greedy_split_bound_bounds_the_split():
+    rng = np.random.default_rng(5)
+    start = np.sort(rng.integers(0, 1 << 30, 200)) * 3
+    end = start + rng.integers(1, 1 << 14, 200)
+    pfn, _ = greedy_split_array(start, end, 10)
+    assert pfn.size <= greedy_split_bound(start, end, 10)
+
+
 # -- options and the host's limits ----------------------------------------------------------------
 @pytest.mark.parametrize("command", [["simulate"], ["track", "--ram", "1G"],
                                      ["serialize", "--ram", "1G", "--preserve-random", "1M", "--out", "x.kho"],
@@ -208,3 +235,13 @@ def test_one_size_formatter():
     assert [format_size(n) for n in (64 * GiB, 65536 * MiB, 512 << 10, 47 * MiB, 1536, 100, None)] == [
         "64 GiB", "64 GiB", "512 KiB", "47 MiB", "1.5 KiB", "100 B", "-"]
     assert format_size(1 << 50) == "1 PiB" and format_size((1 << 40) + (1 << 39)) == "1.5 TiB"
+
+
+# -- the terminal ----------------------------------------------------------------------------------
+def test_progress_silent_unless_a_terminal_and_never_with_json(capsys, tmp_path, monkeypatch):
+    code, out, err = cli(capsys, "serialize", "--ram", "1G", "--preserve-random", "1M", "--out", str(tmp_path / "a.kho"))
+    assert code == 0 and err == "" and out.count("\n") == 1  # stderr is not a terminal here
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(argparse.Namespace(quiet=False, json=False))
+    assert not show_progress(argparse.Namespace(quiet=True, json=False))
+    assert not show_progress(argparse.Namespace(quiet=False, json=True))

@@ -237,7 +237,7 @@ def scale_boot_table(results: dict) -> str:
     return table(headers, rows, [False, False] + [True] * 5)
 
 
-# -- sizes (DESIGN.md section 5) ------------------------------------------------------------
+# -- sizes (the design discussion's) ------------------------------------------------------------
 def sizes_table(sizes: dict) -> str:
     """Each design-discussion size next to what kho computed."""
     b, ri, rr, pk, mp = (sizes[k] for k in ("bitmaps_16g", "ranges_isolated", "ranges_random", "packed_512k", "maple_node"))
@@ -258,7 +258,7 @@ def sizes_table(sizes: dict) -> str:
          f"{mp['node_bytes']} B, {mp['slots']} slots, {mp['pivots']} pivots; {mp['units']:,} isolated pages: "
          f"{mp['nodes']:,} nodes, height {mp['height']}, {format_size(mp['bytes'])} of pages"],
     ]
-    return table(["DESIGN.md section 5", "computed by kho"], rows, [False, False])
+    return table(["the design discussion's sizes", "computed by kho"], rows, [False, False])
 
 
 # -- documents as markdown ------------------------------------------------------------------
@@ -295,7 +295,7 @@ def markdown(doc: dict) -> str:
         if any(r.get("encoding", {}).get("paths") for r in res["results"] if "error" not in r):
             parts.append("## Next kernel\n\n" + scale_boot_table(res))
     else:
-        parts += [f"# DESIGN.md section 5, computed\n\n{machine_line(doc)}\n", sizes_table(res)]
+        parts += [f"# The design discussion's sizes, computed\n\n{machine_line(doc)}\n", sizes_table(res)]
     return "\n".join(parts)
 
 

@@ -18,7 +18,7 @@ from kho.benchmark import encodings as benc
 from kho.benchmark import reboot as breboot
 from kho.benchmark import scale as bscale
 from kho.benchmark.progress import progress
-from kho.cli.options import page_size_arg, seed_arg, size_arg
+from kho.cli.options import add_quiet_option, page_size_arg, seed_arg, show_progress, size_arg
 from kho.encodings import load_all
 from kho.files import write_atomic
 from kho.simulation.preserved_sets import PATTERNS
@@ -100,8 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _output_options(r)
     r.set_defaults(func=run_reboot)
 
-    s = bench.add_parser("sizes", help="the design discussion's sizes (DESIGN.md section 5), computed",
-                         description="Compute the sizes of DESIGN.md section 5 by running the encodings.")
+    s = bench.add_parser("sizes", help="the design discussion's sizes, computed",
+                         description="Compute the sizes the KHO design discussion quotes (512 KiB of bitmaps "
+                                     "for 16 GiB, ...) by running the encodings.")
     s.add_argument("--seed", type=seed_arg, default=1, help="random seed (default 1)")
     _output_options(s)
     s.set_defaults(func=run_sizes)
@@ -123,11 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON document instead of markdown")
     p.add_argument("--out", metavar="DIR", help="also write JSON, markdown and plots into DIR (created if needed)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def _show_progress(args) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
+    add_quiet_option(p)
 
 
 def _emit(args, doc: dict, plot) -> int:
@@ -172,7 +169,7 @@ def run_encodings(args) -> int:
     for point in points:
         point.validate(args.page_size)
     total = len(points) * benc.steps_per_point(names, args.runs, args.boot_runs)
-    with progress(total, _show_progress(args)) as step:
+    with progress(total, show_progress(args)) as step:
         results = benc.run_points(points, names, args.runs, boot_runs=args.boot_runs, seed=args.seed,
                                   page_size=args.page_size, kho_scratch=args.kho_scratch, step=step)
     config = {"patterns": args.pattern, "rams": args.ram, "shares": args.share, "encodings": names, "runs": args.runs,
@@ -192,7 +189,7 @@ def run_encodings(args) -> int:
 def run_reboot(args) -> int:
     breboot.check_sizes(args.ram, args.image_size, args.page_size)
     total = breboot.steps(args.ram, args.image_size, args.simulate_max_ram)
-    with progress(total, _show_progress(args)) as step:
+    with progress(total, show_progress(args)) as step:
         results = breboot.run_reboot(args.ram, args.image_size, args.profile, page_size=args.page_size,
                                      checks=args.checks, simulate_max_ram=args.simulate_max_ram, step=step)
     config = {"rams": args.ram, "image_sizes": args.image_size, "profile": args.profile, "checks": args.checks,
@@ -208,7 +205,7 @@ def run_sizes(args) -> int:
 
 def run_scale(args) -> int:
     names = benc.check_encodings(args.encoding)
-    with progress(len(names), _show_progress(args)) as step:
+    with progress(len(names), show_progress(args)) as step:
         results = bscale.run_scale(names, args.ram, args.preserve, seed=args.seed, boot=args.boot, step=step)
     config = {"ram": args.ram, "preserve": args.preserve, "encodings": names, "boot": args.boot, "seed": args.seed}
     return _emit(args, report.document("scale", config, results), None)

@@ -17,7 +17,8 @@ import numpy as np
 
 from kho.abi.kho_v1 import PRESERVE_BITS_6_16
 from kho.abi.versions import DEFAULT_KERNEL, KERNEL_VERSIONS, kernel_version
-from kho.cli.options import add_machine_options, size_arg
+from kho.benchmark.progress import progress
+from kho.cli.options import add_machine_options, add_quiet_option, show_progress, size_arg
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import load_all
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="IMAGE",
                    help="handover image to write (.kho; replaced atomically: a failed write leaves the old file whole)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_quiet_option(p)
     p.set_defaults(func=run)
 
 
@@ -133,9 +135,24 @@ def preserve_random_units(kho: KHO, machine: Machine, size: int, order: str, see
 
 
 def run(args) -> int:
+    with progress(len(STAGES), show_progress(args)) as step:
+        summary, line = _run(args, step)
+    print(json.dumps(summary, indent=2) if args.json else line)
+    return 0
+
+
+#: The stages the progress display names, in order.
+STAGES = ("boot the machine", "preserve", "finalize", "save the image")
+
+
+def _run(args, step) -> tuple[dict, str]:
+    """Boot, preserve, finalize, save (calling ``step`` as each stage starts); the JSON
+    summary and the one-line text summary."""
     start = time.perf_counter()
+    step(STAGES[0])
     machine = Machine.boot(args.ram, args.page_size, args.kho_scratch, args.seed)
     booted = time.perf_counter()
+    step(STAGES[1])
     options, preserve_bits = {}, None
     if args.bitmap_bytes is not None:
         preserve_bits = PRESERVE_BITS_6_16 if args.bitmap_bytes == "512" else "page"
@@ -148,8 +165,10 @@ def run(args) -> int:
     else:
         preserve_random_units(kho, machine, args.preserve_random, args.order, args.seed)
     preserved = time.perf_counter()
+    step(STAGES[2])
     handover = kho.finalize()
     finalized = time.perf_counter()
+    step(STAGES[3])
     image_bytes = save_image(args.out, handover)
     saved = time.perf_counter()
     summary = {
@@ -161,11 +180,8 @@ def run(args) -> int:
         "fdt_phys": handover.fdt_phys, "fdt_size": handover.fdt_size,
         "boot_s": booted - start, "preserve_s": preserved - booted, "finalize_s": finalized - preserved, "save_s": saved - finalized,
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"{args.out}: Linux {args.kernel} {handover.encoding} map of {summary['units']:,} units ({summary['preserved_pages']:,} pages) in "
-              f"{format_size(machine.memory.ram_size)}; metadata {summary['metadata_pages']:,} pages "
-              f"({format_size(summary['metadata_bytes'])}); KHO FDT at {handover.fdt_phys:#x}; "
-              f"image {format_size(image_bytes)}")
-    return 0
+    line = (f"{args.out}: Linux {args.kernel} {handover.encoding} map of {summary['units']:,} units "
+            f"({summary['preserved_pages']:,} pages) in {format_size(machine.memory.ram_size)}; metadata "
+            f"{summary['metadata_pages']:,} pages ({format_size(summary['metadata_bytes'])}); KHO FDT at "
+            f"{handover.fdt_phys:#x}; image {format_size(image_bytes)}")
+    return summary, line

@@ -5,6 +5,7 @@ anything is allocated."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kho.errors import KHOError
 from kho.sizes import parse_size
@@ -45,3 +46,14 @@ def add_machine_options(parser: argparse.ArgumentParser, ram_default: str | None
     parser.add_argument("--kho-scratch", default="200%", metavar="SPEC",
                         help="kho_scratch= value: N%% of kernel-reserved memory or lowmem,global,pernode (default 200%%)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """--quiet (alias --no-progress): no progress display on stderr."""
+    parser.add_argument("--quiet", "-q", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress display on stderr (it shows only when stderr is a terminal, never with --json)")
+
+
+def show_progress(args) -> bool:
+    """Whether a command shows its progress display: stderr is a terminal, no --quiet, no --json."""
+    return sys.stderr.isatty() and not getattr(args, "quiet", False) and not getattr(args, "json", False)

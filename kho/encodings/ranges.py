@@ -28,8 +28,9 @@ from kho.devicetree.layout import FDT_HEADER, FDT_PROP_HEADER, FDT_RESERVE_ENTRY
 from kho.encodings.base import DecodedMap, EncodedMap, Encoding, register
 from kho.encodings.common import check_page_size
 from kho.errors import KHOFormatError
+from kho.files import check_host_memory
 from kho.memory import intervals
-from kho.memory.geometry import greedy_split_array
+from kho.memory.geometry import greedy_split_array, greedy_split_bound
 from kho.memory.physical import PhysicalMemory
 
 #: ``struct { u64 addr; u64 len; }``, bytes, little-endian.
@@ -80,14 +81,36 @@ def merge_in_banks(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.nd
     return intervals.merge_adjacent(start_pfn, end_pfn, intervals.banks(memory, np.int64)[0])
 
 
+#: Most units a decoded ``ranges`` / ``ranges-packed`` map may split into: 2**28 (2.3 GiB of
+#: phys and orders; 4x the 67M units of the 1 TiB scale run).  One 16-byte entry over a
+#: 2**52-byte bank would be 2**30 units.
+MAX_DECODED_UNITS = 1 << 28
+#: Host bytes a decoded unit costs while it is split (pfn, phys, order and temporaries).
+DECODED_UNIT_BYTES = 32
+
+
+def check_split_size(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int, field: str) -> None:
+    """Before splitting: KHOFormatError when the runs' split could exceed
+    :data:`MAX_DECODED_UNITS` units (:func:`~kho.memory.geometry.greedy_split_bound`),
+    ENOMEM when the host has not the memory for it.  O(runs)."""
+    bound = greedy_split_bound(start_pfn, end_pfn, max_order)
+    if bound > MAX_DECODED_UNITS:
+        raise KHOFormatError(field, f"{start_pfn.size:,} ranges split into up to {bound:,} units, "
+                                    f"more than the {MAX_DECODED_UNITS:,} a decoded map may hold")
+    check_host_memory(bound * DECODED_UNIT_BYTES, f"decoding {bound:,} units of {field}")
+
+
 def decode_runs(memory: PhysicalMemory, start_pfn: np.ndarray, end_pfn: np.ndarray, metadata_pages: np.ndarray,
-                *, strict: bool = True) -> DecodedMap:
+                *, strict: bool = True, field: str = f"fdt.{MEM_PROPERTY}") -> DecodedMap:
     """The :class:`DecodedMap` of validated runs: merged again, greedily split, orders lost.
     Strict runs arrive sorted and disjoint; lenient ones may come in any order and overlap,
-    and are reduced to their union first (reserving a range twice reserves it once)."""
+    and are reduced to their union first (reserving a range twice reserves it once).
+    Work and memory O(runs + units), the units bounded before any is made
+    (:func:`check_split_size`)."""
     if not strict:
         start_pfn, end_pfn = intervals.normalize(start_pfn, end_pfn, merge_touching=False)
     start, end = merge_in_banks(memory, start_pfn, end_pfn)
+    check_split_size(start, end, memory.geometry.max_order, field)
     pfn, order = greedy_split_array(start, end, memory.geometry.max_order)
     phys = pfn.astype(np.uint64) << np.uint64(memory.page_shift)
     return DecodedMap(phys, order, exact_orders=False, metadata_pages=metadata_pages)

@@ -97,7 +97,7 @@ class RangesPacked(Encoding):
             index, start, end = index[~zero], start[~zero], end[~zero]
         check_runs(memory, start, end, "ranges-packed.entry", lambda i: chunks.location(int(index[i])), strict=strict)
         metadata = np.sort(chunks.pages)
-        decoded = decode_runs(memory, start, end, metadata, strict=strict)
+        decoded = decode_runs(memory, start, end, metadata, strict=strict, field="ranges-packed.entry")
         if strict:
             check_metadata_disjoint(memory, metadata, decoded.phys, decoded.order, "ranges-packed.chunk")
         return decoded

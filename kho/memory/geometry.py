@@ -103,6 +103,16 @@ def _split_pieces(start: np.ndarray, end: np.ndarray, max_order: int) -> tuple[n
     return out_pfn, out_order, counts
 
 
+def greedy_split_bound(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int) -> int:
+    """An upper bound on the units :func:`greedy_split_array` makes of ``[start, end)`` pfn
+    runs, computed without making them: per run ``floor(pages / 2**max_order) + 2 * max_order``
+    (its whole blocks, plus at most ``max_order`` units before the first block boundary and as
+    many after the last).  O(runs)."""
+    start = np.asarray(start_pfn, dtype=np.int64)
+    pages = np.asarray(end_pfn, dtype=np.int64) - start
+    return int((pages >> max_order).sum()) + 2 * max_order * int(start.size)
+
+
 def greedy_split_array(start_pfn: np.ndarray, end_pfn: np.ndarray, max_order: int) -> tuple[np.ndarray, np.ndarray]:
     """Vectorized :func:`greedy_split` of disjoint ``[start, end)`` pfn runs (any order).
 
