@@ -189,3 +189,34 @@ def test_ascending_bitmaps_match_the_general_packing(monkeypatch, window):
 
     (ia, pa), (ib, pb) = flat(phys), flat(phys[rng.permutation(phys.size)])
     assert np.array_equal(ia, ib) and np.array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("tracker_kind", ["tracker", "radix"])
+def test_sorted_batch_overlap_refused_like_unsorted(tracker_kind):
+    """An ascending batch of one order (its cover checked and marked from the packed bits)
+    that meets a preserved unit is refused with the unsorted batch's EEXIST, and changes
+    nothing; without the overlap it preserves the same units."""
+    from kho.currentkernel.radix_tracker import RadixTracker
+    from kho.currentkernel.tracker import Tracker
+    from kho.errors import KHOError
+
+    machine = Machine.boot(1 << 30, seed=4)
+    memory = machine.memory
+    make = (lambda: Tracker(memory)) if tracker_kind == "tracker" else (lambda: RadixTracker(memory, machine.allocator))
+    big = machine.allocator.alloc_many(1, 3)
+    pages = machine.allocator.alloc_many(3000, 0)
+    inside = int(big[0]) + 5 * memory.page_size
+    batch = np.sort(np.concatenate([pages, np.array([inside], dtype=np.uint64)]))
+    rng = np.random.default_rng(4)
+    messages, states = [], []
+    for phys in (batch, batch[rng.permutation(batch.size)]):
+        tracker = make()
+        tracker.preserve_folio(int(big[0]), 3)
+        with pytest.raises(KHOError) as err:
+            tracker.preserve_many(phys, 0)
+        messages.append(str(err.value))
+        states.append((tracker.units(), tracker.nr_pages, tracker.is_preserved_array(pages).any()))
+        tracker.preserve_many(pages, 0)
+        assert tracker.is_preserved_array(pages).all() and len(tracker) == pages.size + 1
+    assert messages[0] == messages[1] and "already preserved" in messages[0]
+    assert states[0] == states[1] == ([(int(big[0]), 3)], 8, False)

@@ -81,17 +81,21 @@ def _ascending_bitmaps(phys: np.ndarray, order: int, page_shift: int, bits_log2:
 
 
 def packed_bitmaps(phys: np.ndarray, orders: np.ndarray, page_shift: int, bits_log2: int,
-                   dense_bits: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                   dense_bits: int, ascending: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """The units of a validated, non-empty batch as bitmaps of ``2**bits_log2`` bits.
 
     Yields ``(order, bitmap indexes int64[rows], packed bits uint8[rows, 2**bits_log2 / 8])``
     for the non-empty bitmaps, orders ascending, then indexes ascending.  Per order, the
     unit numbers are scattered into a dense bool array and ``packbits``-ed, at most
     ``dense_bits`` bits a pass: O(units + touched bitmap bits) numpy work, O(dense_bits)
-    temporary memory.  Unit numbers are below ``2**62`` (phys is 64-bit).
+    temporary memory.  Unit numbers are below ``2**62`` (phys is 64-bit).  ``ascending``:
+    the caller knows the batch is of one order and strictly ascending (not checked again).
     """
     nbits = 1 << bits_log2
     rows_per_pass = max(1, dense_bits // nbits)
+    if ascending:
+        yield from _ascending_bitmaps(phys, int(orders[0]), page_shift, bits_log2, min(dense_bits, WINDOW_BITS))
+        return
     present = np.flatnonzero(np.bincount(orders, minlength=1))
     for order in present.tolist():
         of_order = phys if present.size == 1 else phys[orders == order]

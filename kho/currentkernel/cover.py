@@ -40,6 +40,9 @@ class PageCover:
         self._raw = [bytearray(e - s) for s, e in zip(self.first_pfn, self.end_pfn)]
         self.counts = [np.frombuffer(raw, dtype=np.uint8) for raw in self._raw]
         self._single = len(self._raw) == 1
+        #: True when the machine has one RAM bank.
+        self.single_bank = self._single
+        self.last_ascending = False
         self._page_size, self._page_shift = memory.page_size, memory.page_shift
         #: The scratch areas' bounds (bytes) as lists, for :meth:`locate_unit`; refreshed
         #: whenever ``memory.scratch`` is another tuple.
@@ -123,12 +126,16 @@ class PageCover:
         else:
             orders = orders.astype(np.uint8)
             sizes = np.left_shift(np.uint64(1), orders.astype(np.uint64) + np.uint64(shift))
-        misaligned = (phys & (sizes - np.uint64(1))) != 0
+        low = np.uint64(int(np.bitwise_or.reduce(phys)) if phys.size else 0) & (sizes - np.uint64(1))
+        misaligned = (phys & (sizes - np.uint64(1))) != 0 if sizes.ndim or low else low  # one OR suffices when aligned
         if misaligned.any():
             i = int(np.argmax(misaligned))
             raise KHOError("EINVAL", f"{int(phys[i]):#x} is not aligned to a unit of order {int(orders[i])}")
         uniform = sizes.ndim == 0 or (sizes.size and int(orders.min()) == int(orders.max()))
-        if uniform and self._sorted_inside(phys, int(sizes) if sizes.ndim == 0 else int(sizes[0])):
+        #: Whether the batch check_units last accepted ascends strictly with one order, inside
+        #: one bank (its units are then disjoint: :meth:`mark_unique_bits` may mark them).
+        self.last_ascending = bool(uniform) and self._sorted_inside(phys, int(sizes) if sizes.ndim == 0 else int(sizes[0]))
+        if self.last_ascending:
             return phys, orders, self.bank_array(phys)
         outside = ~self.memory.in_ram_array(phys, sizes)
         if outside.any():
@@ -200,6 +207,30 @@ class PageCover:
             if np.count_nonzero(counts) - before != offs.size:
                 self.unmark_unique(dict(done))
                 raise KHOError("EEXIST", "the batch preserves some page twice")
+
+    def mark_unique_bits(self, order: int, rows: list[tuple[np.ndarray, np.ndarray]], bits_log2: int) -> None:
+        """Strict mode, :meth:`mark_unique` for disjoint units of one ``order`` on a machine with
+        one RAM bank (:attr:`single_bank`), given as packed bitmaps: ``rows`` of ``(bitmap indexes, packed bits uint8[n, 2**bits_log2
+        / 8])``, bit ``b`` of bitmap ``i`` the unit number ``(i << bits_log2) + b``.  EEXIST at
+        the lowest page already covered, changing nothing; else the pages' counts become 1.
+        Sequential passes over the bitmaps' page spans instead of a gather and a scatter per
+        page: O(bitmap bits << order)."""
+        counts, first = self.counts[0], self.first_pfn[0]
+        span = (1 << bits_log2) << order
+        spans = []
+        for index, bits in rows:
+            for i, row in zip(index.tolist(), bits):
+                lo = ((i << bits_log2) << order) - first
+                a, b = max(lo, 0), min(lo + span, counts.size)
+                units = np.unpackbits(row, bitorder="little").view(bool)
+                pages = (units if order == 0 else np.repeat(units, 1 << order))[a - lo:b - lo]
+                hit = np.logical_and(counts[a:b].view(bool), pages)
+                if hit.any():
+                    page = first + a + int(np.argmax(hit))
+                    raise KHOError("EEXIST", f"page {page << self._page_shift:#x} is already preserved")
+                spans.append((a, b, pages))
+        for a, b, pages in spans:
+            np.bitwise_or(counts[a:b], pages.view(np.uint8), out=counts[a:b])
 
     def unmark_unique(self, pages: dict[int, np.ndarray]) -> None:
         """Set the pages' counts back to 0: undoes :meth:`mark_unique`, or removes units that

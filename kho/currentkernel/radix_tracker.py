@@ -306,15 +306,27 @@ class RadixTracker(TrackerBase):
             phys, orders, bank = self._drop_already_set(phys, orders, bank)
             if not phys.size:
                 return
-        pages = self._cover.pages_of(phys, orders, bank)
-        if self.strict:
-            self._cover.mark_unique(pages)
+        g = self.geometry
+        if self.strict and self._cover.last_ascending and self._cover.single_bank:
+            # Disjoint units of one order: pack them first, check and mark the cover from the bits.
+            order = int(orders[0])
+            rows = [(index, bits) for _, index, bits in
+                    packed_bitmaps(phys, orders, self._page_shift, g.bitmap_log2, self._DENSE_BITS, ascending=True)]
+            self._cover.mark_unique_bits(order, rows, g.bitmap_log2)
+            packed = [leaf for index, bits in rows for leaf in zip(g.leaf_key_array(order, index).tolist(), bits)]
+            pages = None  # computed only to undo
         else:
-            self._cover.add_pages(pages, 1)
-        packed = list(self._packed_leaves(phys, orders))
+            pages = self._cover.pages_of(phys, orders, bank)
+            if self.strict:
+                self._cover.mark_unique(pages)
+            else:
+                self._cover.add_pages(pages, 1)
+            packed = list(self._packed_leaves(phys, orders))
         try:
             self._add_paths([leaf_key for leaf_key, _ in packed if leaf_key not in self._nodes[0]])
         except KHOError:
+            if pages is None:
+                pages = self._cover.pages_of(phys, orders, bank)
             if self.strict:
                 self._cover.unmark_unique(pages)
             else:

@@ -198,6 +198,18 @@ class Tracker(TrackerBase):
         phys, orders, bank = self._check_batch(phys, orders)
         if not phys.size:
             return
+        if self.strict and self._cover.last_ascending and self._cover.single_bank:
+            # Disjoint units of one order: pack them first, check and mark the cover from the bits.
+            order = int(orders[0])
+            rows = [(index, packed) for _, index, packed in
+                    packed_bitmaps(phys, orders, self._page_shift, self._bits_shift, self._DENSE_BITS, ascending=True)]
+            self._cover.mark_unique_bits(order, rows, self._bits_shift)
+            for index, packed in rows:
+                for i, bits in zip(index.tolist(), packed):
+                    self._bitmap(order, i, create=True)[:] |= bits
+            self._nr_units += int(phys.size)
+            self._nr_pages += int(phys.size) << order
+            return
         if not self.strict:
             phys, orders, bank = self._drop_already_set(phys, orders, bank)
         pages = self._cover.pages_of(phys, orders, bank)
