@@ -35,6 +35,7 @@ import zstandard
 from kho.currentkernel.machine import Machine
 from kho.dumps import open_dump
 from kho.dumps.writers import write_raw
+from kho.files import write_atomic
 from kho.handover.outgoing import KHO
 
 SHARED_DUMP = Path(__file__).resolve().parents[2] / "shared" / "realkernel" / "linux-7.3-x86_64" / "mem-stage1.raw.zst"
@@ -118,8 +119,8 @@ def main() -> None:
             results.append(run_child("zstd-64g", compressed))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dump.json").write_text(json.dumps(results, indent=1) + "\n")
-        (args.out / "dump.md").write_text(markdown(results))
+        write_atomic(args.out / "dump.json", json.dumps(results, indent=1) + "\n")
+        write_atomic(args.out / "dump.md", markdown(results))
     print(json.dumps(results, indent=1) if args.json else markdown(results))
 
 

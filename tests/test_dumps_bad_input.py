@@ -1,5 +1,6 @@
 """kho.dumps on bad input: every case a KHOError or KHOFormatError naming what was recognised."""
 
+import os
 import struct
 from functools import lru_cache
 
@@ -184,3 +185,9 @@ def test_big_endian_core(tmp_path):
     (tmp_path / "be.core").write_bytes(header.pack(ident, ET_CORE, 22, EV_CURRENT, 0, 64, 0, 0, 64, 56, 0, 0, 0, 0))
     err = errno_of(tmp_path / "be.core")
     assert isinstance(err, KHOFormatError) and "big-endian core" in str(err)
+
+
+def test_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # opening it would block until a writer came
+    assert "not a regular file" in str(errno_of(tmp_path / "fifo"))
+    assert "not a regular file" in str(errno_of("/dev/zero"))

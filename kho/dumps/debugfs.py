@@ -42,6 +42,7 @@ from kho.devicetree.layout import (
 from kho.dumps.find import SubNode, blob_format
 from kho.dumps.subnodes import decode_subnode
 from kho.errors import KHOError, KHOFormatError
+from kho.files import read_bounded
 from kho.memory.physical import ScratchArea
 
 #: Largest debugfs file read (a KHO blob is at most a MAX_PAGE_ORDER block).
@@ -109,12 +110,9 @@ class DebugfsHandover:
 
 
 def _read(path: str) -> bytes:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_DEBUGFS_FILE + 1)
-    if len(data) > MAX_DEBUGFS_FILE:
-        raise KHOFormatError("debugfs", f"{path}: more than {MAX_DEBUGFS_FILE} bytes ({size})", 0, where="offset")
-    return data
+    """A debugfs file's bytes: a regular file of at most :data:`MAX_DEBUGFS_FILE` bytes
+    (:func:`~kho.files.read_bounded`; debugfs gives each blob file its size)."""
+    return read_bounded(path, MAX_DEBUGFS_FILE, "debugfs file")
 
 
 def partial_fdt(data: bytes) -> list[PartialNode]:

@@ -11,7 +11,8 @@ Into a directory, from a dump's handover or a debugfs directory:
   rebuilt from debugfs ``scratch_phys``/``scratch_len``;
 * ``units.txt``: the preserved units, one ``0xPHYS ORDER`` line each, by address (dumps).
 
-Every file is written whole (host memory: one blob at a time).
+Every file is written atomically (:func:`~kho.files.write_atomic`: a temporary file beside
+it, fsynced, renamed), whole; host memory: the blobs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.dumps.debugfs import DebugfsHandover
 from kho.dumps.find import DumpHandover, SubNode
 from kho.errors import KHOError
+from kho.files import write_atomic
 
 #: Characters kept in a file name made from a node name.
 _UNSAFE = re.compile(r"[^0-9A-Za-z,._+-]")
@@ -67,7 +69,6 @@ def extract(source: DumpHandover | DebugfsHandover, memory, out_dir: str | os.Pa
     written = []
     for name, data in files.items():
         path = os.path.join(out_dir, name)
-        with open(path, "wb") as f:
-            f.write(data)
+        write_atomic(path, data)
         written.append(path)
     return written

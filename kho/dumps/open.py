@@ -16,6 +16,7 @@ the handover runs on the first :meth:`Dump.handover` or :meth:`Dump.candidates`.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Sequence
 
 import msgpack
@@ -174,6 +175,8 @@ def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence
             raise KHOError("EINVAL", f"{path}: a debugfs directory has no physical addresses (no base or RAM)")
         return read_debugfs(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: a FIFO would block, a device never end
+            raise KHOError("EINVAL", f"{path}: not a regular file (a dump is a file, or a debugfs directory)")
         file = open(path, "rb")
     except FileNotFoundError:
         raise KHOError("ENOENT", f"{path}: no such file or directory") from None

@@ -32,6 +32,7 @@ from kho.abi.elf import (
     PT_LOAD,
     PT_NOTE,
 )
+from kho.files import atomic_write
 from kho.memory.physical import PhysicalMemory
 
 #: Zeros handed to the zstd compressor at once.
@@ -42,10 +43,11 @@ PathOrFile = str | os.PathLike | BinaryIO
 
 @contextmanager
 def _output(out: PathOrFile) -> Iterator[BinaryIO]:
+    """An open file as it is, or a path written atomically (:func:`~kho.files.atomic_write`)."""
     if hasattr(out, "write"):
         yield out
     else:
-        with open(out, "wb") as f:
+        with atomic_write(out) as f:
             yield f
 
 
