@@ -165,9 +165,11 @@ def test_stream_walk_in_small_chunks_matches(monkeypatch):
     kho.tracker.preserve_many(machine.allocator.alloc_many(300, 3), 3)
     handover = kho.finalize()
     whole = instructions.walk(machine.memory, handover.encoded.props)
-    monkeypatch.setattr(instructions, "WALK_WORDS", 3)
-    chunked = instructions.walk(machine.memory, handover.encoded.props)
-    assert np.array_equal(whole.unit_phys, chunked.unit_phys) and np.array_equal(whole.unit_order, chunked.unit_order)
+    for few, words in ((64, 3), (0, 3), (0, 1 << 20)):  # record by record, and with per-word tables
+        monkeypatch.setattr(instructions, "FEW_BITMAPS", few)
+        monkeypatch.setattr(instructions, "WALK_WORDS", words)
+        chunked = instructions.walk(machine.memory, handover.encoded.props)
+        assert np.array_equal(whole.unit_phys, chunked.unit_phys) and np.array_equal(whole.unit_order, chunked.unit_order)
     assert set(np.unique(whole.unit_order).tolist()) == {0, 3}
 
 

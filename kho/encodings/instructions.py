@@ -84,6 +84,8 @@ SKIP_HOLE, SKIP_SCRATCH = 0, 1
 MAX_ARG = 1 << PFN_BITS
 #: Bitmap words the walker expands at a time (2**20 words: 64 Mi bits, 64 MiB unpacked).
 WALK_WORDS = 1 << 20
+#: Up to this many BITMAP records, the walker expands them one by one (no per-word tables).
+FEW_BITMAPS = 64
 #: Set bits of every byte value.
 _POPCOUNT8 = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 #: A gap of more units than this between two units of one order ends a bitmap slice
@@ -368,16 +370,28 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
         i = int(partial[np.argmax(bad)])
         raise KHOFormatError("instructions.bitmap", f"bits beyond the {int(nbits[i])} of BITMAP record {int(records[i])} are set",
                              stream.word_location(int(woff[i] + words_per[i] - 1)))
-    # Unit of bit b of word w: pfn = (b_in_slice << order) + start = (b << order) + w_base,
-    # with per-word tables (one entry per word, not per bit).  Expanded WALK_WORDS words at
-    # a time into arrays sized by the set bits: temporaries bounded whatever the stream's size.
-    word_order = np.repeat(order.astype(np.uint8), words_per)
-    word_base = np.repeat(start - ((woff * 64) << order), words_per)
+    # Expanded WALK_WORDS words at a time into arrays sized by the set bits: temporaries
+    # bounded whatever the stream's size.
     uniform = bool((order == order[0]).all())
     total = int(_POPCOUNT8[stream.words.view(np.uint8)].sum(dtype=np.int64))
     unit_pfn = np.empty(total, dtype=np.int64)
     unit_order = np.full(total, order[0], dtype=np.uint8) if uniform else np.empty(total, dtype=np.uint8)
     at = 0
+    if nbits.size <= FEW_BITMAPS:  # record by record: bit b of a record is (b << order) + start
+        for first, count, o, base in zip(woff.tolist(), words_per.tolist(), order.tolist(), start.tolist()):
+            for w0 in range(first, first + count, WALK_WORDS):
+                words = stream.words[w0:min(w0 + WALK_WORDS, first + count)]
+                pos = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little").view(bool))
+                out = unit_pfn[at:at + pos.size]
+                np.left_shift(pos + ((w0 - first) << 6), o, out=out)
+                out += base
+                unit_order[at:at + pos.size] = o
+                at += pos.size
+        return unit_pfn, unit_order
+    # Many records: unit of bit b of word w is pfn = (b_in_slice << order) + start =
+    # (b << order) + w_base, with per-word tables (one entry per word, not per bit).
+    word_order = np.repeat(order.astype(np.uint8), words_per)
+    word_base = np.repeat(start - ((woff * 64) << order), words_per)
     for w0 in range(0, stream.words.size, WALK_WORDS):
         pos = np.flatnonzero(np.unpackbits(stream.words[w0:w0 + WALK_WORDS].view(np.uint8), bitorder="little").view(bool))
         pos += w0 << 6

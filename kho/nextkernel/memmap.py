@@ -160,7 +160,7 @@ class MemMap:
             if pfn.size and (pfn.min() < self.bank_first[0] or pfn.max() >= self.bank_end[0]):
                 bad = pfn[(pfn < self.bank_first[0]) | (pfn >= self.bank_end[0])][0]
                 raise KHOError("EINVAL", f"pfn {int(bad):#x} is outside RAM")
-            return (pfn - self.bank_first[0]).astype(np.int64)
+            return (pfn - self.bank_first[0]).view(np.int64)  # below 2**52: the same values
         bank = intervals.locate(self.bank_first, self.bank_end, pfn)
         if (bank < 0).any():
             bad = int(pfn[np.argmax(bank < 0)])
