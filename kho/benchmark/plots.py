@@ -97,6 +97,12 @@ def _log2_ram_axis(ax, rams: Sequence[int]) -> None:
     ax.minorticks_off()
 
 
+def _ram_range(rams: Sequence[int]) -> str:
+    """``64 GiB`` or ``1 GiB to 1 TiB``: the RAM sizes a panel covers."""
+    low, high = min(rams), max(rams)
+    return format_size(low) if low == high else f"{format_size(low)} to {format_size(high)}"
+
+
 def bytes_vs_share(points: Sequence[dict], path: str) -> str:
     """Map bytes against preserved share for every pattern among ``points`` at one RAM size
     (the size with the most points).  Hollow markers: the handover could not be built."""
@@ -137,7 +143,7 @@ def bytes_vs_share(points: Sequence[dict], path: str) -> str:
         ax.set_xticklabels([f"{s:g}%" for s in shares], fontsize=8)
         ax.minorticks_off()
         _bytes_axis(ax)
-        ax.set_title(pattern, fontsize=10)
+        ax.set_title(f"{pattern}: {shares[0]:g}% to {shares[-1]:g}% of {format_size(ram)}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     for ax in flat[len(patterns):]:
         ax.axis("off")
@@ -196,7 +202,8 @@ def time_vs_scale(points: Sequence[dict], path: str) -> str:
     handles += [plt.Line2D([], [], color="grey", ls=s, label=f"{k} path") for k, s in PATH_STYLE.items()]
     fig.legend(handles=handles, fontsize=8, loc="center right", frameon=False)
     p0 = pts[0]
-    fig.suptitle(f"Time against scale: {p0['pattern']} pattern, {p0['share']:.0%} of RAM preserved", fontsize=12)
+    fig.suptitle(f"Time against scale: {p0['pattern']} pattern, {p0['share']:.0%} of RAM preserved, "
+                 f"RAM {_ram_range(rams)} (median of the runs)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 0.87, 1))
     return _save(fig, path)
 
@@ -234,8 +241,10 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
     left.set_xticklabels([format_size(i) for i in images], fontsize=8)
     left.minorticks_off()
     _seconds_axis(left)
+    all_rams = sorted({r["ram_bytes"] for r in rows})
     _label_panel(left, "kernel + initramfs (log)", "whole reboot (modelled, log)",
-                 f"Reboot time, profile {results['profile']['name']}", grid="both")
+                 f"Reboot time, profile {results['profile']['name']}\n(the same for every RAM size: "
+                 f"{_ram_range(all_rams)})", grid="both")
     for label in labels:
         sel = sorted((r for r in rows if r["image_bytes"] == image and _mode_label(r) == label), key=lambda r: r["ram_bytes"])
         if not sel:
@@ -245,8 +254,8 @@ def reboot_tradeoff(results: dict, path: str, image: int | None = None) -> str:
                    marker="s" if forever else "o", ms=4, lw=1.8, color=colors[label], label=label)
     _log2_ram_axis(right, sorted({r["ram_bytes"] for r in rows if r["image_bytes"] == image}))
     _bytes_axis(right)
-    _label_panel(right, "RAM", "memory cost (log)", f"Memory cost, {format_size(image)} image (dashed: reserved forever)",
-                 grid="major")
+    _label_panel(right, "RAM", "memory cost (log)", f"Memory cost, {format_size(image)} image, RAM {_ram_range(all_rams)}\n"
+                 "(dashed: reserved forever; solid: only until the reboot)", grid="major")
     fig.suptitle("Relocation trade-off: MMU off vs MMU-on transitional tables vs a reserved region", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)

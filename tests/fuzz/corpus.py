@@ -98,7 +98,7 @@ def seeds(target: str) -> list[bytes]:
     """The seed inputs of ``target`` (a name in :data:`~tests.fuzz.targets.TARGETS`)."""
     if target == "kho-v1":
         return [encode_map("kho-v1", kind, bitmap_bytes=b).data for b in ("page", 512) for kind in KINDS]
-    if target in ("kho-v2", "ranges", "ranges-packed", "maple", "instructions"):
+    if target in ("kho-v2", "kho-v3", "ranges", "ranges-packed", "maple", "instructions"):
         return [encode_map(target, kind).data for kind in KINDS]
     if target == "fdt":
         return [fdt_blob(h) for h in _handovers()]

@@ -251,6 +251,7 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("kho-v1", map_target("kho-v1", {"bitmap_bytes": "page"}, {"bitmap_bytes": 512}), MAX_MAP_INPUT),
     Target("kho-v2", map_target("kho-v2"), MAX_MAP_INPUT),
+    Target("kho-v3", map_target("kho-v3"), MAX_MAP_INPUT),  # the radix tree with the depth fix (kho-v4 too)
     Target("ranges", ranges_target, MAX_BLOB_INPUT),
     Target("ranges-packed", map_target("ranges-packed"), MAX_MAP_INPUT),
     Target("maple", map_target("maple"), MAX_MAP_INPUT),
