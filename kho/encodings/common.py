@@ -155,6 +155,15 @@ def check_pointers(memory: PhysicalMemory, phys: np.ndarray, size: int, align: i
     read).  The error's address is ``where[i]`` (where pointer ``i`` was read; 0 = unknown)
     when given, else the pointer itself.  O(n log banks + n log areas)."""
     phys = np.asarray(phys, dtype=np.uint64)
+    if phys.size == 1:  # one pointer (a list's next link): the same checks on Python ints
+        p = int(phys.reshape(-1)[0])
+        message = (f"is not aligned to {align} bytes" if p & (align - 1) else
+                   f"to {size} bytes is outside RAM" if not memory.in_ram(p, size) else
+                   "points into a scratch area: metadata inside a scratch area"
+                   if strict and memory.overlaps_scratch(p, size) else None)
+        if message:
+            raise KHOFormatError(field, f"pointer {p:#x} {message}", p if where is None else (int(np.asarray(where).reshape(-1)[0]) or None))
+        return
 
     def fail(mask: np.ndarray, message: str) -> None:
         if mask.any():
