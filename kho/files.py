@@ -38,7 +38,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         raise ValueError(f"atomic_write mode {mode!r}: 'wb' or 'w'")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, path) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -49,13 +52,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if fd >= 0:
             os.close(fd)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, path) from None  # name the file, not the write
         raise
     _fsync_directory(directory)
 

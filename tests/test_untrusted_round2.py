@@ -112,9 +112,17 @@ def test_serialize_out_efbig_leaves_the_old_image_whole(tmp_path):
     old = path.read_bytes()
     big = subprocess.run(base + ["--preserve-random", "64M", "--seed", "2"], capture_output=True, text=True,
                          preexec_fn=_limit_file_size(4096))
-    assert big.returncode == 3 and "File too large" in one_line_error(big.stderr)
+    assert big.returncode == 3 and one_line_error(big.stderr) == f"kho: {path}: File too large"
     assert path.read_bytes() == old and os.listdir(tmp_path) == ["image.kho"]
     load_image(str(path))
+
+
+def test_units_file_is_size_checked_and_a_missing_directory_named(capsys, tmp_path):
+    code, _, err = cli(capsys, "serialize", "--ram", "1G", "--units", "/dev/zero", "--out", str(tmp_path / "a.kho"))
+    assert code == 3 and "not a regular file" in one_line_error(err)
+    target = tmp_path / "missing" / "a.kho"
+    code, _, err = cli(capsys, "serialize", "--ram", "1G", "--preserve-random", "1M", "--out", str(target))
+    assert code == 3 and one_line_error(err) == f"kho: {target}: No such file or directory"
 
 
 # -- msgpack limits ------------------------------------------------------------------------------

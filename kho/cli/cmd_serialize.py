@@ -23,11 +23,14 @@ from kho.currentkernel.machine import Machine
 from kho.currentkernel.tracker import Tracker
 from kho.encodings import load_all
 from kho.errors import KHOError
+from kho.files import read_bounded
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import ARCH_ARM64, ARCHES, KHO
 from kho.simulation.preserved_sets import generate
 from kho.sizes import format_size
 
+#: Largest units file read (1 GiB: some 50M lines).
+MAX_UNITS_FILE_BYTES = 1 << 30
 #: A units-file line: PHYS (hex with 0x, or decimal) and ORDER (decimal).
 _UNIT_LINE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s+([0-9]+)")
 
@@ -63,24 +66,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_units_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(phys uint64, order uint8, line number int64)`` of a units file; EINVAL naming the line."""
+    """``(phys uint64, order uint8, line number int64)`` of a units file; EINVAL naming the line.
+    A regular file of at most :data:`MAX_UNITS_FILE_BYTES` (checked before it is read)."""
     phys, orders, lines = [], [], []
-    with open(path, encoding="utf-8", errors="replace") as src:
-        for number, line in enumerate(src, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            match = _UNIT_LINE.fullmatch(text)
-            if not match:
-                raise KHOError("EINVAL", f"{path} line {number}: expected 'PHYS ORDER' (hex 0x... or decimal), found {text!r}")
-            digits = match.group(1)
-            value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 10)
-            order = int(match.group(2))
-            if value >= 1 << 64 or order > 255:
-                raise KHOError("EINVAL", f"{path} line {number}: {text!r} is out of range")
-            phys.append(value)
-            orders.append(order)
-            lines.append(number)
+    data = read_bounded(path, MAX_UNITS_FILE_BYTES, "units file").decode("utf-8", errors="replace")
+    for number, line in enumerate(data.splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        match = _UNIT_LINE.fullmatch(text)
+        if not match:
+            raise KHOError("EINVAL", f"{path} line {number}: expected 'PHYS ORDER' (hex 0x... or decimal), found {text!r}")
+        digits = match.group(1)
+        value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 10)
+        order = int(match.group(2))
+        if value >= 1 << 64 or order > 255:
+            raise KHOError("EINVAL", f"{path} line {number}: {text!r} is out of range")
+        phys.append(value)
+        orders.append(order)
+        lines.append(number)
     if not phys:
         raise KHOError("EINVAL", f"{path}: no units")
     return np.array(phys, dtype=np.uint64), np.array(orders, dtype=np.uint8), np.array(lines, dtype=np.int64)
