@@ -22,11 +22,13 @@ from typing import Sequence
 from kho.benchmark.design import BUDGET as DESIGN_BUDGET
 from kho.benchmark.environment import machine_info
 from kho.errors import KHOError
-from kho.files import write_atomic
+from kho.files import read_bounded, write_atomic
 from kho.sizes import format_size
 
 SCHEMA = "kho-bench/1"
 KINDS = ("encodings", "reboot", "scale", "sizes")
+#: Largest result document read back.
+MAX_DOCUMENT_BYTES = 1 << 30
 #: File names in a results directory, by kind (JSON; the markdown and plots share the stem).
 FILES = {"sizes": "sizes.json", "encodings": "encodings.json", "reboot": "reboot.json", "scale": "scale.json"}
 
@@ -46,12 +48,12 @@ def dump(doc: dict, path: str) -> None:
 
 def load(path: str, kind: str | None = None) -> dict:
     """A document written by :func:`dump`; KHOError(EINVAL) when it is not JSON, has another
-    schema, or (with ``kind``) another kind.  OSError when unreadable."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as err:
-            raise KHOError("EINVAL", f"{path}: not JSON: {err}") from None
+    schema, or (with ``kind``) another kind.  OSError when unreadable; a regular file of at
+    most :data:`MAX_DOCUMENT_BYTES`, checked before it is read (:func:`kho.files.read_bounded`)."""
+    try:
+        doc = json.loads(read_bounded(path, MAX_DOCUMENT_BYTES, "result document"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KHOError("EINVAL", f"{path}: not JSON: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise KHOError("EINVAL", f"{path}: not a {SCHEMA} document")
     if kind is not None and doc.get("kind") != kind:
