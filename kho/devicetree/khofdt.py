@@ -176,12 +176,18 @@ class KHOFdt:
         return U64_PROP.unpack(value)[0]
 
     def subtrees(self) -> dict[str, int]:
-        """``name -> phys`` of every sub-node whose pointer property is valid, in blob order."""
+        """``name -> phys`` of every sub-node :meth:`retrieve_subtree` finds, in blob order: its
+        pointer property valid and (kho-v3 and later) its ``blob-size`` 8 bytes."""
         out = {}
         for node in self.tree.root.nodes:
             value = prop_bytes(node.get_property(self.subtree_prop))
-            if value is not None and len(value) == U64_PROP.size:
-                out[node.name] = U64_PROP.unpack(value)[0]
+            if value is None or len(value) != U64_PROP.size:
+                continue
+            if self.live:
+                size = prop_bytes(node.get_property(KHO_SUB_TREE_SIZE_PROP_NAME))
+                if size is None or len(size) != U64_PROP.size:
+                    continue
+            out[node.name] = U64_PROP.unpack(value)[0]
         return out
 
     def subnode_props(self) -> dict[str, dict[str, bytes]]:
