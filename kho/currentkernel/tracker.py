@@ -280,12 +280,14 @@ class Tracker(TrackerBase):
             if not items:
                 continue
             index = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
-            pos = np.flatnonzero(np.unpackbits(np.concatenate([bitmap for _, bitmap in items]), bitorder="little"))
+            pos = np.flatnonzero(np.unpackbits(np.concatenate([bitmap for _, bitmap in items]), bitorder="little").view(bool))
             if index[-1] - index[0] == index.size - 1:  # consecutive bitmaps: one offset for all
-                key = pos + (int(index[0]) << bits_shift)
+                key = pos
+                key += int(index[0]) << bits_shift
             else:
                 key = (index[pos >> bits_shift] << bits_shift) | (pos & ((1 << bits_shift) - 1))
-            phys_parts.append((key << (shift + order)).view(np.uint64))
+            key <<= shift + order
+            phys_parts.append(key.view(np.uint64))
             order_parts.append(np.full(key.size, order, dtype=np.uint8))
         if not phys_parts:
             return np.empty(0, np.uint64), np.empty(0, np.uint8)
