@@ -392,7 +392,7 @@ class RadixTracker(TrackerBase):
         for first in range(0, len(leaf_keys), self._WALK_LEAVES):
             chunk = leaf_keys[first:first + self._WALK_LEAVES]
             maps = np.stack([np.frombuffer(self._pages[self._nodes[0][k]], dtype=np.uint8) for k in chunk])
-            pos = np.flatnonzero(np.unpackbits(maps, axis=1, bitorder="little"))
+            pos = np.flatnonzero(np.unpackbits(maps, axis=1, bitorder="little").view(bool))
             keys = np.array(chunk, dtype=np.uint64)[pos >> g.bitmap_log2]
             order = g.leaf_order_array(keys)
             unit = g.leaf_first_unit_array(keys) + (pos & self._bit_mask)
