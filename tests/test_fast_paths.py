@@ -222,3 +222,10 @@ def test_sorted_batch_overlap_refused_like_unsorted(tracker_kind):
         assert tracker.is_preserved_array(pages).all() and len(tracker) == pages.size + 1
     assert messages[0] == messages[1] and "already preserved" in messages[0]
     assert states[0] == states[1] == ([(int(big[0]), 3)], 8, False)
+
+
+def test_stream_popcount_matches_the_byte_table():
+    import kho.encodings.instructions as instructions
+
+    words = np.random.default_rng(5).integers(0, 1 << 63, 10000, dtype=np.uint64)
+    assert instructions._popcount(words) == int(instructions._POPCOUNT8[words.view(np.uint8)].sum())

@@ -350,6 +350,15 @@ class _Stream:
         return self.location(STREAM_HEADER.itemsize + RECORD.itemsize * self.nr_records + WORD.itemsize * i)
 
 
+def _popcount(words: np.ndarray) -> int:
+    """Set bits in ``words`` (uint64): ``np.bitwise_count`` where numpy has it (2.0+), else
+    a byte table.  O(words)."""
+    count = getattr(np, "bitwise_count", None)
+    if count is not None:
+        return int(count(words).sum(dtype=np.int64))
+    return int(_POPCOUNT8[words.view(np.uint8)].sum(dtype=np.int64))
+
+
 def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: np.ndarray, records: np.ndarray):
     """Check the bitmap section against the BITMAP records (``records``: their indices) and
     return the units ``(pfn, order)`` their set bits keep, by address.  O(bitmap bits)."""
@@ -373,7 +382,7 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
     # Expanded WALK_WORDS words at a time into arrays sized by the set bits: temporaries
     # bounded whatever the stream's size.
     uniform = bool((order == order[0]).all())
-    total = int(_POPCOUNT8[stream.words.view(np.uint8)].sum(dtype=np.int64))
+    total = _popcount(stream.words)
     unit_pfn = np.empty(total, dtype=np.int64)
     unit_order = np.full(total, order[0], dtype=np.uint8) if uniform else np.empty(total, dtype=np.uint8)
     at = 0
@@ -385,7 +394,8 @@ def _bitmap_units(stream: _Stream, start: np.ndarray, order: np.ndarray, nbits: 
                 out = unit_pfn[at:at + pos.size]
                 np.left_shift(pos + ((w0 - first) << 6), o, out=out)
                 out += base
-                unit_order[at:at + pos.size] = o
+                if not uniform:
+                    unit_order[at:at + pos.size] = o
                 at += pos.size
         return unit_pfn, unit_order
     # Many records: unit of bit b of word w is pfn = (b_in_slice << order) + start =
