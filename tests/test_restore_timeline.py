@@ -167,3 +167,20 @@ def test_counts_refuse_units_inside_the_base_regions():
     phys, size = MC.fragmented_units(4)
     with pytest.raises(KHOError):
         MC.count_memblock(phys, size, (np.array([phys[0]]), np.array([4096]), np.array([0])))
+
+
+def test_simulate_timelines_carry_the_kho_stages(capsys):
+    assert main(["simulate", "--ram", "1G", "--preserve", "8M", "--abi", "kho-v2", "--pattern", "random", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    restore = data["generations"][0]["next_kernel"]["kho_restore"]
+    assert restore["memblock_region_visits"] > 0 and restore["path"] == "memblock"
+    for t in data["timelines"].values():
+        assert t["kho_restore_s"] == pytest.approx(restore["kho_restore_s"])
+        assert t["free_list_s"] == pytest.approx(restore["free_list_s"]) and t["free_list_s"] > 0
+        assert t["total_s"] == pytest.approx(t["shutdown_s"] + t["relocation_s"] + t["purgatory_s"] + t["startup_s"]
+                                             + t["kho_restore_s"] + t["free_list_s"])
+    off, on = data["timelines"]["mmu-off"], data["timelines"]["mmu-on"]
+    assert on["speedup_vs_mmu_off"] == pytest.approx(off["total_s"] / on["total_s"])
+    assert main(["simulate", "--ram", "1G", "--preserve", "8M"]) == 0  # a Linux 7.3 system, its radix map
+    out = capsys.readouterr().out
+    assert "KHO restore" in out and "memblock region visits" in out

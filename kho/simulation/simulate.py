@@ -53,6 +53,7 @@ from kho.kexec.timing import FitReport, Timeline, reboot_timeline
 from kho.memory import intervals
 from kho.memory.intervals import IntervalSet
 from kho.nextkernel.boot import KERNEL_IMAGE_ALIGN, boot
+from kho.nextkernel.memblock_cost import boot_restore_cost
 from kho.simulation import system as SY
 from kho.simulation import workload as W
 
@@ -318,7 +319,9 @@ def run(config: Config, progress: Callable[[str, int], None] | None = None) -> R
         stages = _Stages(progress or (lambda stage, gen: None), index)
         generation, nk, moved, hashed = _generation(config, profile, index, memory, allocator, kernel, previous, stages)
         if index == 1:
-            timelines = {m: reboot_timeline(profile.profile, m, moved, hashed) for m in RELOCATION_MODES}
+            t = generation.timeline  # the next kernel's KHO stages do not depend on the relocation mode
+            timelines = {m: reboot_timeline(profile.profile, m, moved, hashed, t.kho_restore_s, t.free_list_s)
+                         for m in RELOCATION_MODES}
         generations.append(generation)
         memory, allocator = nk.memory, nk.allocator
     return Result(config, profile, generations, timelines)
@@ -361,6 +364,8 @@ def _generation(config: Config, profile: FitReport, index: int, memory, allocato
                 raise KHOError("EINVAL", "purgatory: sha256 digests do not match after relocation")
     with stage("next kernel boot"):
         nk = _boot_next(memory, segments, config, handover, config.seed + index)
+    with stage("KHO restore model"):  # the next kernel's KHO stages under the profile
+        restore = boot_restore_cost(nk, profile.profile.next_kernel, int(handover.encoded.metadata_pages.size))
     with stage("verify"):
         lost = _lost_units(nk, preserved_phys, preserved_order)
         report = SY.verify(nk, memory, handover.fdt_phys, work) if config.system else W.verify(nk, memory, work)
@@ -378,7 +383,8 @@ def _generation(config: Config, profile: FitReport, index: int, memory, allocato
          "indirection_pages": reloc.indirection_pages, "tables_read": reloc.tables_read,
          "pages_written": reloc.pages_written},
         None if check is None else {"ok": check.ok, "bytes_hashed": check.bytes_hashed},
-        reboot_timeline(profile.profile, config.relocation, moved, hashed), nk.report(), report, lost, leaked,
+        reboot_timeline(profile.profile, config.relocation, moved, hashed, restore.kho_restore_s, restore.free_list_s),
+        {**nk.report(), "kho_restore": restore.to_dict()}, report, lost, leaked,
         stage.host_s)
     return generation, nk, moved, hashed
 
