@@ -12,7 +12,9 @@ page (one entry per run, however sparse the preserved pages inside it).
 :func:`load_image` checks everything (types, sizes, ranges, overlaps, the boot DTB against
 the recorded addresses, the encoding and its options) and raises
 :class:`~kho.errors.KHOFormatError` for any malformed, truncated or hostile file; what it
-allocates is bounded by the file's size (generated runs cost no memory), with at most
+allocates is bounded by the file's size (generated runs cost no memory): the file is read
+only when regular and at most :data:`MAX_IMAGE_BYTES` (:func:`kho.files.read_bounded`),
+msgpack's limits are set before anything is unpacked (:func:`_unpack_top`), with at most
 :data:`MAX_BANKS` banks, ``MAX_SCRATCH_AREAS`` scratch areas, a KHO FDT of at most a
 MAX_PAGE_ORDER block and a scratch array of at most ``MAX_SCRATCH_AREAS`` entries.  It does
 not judge the KHO FDT or the map themselves: a damaged handover loads, and
