@@ -100,10 +100,12 @@ class PageAllocator:
             while pfn + nr <= end:
                 window = min(_SCAN_WINDOW, (end - pfn) >> order << order)
                 off = pfn - first
-                blocks = used[off:off + window].reshape(-1, nr).any(axis=1)
-                free = np.flatnonzero(~blocks)
-                if free.size:
-                    off += int(free[0]) << order
+                blocks = used[off:off + window]
+                if order:
+                    blocks = blocks.reshape(-1, nr).any(axis=1)
+                lowest = int(np.argmin(blocks))  # the first free block, if any: one pass, no temporaries
+                if not blocks[lowest]:
+                    off += lowest << order
                     self._hint[order] = (bank, first + off + nr)
                     return self._claim(bank, off, nr)
                 pfn += window
