@@ -368,6 +368,9 @@ class RadixTracker(TrackerBase):
         self._count_batch(orders, -1)
 
     def _count_batch(self, orders: np.ndarray, sign: int) -> None:
+        if orders.size and int(orders.min()) == int(orders.max()):  # one order: no bincount of the batch
+            self._count(int(orders[0]), sign * int(orders.size))
+            return
         counts = np.bincount(orders)
         for order in np.flatnonzero(counts).tolist():
             self._count(order, sign * int(counts[order]))

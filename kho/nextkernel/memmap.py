@@ -196,9 +196,12 @@ class MemMap:
         idx = self.index(pfn)
         order = np.asarray(order, dtype=np.uint8).reshape(-1)
         self.info.stamp(idx, order)
-        present = np.flatnonzero(np.bincount(order, minlength=1))
-        for o in present.tolist():
-            heads = idx if present.size == 1 else idx[order == o]
+        if not order.size:
+            return
+        low, high = int(order.min()), int(order.max())  # two reductions: cheaper than a bincount of uint8
+        present = [low] if low == high else np.flatnonzero(np.bincount(order)).tolist()
+        for o in present:
+            heads = idx if low == high else idx[order == o]
             pages = heads if o == 0 else (heads[:, None] + np.arange(1 << o, dtype=np.int64)).reshape(-1)
             self.state[pages] = PRESERVED
 
