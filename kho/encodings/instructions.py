@@ -98,7 +98,7 @@ class StreamWalk:
     """What one pass over the stream yields (pfns int64, half-open; phys uint64).
 
     ``skip_*``: the SKIP records; ``unit_phys``/``unit_order``: the preserved units by
-    address; ``metadata_pages``: phys of the stream's own chunk pages (sorted; they lie in
+    address (``unit_pfn``: the same as pfns, int64); ``metadata_pages``: phys of the stream's own chunk pages (sorted; they lie in
     free runs unless the allocator put them in scratch).  ``free_*`` (computed on first
     use, O(units)): the runs to free, sorted, coalesced within each RAM bank, never
     touching a scratch area or a hole; every usable page (RAM outside the scratch areas)
@@ -113,11 +113,11 @@ class StreamWalk:
     nr_records: int
     nr_words: int
     memory: PhysicalMemory
+    unit_pfn: np.ndarray
 
     @cached_property
     def _free_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        unit_pfn = (self.unit_phys >> np.uint64(self.memory.page_shift)).view(np.int64)
-        return _free_gaps(self.memory, *intervals.of_units(unit_pfn, self.unit_order))
+        return _free_gaps(self.memory, *intervals.of_units(self.unit_pfn, self.unit_order))
 
     @property
     def free_start_pfn(self) -> np.ndarray:
@@ -553,7 +553,7 @@ def walk(memory: PhysicalMemory, props: Mapping[str, bytes], *, strict: bool = T
         check_metadata_disjoint(memory, metadata, unit_phys, unit_order, "instructions.chunk")
     is_skip = rec.op == OP_SKIP
     return StreamWalk(rec.start[is_skip], rec.end[is_skip], unit_phys, unit_order, metadata,
-                      stream.nr_records, stream.nr_words, memory)
+                      stream.nr_records, stream.nr_words, memory, unit_pfn)
 
 
 @register

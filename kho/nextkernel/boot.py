@@ -249,14 +249,14 @@ def _deserialize(memory: PhysicalMemory, mb: Memblock, memmap: MemMap, fdt: KHOF
             unit_phys, unit_order = decoded.phys, decoded.order
         else:
             stream = walk(memory, fdt.props, strict=strict)
-            unit_phys, unit_order = stream.unit_phys, stream.unit_order
+            unit_phys, unit_order, unit_pfn = stream.unit_phys, stream.unit_order, stream.unit_pfn
             walked = True
     except KHOError as err:
         _disable(messages, f"preserved memory map: {err.message}")
         fdt = None
     if path == "memblock" and unit_phys.size:
         mb.reserve_noinit_many(unit_phys, np.left_shift(np.uint64(ps), unit_order.astype(np.uint64)))
-    memmap.mark_preserved(unit_phys >> np.uint64(memory.page_shift), unit_order)
+    memmap.mark_preserved(unit_pfn.view(np.uint64) if walked else unit_phys >> np.uint64(memory.page_shift), unit_order)
     mb.clear_kho_scratch_only()
     return unit_phys, unit_order, walked, fdt
 
