@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME
+from kho.currentkernel.pagealloc import PageAllocator
+from kho.currentkernel.radix_tracker import RadixTracker
 from kho.devicetree import KHOFdt
 from kho.devicetree.layout import pack_u64
 from kho.dumps import open_dump
 from kho.dumps.cut import cut, referenced_pages
 from kho.dumps.open import parse_ranges
 from kho.dumps.writers import write_elf_core, write_raw
+from kho.memory.physical import PhysicalMemory
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "linux-7.3-x86_64"
 FIXTURE = FIXTURES / "mem-stage1-handover.raw.zst"
@@ -138,3 +141,32 @@ def test_json_of_the_real_handover(fixture_dump):
         ("memblock", "fdt", 214), ("LUO", "binary", 32), ("kho_test", "fdt", 240), ("kexec-metadata", "binary", 73)]
     assert found["subtrees"][3]["decoded"] == {"version": 1, "previous_release": "7.3.0-rc7", "kexec_count": 1}
     assert [c["kind"] for c in found["candidates"]] == ["other", "kho", "other"] and found["handoff"] is None
+
+
+def test_kho_writes_the_real_kernels_radix_pages(fixture_dump):
+    """kho's 7.x tracker, given the real kernel's 141 units, builds the same 50 radix pages: the
+    leaves byte for byte, and every table byte for byte once each child pointer is read as the
+    node it points at (which pages hold the nodes is the allocator's choice, not the ABI's)."""
+    ps = 4096
+    memory = PhysicalMemory.single_bank(512 << 20)
+    tracker = RadixTracker(memory, PageAllocator(memory, [(0, 64 << 20)]), strict=False)
+    for phys, order in kernel_units():
+        tracker.preserve_folio(phys, order)
+    g = tracker.geometry
+    real = {(g.root_level, 0): 0x343000}  # (level, prefix) -> phys in the real dump
+    for level in range(g.root_level, 0, -1):
+        for (lvl, prefix), phys in list(real.items()):
+            if lvl != level:
+                continue
+            table = np.frombuffer(fixture_dump.memory.read(phys, ps), "<u8")
+            for slot in np.flatnonzero(table).tolist():
+                real[(level - 1, (prefix << g.table_log2) | slot)] = int(table[slot])
+    ours = {(level, prefix): phys for level, nodes in enumerate(tracker._nodes) for prefix, phys in nodes.items()}
+    assert set(ours) == set(real) and len(ours) == 50
+    to_real = {ours[key]: real[key] for key in ours}
+    for key, phys in ours.items():
+        page = np.frombuffer(memory.read(phys, ps), "<u8").copy()
+        if key[0] > 0:  # a table: read each child pointer as the node it names
+            used = np.flatnonzero(page)
+            page[used] = [to_real[int(child)] for child in page[used].tolist()]
+        assert page.tobytes() == fixture_dump.memory.read(real[key], ps), key
