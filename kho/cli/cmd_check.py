@@ -11,13 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kho.cli.imageio import emit
-from kho.cli.options import page_size_arg
-from kho.dumps import open_dump
+from kho.cli.imageio import add_path_options, emit, open_memory_dump
 from kho.dumps.check import check_dump
-from kho.dumps.debugfs import DebugfsHandover
-from kho.dumps.open import parse_ranges
-from kho.errors import KHOError
 
 #: Exit status when the check found problems.
 EXIT_FINDINGS = 1
@@ -25,40 +20,9 @@ EXIT_FINDINGS = 1
 SHOWN_UNREFERENCED = 16
 
 
-def address_arg(text: str) -> int:
-    """argparse type: a physical address (``0x...`` or decimal)."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an address") from None
-
-
-def ranges_arg(text: str) -> list[tuple[int, int]]:
-    """argparse type: RAM ranges (see :func:`~kho.dumps.open.parse_ranges`)."""
-    try:
-        return parse_ranges(text)
-    except KHOError as err:
-        raise argparse.ArgumentTypeError(err.message) from None
-
-
-def add_dump_options(p: argparse.ArgumentParser) -> None:
-    """PATH and the options of opening a dump, shared with ``kho extract``."""
-    p.add_argument("path", metavar="PATH", help="a raw or zstd-compressed raw memory dump, an ELF core "
-                                                "(QEMU dump-guest-memory, kdump vmcore) or a kho image")
-    p.add_argument("--fdt", type=address_arg, metavar="ADDR", help="the KHO FDT's physical address, when several decode")
-    p.add_argument("--base", type=address_arg, metavar="ADDR", help="physical address of a raw dump's first byte (default 0)")
-    p.add_argument("--ram", type=ranges_arg, metavar="RANGES",
-                   help="RAM as START-END (inclusive, as /proc/iomem) or START+SIZE, comma-separated "
-                        "(default: what the dump covers)")
-    p.add_argument("--page-size", type=page_size_arg, default=4096, help="the dumped kernel's page size (default 4K)")
-
-
 def open_args(args):
     """The dump the options name (KHOError for a debugfs directory: no memory to read)."""
-    dump = open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size)
-    if isinstance(dump, DebugfsHandover):
-        raise KHOError("EINVAL", f"{args.path}: a debugfs directory holds no memory map to check (kho extract reads it)")
-    return dump
+    return open_memory_dump(args, "check")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Find the KHO handover in a memory dump and check that every physical range "
                                    "reachable from its FDT is preserved, that units are disjoint and outside "
                                    "scratch, and that every sub-node decodes.  Exit 0 clean, 1 findings, 3 unreadable.")
-    add_dump_options(p)
+    add_path_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

@@ -28,35 +28,47 @@ from kho.abi.memfd import (
     F_SEAL_SHRINK,
     F_SEAL_WRITE,
 )
-from kho.cli.imageio import emit
+from kho.cli.imageio import add_path_options, emit, open_memory_dump
 from kho.devicetree.flat import parse_fdt, prop_bytes, string_list
 from kho.devicetree.layout import FDT_HEADER, U64_PROP, fdt_totalsize
+from kho.dumps import Dump, ImageDump
 from kho.dumps.find import SubNode, read_subnodes
 from kho.errors import KHOError
-from kho.handover.imagefile import load_image
+from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64
 from kho.subsystems.checksum import CSUM_OF_ARCH
 from kho.subsystems.kho_test import KhoTest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dump", help="summarize a handover image",
-                       description="Read a handover image, check its KHO FDT as the next kernel would, decode the "
-                                   "preserved-memory map and summarize it.")
-    p.add_argument("image", metavar="IMAGE", help="handover image (.kho)")
+    p = sub.add_parser("dump", help="summarize a handover image or the handover in a memory dump",
+                       description="Read a handover image, or find the handover in a memory dump, an ELF core or "
+                                   "the running kernel (--live), check its KHO FDT as the next kernel would, decode "
+                                   "the preserved-memory map and every sub-node, and summarize them.")
+    add_path_options(p, live=True)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--dts", action="store_true", help="print the KHO FDT as DTS")
     how.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--lenient", action="store_true",
-                   help="read the FDT and decode the map as leniently as the Linux kernel does (spec/hardening.md)")
+                   help="read a kho image's FDT and map as leniently as the Linux kernel does (spec/hardening.md); "
+                        "a dump is always read so")
     p.set_defaults(func=run)
 
 
-def summary(path: str, strict: bool = True) -> tuple[dict, str]:
-    """The dump of image ``path`` as a JSON-friendly dict, and the KHO FDT as DTS with the
+def summary(dump: Dump, *, fdt: int | None = None, strict: bool = True) -> tuple[dict, str]:
+    """What ``dump`` holds as a JSON-friendly dict, and the KHO FDT as DTS with the sub-FDTs
+    nested: :func:`image_summary` for a kho image, :func:`dump_summary` for a memory dump
+    (``fdt``: the KHO FDT to choose; read as leniently as the kernel does)."""
+    if isinstance(dump, ImageDump):
+        return image_summary(dump, strict=strict)
+    return dump_summary(dump, fdt=fdt)
+
+
+def image_summary(dump: ImageDump, strict: bool = True) -> tuple[dict, str]:
+    """The dump of a kho image as a JSON-friendly dict, and the KHO FDT as DTS with the
     sub-FDTs nested; ``strict=False`` reads it as leniently as the kernel does.  KHOError
     when the KHO FDT or the map is refused (a sub-node that does not decode is reported in
     its entry's ``error``).  O(image + sub-node blobs + the self-test's folio bytes)."""
-    image = load_image(path)
+    image, path = dump.image, dump.path
     memory = image.memory
     fdt = image.kho_fdt(strict=strict)
     decoded = image.decode(strict=strict)
@@ -67,7 +79,7 @@ def summary(path: str, strict: bool = True) -> tuple[dict, str]:
     nodes = read_subnodes(memory, fdt, strict=strict)
     report = {
         "image": path, "image_bytes": os.path.getsize(path), "format_version": image.version,
-        "source": {"path": path, "format": "kho"},
+        "source": dump.source_json(),
         "arch": image.arch, "page_size": ps,
         "banks": [{"start": b.start, "size": b.size, "node": b.node} for b in memory.banks],
         "ram_bytes": memory.ram_size,
@@ -88,13 +100,48 @@ def summary(path: str, strict: bool = True) -> tuple[dict, str]:
     return report, nested_dts(fdt.to_dts(), nodes)
 
 
-def _subtree_json(memory, node: SubNode, arch: str) -> dict:
+def dump_arch(handover) -> str | None:
+    """The dumped machine's architecture as far as the dump tells: ``x86_64`` when it holds
+    an x86 ``boot_params``, ``arm64`` when a boot DTB names the KHO FDT, else None."""
+    if handover.boot_params:
+        return ARCH_X86_64
+    if any(c.kind == "boot-dtb" for c in handover.candidates):
+        return ARCH_ARM64
+    return None
+
+
+def dump_summary(dump: Dump, *, fdt: int | None = None) -> tuple[dict, str]:
+    """The handover found in a memory dump (:meth:`kho.dumps.Dump.handover`, kernel-compatible
+    decoding) as a JSON-friendly dict — ``source``, the RAM, everything of
+    :meth:`~kho.dumps.find.DumpHandover.to_json` (``fdt_phys``, ``compatible``,
+    ``units_by_order``, ``subtrees``, ``candidates``, ...), pages per order — and its KHO FDT
+    as DTS with the sub-FDTs nested.  O(page starts scanned + map + sub-node blobs)."""
+    handover = dump.handover(fdt=fdt)
+    memory, decoded = dump.memory, handover.decoded
+    ps = memory.page_size
+    arch = dump_arch(handover)
+    orders, counts = np.unique(decoded.order, return_counts=True)
+    per_order = [{"order": int(o), "units": int(c), "pages": int(c) << int(o)} for o, c in zip(orders, counts)]
+    report = {
+        "source": dump.source_json(), "arch": arch, "page_size": ps,
+        "banks": [{"start": b.start, "size": b.size, "node": b.node} for b in memory.banks],
+        "ram_bytes": memory.ram_size,
+        **handover.to_json(),
+        "subtrees": [_subtree_json(memory, node, arch) for node in handover.subnodes],
+        "preserved_pages": decoded.nr_pages(), "preserved_bytes": decoded.nr_pages() * ps,
+        "per_order": per_order,
+        "metadata_pages": int(decoded.metadata_pages.size), "metadata_bytes": int(decoded.metadata_pages.size) * ps,
+    }
+    return report, nested_dts(handover.fdt.to_dts(), handover.subnodes)
+
+
+def _subtree_json(memory, node: SubNode, arch: str | None) -> dict:
     """A sub-node's JSON (``name``, ``phys``, ``size``, ``format``, ``compatible``, ``decoded``,
     ``error``); the self-test's also gets ``checksum``: the ``csum_partial`` of its folios
-    recomputed with ``arch``'s implementation, and whether it matches ``csum``."""
+    recomputed with ``arch``'s implementation (x86_64's when unknown), and whether it matches ``csum``."""
     out = node.to_json()
     if isinstance(node.decoded, KhoTest):
-        impl = CSUM_OF_ARCH.get(arch, "x86_64")
+        impl = CSUM_OF_ARCH.get(arch or ARCH_X86_64, CSUM_OF_ARCH[ARCH_X86_64])
         try:
             computed = node.decoded.checksum(memory, impl)
         except KHOError as err:
@@ -251,12 +298,16 @@ def subnode_tree(subtrees: list[dict]) -> Tree:
 
 
 def run(args) -> int:
-    report, dts = summary(args.image, strict=not args.lenient)
+    with open_memory_dump(args, "summarize") as dump:
+        report, dts = summary(dump, fdt=args.fdt, strict=not args.lenient)
     if args.dts:
         emit([dts])
         return 0
     if args.json:
         emit([json.dumps(report, indent=2), "\n"])
+        return 0
+    if report["source"]["format"] != "kho":
+        _print_dump(report)
         return 0
     console = Console()
     table = Table(title=escape(f"{report['image']}: {report['abi']} handover image ({report['arch']})"), show_header=False)
@@ -282,3 +333,36 @@ def run(args) -> int:
     console.print(table)
     console.print(subnode_tree(report["subtrees"]))
     return 0
+
+
+def _print_dump(report: dict) -> None:
+    """The text summary of a memory dump's handover (:func:`dump_summary`)."""
+    console = Console()
+    source = report["source"]
+    table = Table(title=escape(f"{source['path']}: {source['description']}"), show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("RAM", f"{_size(report['ram_bytes'])} in {len(report['banks'])} range(s), {report['page_size']}-byte pages"
+                         + (f", {report['arch']}" if report["arch"] else ""))
+    table.add_row("KHO FDT", escape(f"{report['fdt_phys']:#x}, {report['fdt_size']:,} bytes, \"{report['compatible']}\" "
+                                    f"({report['encoding']})"))
+    handoff = report["handoff"]
+    if handoff is None:
+        table.add_row("handoff", "none in the dump: scratch areas unknown")
+    else:
+        table.add_row("handoff", escape(f"{handoff['source']}: scratch array {handoff['scratch_addr']:#x}, "
+                                        f"{handoff['scratch_size']} bytes"))
+    for area in report["scratch"]:
+        table.add_row(f"  scratch {area['kind']}", f"{area['addr']:#x} + {_size(area['size'])}")
+    table.add_row("preserved", f"{report['units']:,} units, {report['preserved_pages']:,} pages ({_size(report['preserved_bytes'])})")
+    for row in report["per_order"]:
+        table.add_row(f"  order {row['order']}", f"{row['units']:,} units, {row['pages']:,} pages")
+    table.add_row("map", f"{report['metadata_pages']:,} pages ({report['metadata_bytes']:,} bytes)")
+    for c in report["candidates"]:
+        verdict = "decodes" if c["decodes"] else ("" if c["error"] is None else f"does not decode: {c['error']}")
+        table.add_row("  FDT found", escape(f"{c['phys']:#x} {c['kind']}" + (f" \"{', '.join(c['compatible'])}\"" if c["compatible"] else "")
+                                            + (f", {verdict}" if verdict else "")))
+    for note in report["notes"]:
+        table.add_row("note", escape(note))
+    console.print(table)
+    console.print(subnode_tree(report["subtrees"]))

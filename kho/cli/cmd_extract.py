@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from kho.cli.cmd_check import add_dump_options
-from kho.cli.imageio import emit
-from kho.dumps import open_dump
+from kho.cli.imageio import add_path_options, emit, open_path
 from kho.dumps.debugfs import DebugfsHandover
 from kho.dumps.extract import extract
 
@@ -21,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write the KHO FDT (fdt.dtb), every sub-node blob (sub_fdts/), the scratch array "
                                    "(scratch.bin) and the preserved units (units.txt) of a dump, kho image or "
                                    "debugfs kho/out or kho/in directory into DIR.")
-    add_dump_options(p)
+    add_path_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if needed)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    source = open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size)
+    source = open_path(args)
     if isinstance(source, DebugfsHandover):
         written = extract(source, None, args.out)
         notes = source.notes

@@ -1,4 +1,5 @@
-"""``kho units IMAGE``: the preserved units of a handover image, one ``0x%x ORDER`` line each, by address."""
+"""``kho units PATH``: the preserved units of a handover — a kho image, a memory dump, an ELF core
+(:func:`kho.cli.imageio.open_path`) — one ``0x%x ORDER`` line each, by address."""
 
 from __future__ import annotations
 
@@ -7,21 +8,22 @@ from typing import Iterator
 
 import numpy as np
 
-from kho.cli.imageio import emit
-from kho.handover.imagefile import load_image
+from kho.cli.imageio import add_path_options, emit, open_memory_dump
+from kho.dumps import ImageDump
 
 #: Lines formatted per chunk of output.
 _BATCH = 1 << 16
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("units", help="list the preserved units of a handover image",
-                       description="Decode the preserved-memory map of a handover image and print one "
-                                   "'0xPHYS ORDER' line per unit, sorted by address.")
-    p.add_argument("image", metavar="IMAGE", help="handover image (.kho)")
+    p = sub.add_parser("units", help="list the preserved units of a handover image or memory dump",
+                       description="Decode the preserved-memory map of a handover image or of the handover found "
+                                   "in a memory dump and print one '0xPHYS ORDER' line per unit, sorted by address.")
+    add_path_options(p)
     p.add_argument("--lenient", action="store_true",
                    help="decode as leniently as the Linux kernel does (for maps a real kernel wrote: overlapping units, "
-                        "units in scratch, orders above MAX_PAGE_ORDER; see spec/hardening.md)")
+                        "units in scratch, orders above MAX_PAGE_ORDER; see spec/hardening.md); a dump is "
+                        "always read so")
     p.set_defaults(func=run)
 
 
@@ -33,6 +35,15 @@ def unit_lines(phys: np.ndarray, order: np.ndarray) -> Iterator[str]:
 
 
 def run(args) -> int:
-    decoded = load_image(args.image).decode(strict=not args.lenient)
+    with open_memory_dump(args, "list units from") as dump:
+        decoded = decoded_map(dump, args)
     emit(unit_lines(decoded.phys, decoded.order))
     return 0
+
+
+def decoded_map(dump, args):
+    """The preserved units: a kho image's map decoded strictly unless ``--lenient``, a
+    dump's handover (``--fdt``) as leniently as the kernel reads it."""
+    if isinstance(dump, ImageDump) and args.fdt is None:
+        return dump.image.decode(strict=not args.lenient)
+    return dump.handover(fdt=args.fdt, strict=False).decoded

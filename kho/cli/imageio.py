@@ -1,10 +1,23 @@
-"""Output helpers shared by the image-reading subcommands (``units``, ``dump``)."""
+"""What the handover-reading subcommands (``units``, ``dump``, ``boot``, ``check``, ``extract``)
+share: opening what the user gave (a kho image, a memory dump, an ELF core, a debugfs
+directory, or the running kernel with ``--live``) with the same options, and output."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Iterable
+
+from kho.cli.options import page_size_arg
+from kho.dumps import DebugfsHandover, Dump, open_dump
+from kho.dumps.open import parse_ranges
+from kho.errors import KHOError
+
+#: The running kernel's memory as an ELF core.
+KCORE = "/proc/kcore"
+#: Environment variable naming another kcore-like file for ``--live`` (tests, a copied kcore).
+KCORE_ENV = "KHO_KCORE"
 
 
 def emit(chunks: Iterable[str]) -> None:
@@ -16,3 +29,81 @@ def emit(chunks: Iterable[str]) -> None:
     except BrokenPipeError:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def address_arg(text: str) -> int:
+    """argparse type: a physical address (``0x...`` or decimal)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address") from None
+
+
+def ranges_arg(text: str) -> list[tuple[int, int]]:
+    """argparse type: ``(start, size)`` ranges in bytes (see :func:`~kho.dumps.open.parse_ranges`)."""
+    try:
+        return parse_ranges(text)
+    except KHOError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
+def add_path_options(p: argparse.ArgumentParser, *, live: bool = False) -> None:
+    """PATH (a dump, an ELF core, a kho image, a debugfs directory) and the options of opening
+    it: ``--fdt``, ``--base``, ``--ram``, ``--page-size``; ``live``: also ``--live`` (PATH
+    then omitted: the running kernel through ``/proc/kcore``)."""
+    p.add_argument("path", metavar="PATH", nargs="?" if live else None,
+                   help="a kho image (.kho), a raw or zstd-compressed raw memory dump, an ELF core "
+                        "(QEMU dump-guest-memory, kdump vmcore) or a debugfs kho/out or kho/in directory")
+    if live:
+        p.add_argument("--live", action="store_true",
+                       help=f"the running kernel's handover, through /proc/kcore (root, a kernel with KHO; "
+                            f"${KCORE_ENV} names another kcore-like ELF file)")
+    p.add_argument("--fdt", type=address_arg, metavar="ADDR", help="the KHO FDT's physical address, when several decode")
+    p.add_argument("--base", type=address_arg, metavar="ADDR", help="physical address of a raw dump's first byte (default 0)")
+    p.add_argument("--ram", type=ranges_arg, metavar="RANGES",
+                   help="RAM as START-END (inclusive, as /proc/iomem) or START+SIZE, comma-separated "
+                        "(default: what the dump covers)")
+    p.add_argument("--page-size", type=page_size_arg, default=4096, help="the dumped kernel's page size (default 4K)")
+
+
+def open_path(args) -> Dump | DebugfsHandover:
+    """What the user gave, opened by content (:func:`kho.dumps.open_dump`): ``args.path``
+    with ``--base``, ``--ram`` and ``--page-size``, or the running kernel with ``--live``
+    (:func:`open_live`).  KHOError(EINVAL) for neither or both."""
+    live = getattr(args, "live", False)
+    if live == (args.path is not None):
+        raise KHOError("EINVAL", "give a PATH or --live, one of them")
+    if live:
+        return open_live(base=args.base, ram=args.ram, page_size=args.page_size)
+    return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size)
+
+
+def open_memory_dump(args, command: str) -> Dump:
+    """:func:`open_path` for a command that needs memory: a debugfs directory (blobs only)
+    is refused with KHOError(EINVAL) naming ``kho extract``."""
+    source = open_path(args)
+    if isinstance(source, DebugfsHandover):
+        raise KHOError("EINVAL", f"{args.path}: a debugfs directory holds the FDT and blobs, no memory map to {command} "
+                                 "(kho extract reads it)")
+    return source
+
+
+def open_live(*, base: int | None = None, ram=None, page_size: int = 4096) -> Dump:
+    """The running kernel's memory through ``/proc/kcore`` (or the file ``$KHO_KCORE``
+    names): an ELF core whose ``PT_LOAD`` segments of the linear map carry their physical
+    addresses (``p_paddr``; the vmalloc, vmemmap and module segments have none and are
+    skipped), read as any ELF core.  KHOError(EACCES) with one line saying what is missing
+    when it cannot be read (not root, no ``/proc/kcore``)."""
+    path = os.environ.get(KCORE_ENV, KCORE)
+    if base is not None:
+        raise KHOError("EINVAL", "--live reads physical addresses from /proc/kcore (no --base)")
+    try:
+        with open(path, "rb") as probe:
+            probe.read(4)
+    except OSError as err:
+        raise KHOError("EACCES", f"--live: cannot read {path} ({err.strerror}): run as root on a kernel with "
+                                 "/proc/kcore, or give a dump of the machine") from None
+    dump = open_dump(path, ram=ram, page_size=page_size)
+    if not isinstance(dump, Dump) or dump.format != "elf":
+        raise KHOError("EINVAL", f"--live: {path} is not an ELF core like /proc/kcore")
+    return dump
