@@ -33,8 +33,9 @@ from kho.devicetree.flat import parse_fdt, prop_bytes, string_list
 from kho.devicetree.layout import FDT_HEADER, U64_PROP, fdt_totalsize
 from kho.dumps import Dump, ImageDump
 from kho.dumps.find import SubNode, read_subnodes
+from kho.nextkernel.dumpboot import dump_arch
 from kho.errors import KHOError
-from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64
+from kho.handover.outgoing import ARCH_X86_64
 from kho.subsystems.checksum import CSUM_OF_ARCH
 from kho.subsystems.kho_test import KhoTest
 
@@ -98,16 +99,6 @@ def image_summary(dump: ImageDump, strict: bool = True) -> tuple[dict, str]:
         "metadata_pages": int(decoded.metadata_pages.size), "metadata_bytes": int(decoded.metadata_pages.size) * ps,
     }
     return report, nested_dts(fdt.to_dts(), nodes)
-
-
-def dump_arch(handover) -> str | None:
-    """The dumped machine's architecture as far as the dump tells: ``x86_64`` when it holds
-    an x86 ``boot_params``, ``arm64`` when a boot DTB names the KHO FDT, else None."""
-    if handover.boot_params:
-        return ARCH_X86_64
-    if any(c.kind == "boot-dtb" for c in handover.candidates):
-        return ARCH_ARM64
-    return None
 
 
 def dump_summary(dump: Dump, *, fdt: int | None = None) -> tuple[dict, str]:
