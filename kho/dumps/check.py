@@ -31,9 +31,10 @@ from kho.dumps.find import DumpHandover
 from kho.dumps.subnodes import referenced_ranges
 from kho.errors import KHOError
 from kho.memory import intervals
+from kho.subsystems.common import RangeKind
 
-#: Range descriptions exempt from the preservation check (read before any allocation).
-EXEMPT = ("map page", "scratch array")
+#: Range kinds exempt from the preservation check (read before any allocation).
+EXEMPT = (RangeKind.MAP, RangeKind.SCRATCH)
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def check_handover(handover: DumpHandover, page_size: int, strict_error: str | N
     report = CheckReport(handover.fdt_phys, handover.compatible, len(decoded), len(refs), notes=list(handover.notes))
     preserved = intervals.normalize(phys, end)
     if handover.compatible in (KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLE_V2):
-        refs = [r for r in refs if r.what != "KHO FDT"]  # before kho-v3 the FDT was a kexec segment
-    checked = [r for r in refs if r.size and not r.what.endswith(EXEMPT)]
+        refs = [r for r in refs if r.kind != RangeKind.FDT]  # before kho-v3 the FDT was a kexec segment
+    checked = [r for r in refs if r.size and r.kind not in EXEMPT]
     r_start = np.array([r.phys for r in checked], np.int64)
     r_end = r_start + np.array([r.size for r in checked], np.int64)
     for i in np.flatnonzero(~intervals.within(*preserved, r_start, r_end)).tolist():

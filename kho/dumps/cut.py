@@ -10,17 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 from kho.dumps.find import DumpHandover
-from kho.dumps.subnodes import is_content, referenced_ranges
+from kho.dumps.subnodes import referenced_ranges
 from kho.memory.physical import PhysicalMemory
+from kho.subsystems.common import RangeKind
 
 
 def referenced_pages(handover: DumpHandover, page_size: int, *, contents: bool = False) -> np.ndarray:
     """Phys (uint64, ascending, distinct) of every page a referenced range touches, plus the
-    pages of every x86 ``boot_params`` found; preserved contents (see
-    :data:`~kho.dumps.subnodes.CONTENT_KINDS`) only with ``contents``.  O(pages)."""
+    pages of every x86 ``boot_params`` found; preserved contents (ranges of kind
+    :attr:`~kho.subsystems.common.RangeKind.CONTENTS`) only with ``contents``.  O(pages)."""
     parts = [np.array([b.phys for b in handover.boot_params], np.uint64)]
     for r in referenced_ranges(handover, page_size):
-        if r.size and (contents or not is_content(r)):
+        if r.size and (contents or r.kind != RangeKind.CONTENTS):
             first, end = r.phys // page_size, -(-(r.phys + r.size) // page_size)
             parts.append(np.arange(first, end, dtype=np.uint64) * np.uint64(page_size))
     return np.unique(np.concatenate(parts))

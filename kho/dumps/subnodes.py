@@ -9,18 +9,17 @@ stay undecoded.
 :func:`referenced_ranges` lists what the next kernel will read or hand back: the KHO FDT,
 the radix (or chunk) pages, the scratch array, every sub-node blob and what each decoded
 sub-node points at (vmalloc chunks and their pages, LUO blocks, memfd records, the
-self-test's folios, ``reserve_mem`` regions, memfd folios).  :data:`CONTENT_KINDS` names the
-ranges that are preserved *contents* rather than structures to decode.
+self-test's folios, ``reserve_mem`` regions, memfd folios), each with its
+:class:`~kho.subsystems.common.RangeKind` (preserved contents, structures, the FDT, the
+map's pages, the scratch array).
 """
 
 from __future__ import annotations
 
-from inspect import signature
-
 from kho.abi.luo import LUO_ABI_COMPATIBLE, LUO_KHO_ENTRY_NAME
 from kho.abi.memblock import MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE
 from kho.abi.test_kho import KHO_TEST_COMPAT, KHO_TEST_FDT
-from kho.subsystems.common import Range
+from kho.subsystems.common import Range, RangeKind
 from kho.subsystems.registry import SUBNODE_READERS, read_subnode
 
 #: The sub-node name whose reader reads a blob of each compatible (for renamed nodes).
@@ -29,9 +28,6 @@ NAME_OF_COMPATIBLE = {
     LUO_ABI_COMPATIBLE: LUO_KHO_ENTRY_NAME,
     KHO_TEST_COMPAT: KHO_TEST_FDT,
 }
-#: Range descriptions (their first words, as kho.subsystems writes them) of preserved
-#: contents: what a subsystem hands over, not a structure a reader follows.
-CONTENT_KINDS = ("kho_test folio", "reserve_mem", "memfd folio")
 
 
 def decode_subnode(memory, name: str, phys: int, size: int, compatible: str | None, *, strict: bool):
@@ -43,27 +39,17 @@ def decode_subnode(memory, name: str, phys: int, size: int, compatible: str | No
     return read_subnode(memory, name, phys, size, strict=strict)
 
 
-def subnode_ranges(decoded, page_size: int) -> list[Range]:
-    """What a decoded sub-node references (its blob included)."""
-    method = decoded.referenced_ranges
-    return method(page_size) if signature(method).parameters else method()  # single blobs take no page size
-
-
-def is_content(r: Range) -> bool:
-    """Whether a range holds preserved contents (see :data:`CONTENT_KINDS`)."""
-    return r.what.startswith(CONTENT_KINDS)
-
-
 def referenced_ranges(handover, page_size: int) -> list[Range]:
     """Every range the handover references (see the module docstring), in discovery order.
     Sub-nodes that failed to decode contribute their blob only.  O(references)."""
-    out = [Range(handover.fdt_phys, handover.fdt_size, "KHO FDT")]
-    out += [Range(int(p), page_size, f"{handover.encoding} map page") for p in handover.decoded.metadata_pages.tolist()]
+    out = [Range(handover.fdt_phys, handover.fdt_size, "KHO FDT", RangeKind.FDT)]
+    out += [Range(int(p), page_size, f"{handover.encoding} map page", RangeKind.MAP)
+            for p in handover.decoded.metadata_pages.tolist()]
     if handover.handoff is not None:
-        out.append(Range(handover.handoff.scratch_addr, handover.handoff.scratch_size, "scratch array"))
+        out.append(Range(handover.handoff.scratch_addr, handover.handoff.scratch_size, "scratch array", RangeKind.SCRATCH))
     for node in handover.subnodes:
         if node.decoded is not None:
-            out += subnode_ranges(node.decoded, page_size)
+            out += node.decoded.referenced_ranges(page_size)
         elif node.phys is not None and node.data is not None:
             out.append(Range(node.phys, len(node.data), f"{node.name} blob"))
     return out

@@ -7,7 +7,8 @@ allocator with ``alloc_pages(order)`` / ``free_pages(phys, order)``, writes into
 next kernel's side: it reads from anything with ``read(phys, nbytes)`` and
 ``page_size``, strictly by default or, with ``strict=False``, as leniently as the kernel
 itself).  Readers return frozen dataclasses with ``to_json()`` and
-``referenced_ranges()``; malformed data raises :class:`~kho.errors.KHOFormatError` naming
+``referenced_ranges(page_size)`` (each :class:`~kho.subsystems.common.Range` with its
+:class:`~kho.subsystems.common.RangeKind`); malformed data raises :class:`~kho.errors.KHOFormatError` naming
 the field and the physical address, and no loop or allocation is sized by a claimed count.
 
 - :mod:`~kho.subsystems.vmalloc`: ``struct kho_vmalloc`` and its chunk pages;

@@ -49,7 +49,8 @@ class BlockSet:
         phys, _ = self.blocks[index // per]
         return phys + KHO_BLOCK_HEADER_DTYPE.itemsize + (index % per) * self.entry_size
 
-    def referenced_ranges(self, page_size: int, what: str) -> list[Range]:
+    def block_ranges(self, page_size: int, what: str) -> list[Range]:
+        """Each block's pages, described as ``what``."""
         return [Range(phys, kho_block_size(page_size), what) for phys, _ in self.blocks]
 
     def to_json(self) -> dict:

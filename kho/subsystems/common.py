@@ -6,6 +6,7 @@ Units: ``phys`` and sizes in bytes.  Every helper is O(bytes it reads).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import Enum
 
 from kho.errors import KHOError, KHOFormatError
 
@@ -27,13 +28,28 @@ class Blob(FieldsJson):
     size: int
 
 
+class RangeKind(str, Enum):
+    """What a referenced range is, for the checks that treat them apart (``kho check``,
+    the fixture cutter): a ``structure`` a reader follows, preserved ``contents`` a
+    subsystem hands over (folios, ``reserve_mem`` regions: their bytes are the payload),
+    the KHO ``fdt``, the preservation ``map``'s own pages, the ``scratch`` array."""
+
+    STRUCTURE = "structure"
+    CONTENTS = "contents"
+    FDT = "fdt"
+    MAP = "map"
+    SCRATCH = "scratch"
+
+
 @dataclass(frozen=True)
 class Range(FieldsJson):
-    """A physical range a structure references: ``[phys, phys + size)`` and what it holds."""
+    """A physical range a structure references: ``[phys, phys + size)`` (bytes), what it
+    holds (``what``, for people) and its :class:`RangeKind` (for programs)."""
 
     phys: int
     size: int
     what: str
+    kind: RangeKind = RangeKind.STRUCTURE
 
 
 def in_ram(memory, phys: int, size: int) -> bool:

@@ -45,7 +45,8 @@ class KexecMetadata:
     previous_release: str
     kexec_count: int
 
-    def referenced_ranges(self) -> list[Range]:
+    def referenced_ranges(self, page_size: int) -> list[Range]:
+        """The struct (``page_size`` unused: every reader takes it)."""
         return [Range(self.phys, KHO_KEXEC_METADATA_DTYPE.itemsize, KHO_METADATA_NODE_NAME)]
 
     def to_json(self) -> dict:

@@ -46,7 +46,7 @@ from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes, strin
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
 from kho.subsystems.checksum import csum_memory
-from kho.subsystems.common import Blob, Range, get_order, in_ram, read_checked
+from kho.subsystems.common import Blob, Range, RangeKind, get_order, in_ram, read_checked
 from kho.subsystems.vmalloc import (
     VmallocArea,
     read_vmalloc,
@@ -87,7 +87,7 @@ class KhoTest:
 
     def referenced_ranges(self, page_size: int) -> list[Range]:
         return ([Range(self.phys, self.size, "kho_test FDT")] + self.folios_info.referenced_ranges(page_size)
-                + [Range(p, page_size << o, "kho_test folio") for p, o in self.folios])
+                + [Range(p, page_size << o, "kho_test folio", RangeKind.CONTENTS) for p, o in self.folios])
 
     def to_json(self) -> dict:
         return {"compatible": KHO_TEST_COMPAT, "magic": self.magic, "nr_folios": self.nr_folios, "csum": self.csum,

@@ -112,11 +112,11 @@ class Luo:
 
     def referenced_ranges(self, page_size: int) -> list[Range]:
         out = [Range(self.phys, self.size, "luo_ser")]
-        out += self.session_blocks.referenced_ranges(page_size, "luo_session_ser block")
+        out += self.session_blocks.block_ranges(page_size, "luo_session_ser block")
         if self.flbs_pa:
             out.append(Range(self.flbs_pa, LUO_FLB_PGCNT * page_size, "luo_flb_header_ser"))
         for session in self.sessions:
-            out += session.file_blocks.referenced_ranges(page_size, "luo_file_ser block")
+            out += session.file_blocks.block_ranges(page_size, "luo_file_ser block")
             for f in session.files:
                 if f.memfd is not None:
                     out += f.memfd.referenced_ranges(page_size)

@@ -39,7 +39,7 @@ from kho.devicetree.flat import (
 )
 from kho.devicetree.layout import COMPATIBLE_PROP, FDT_HEADER
 from kho.errors import KHOError, KHOFormatError
-from kho.subsystems.common import Blob, FieldsJson, Range, in_ram, read_checked
+from kho.subsystems.common import Blob, FieldsJson, Range, RangeKind, in_ram, read_checked
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,11 @@ class Memblock:
     size: int
     regions: tuple[ReservedRegion, ...]
 
-    def referenced_ranges(self) -> list[Range]:
-        """The FDT blob and every non-empty region."""
+    def referenced_ranges(self, page_size: int) -> list[Range]:
+        """The FDT blob and every non-empty region (contents); ``page_size`` unused (every
+        reader takes it)."""
         return ([Range(self.phys, self.size, f"{MEMBLOCK_KHO_FDT} FDT")]
-                + [Range(r.start, r.size, f"reserve_mem {r.name}") for r in self.regions if r.size])
+                + [Range(r.start, r.size, f"reserve_mem {r.name}", RangeKind.CONTENTS) for r in self.regions if r.size])
 
     def to_json(self) -> dict:
         return {"compatible": MEMBLOCK_KHO_NODE_COMPATIBLE, "regions": [r.to_json() for r in self.regions]}

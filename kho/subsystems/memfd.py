@@ -35,7 +35,7 @@ from kho.abi.memfd import (
     MEMFD_LUO_SER_DTYPES,
 )
 from kho.errors import KHOError, KHOFormatError
-from kho.subsystems.common import FieldsJson, Range, alloc_preserve, check_pointer, in_ram
+from kho.subsystems.common import FieldsJson, Range, RangeKind, alloc_preserve, check_pointer, in_ram
 from kho.subsystems.vmalloc import (
     VmallocArea,
     read_vmalloc,
@@ -78,7 +78,7 @@ class Memfd:
         out = [Range(self.phys, MEMFD_LUO_SER_DTYPES[self.compatible].itemsize, f"{self.compatible} memfd_luo_ser")]
         if self.vmalloc is not None:
             out += self.vmalloc.referenced_ranges(page_size)
-        return out + [Range(f.phys, page_size, "memfd folio") for f in self.folios]
+        return out + [Range(f.phys, page_size, "memfd folio", RangeKind.CONTENTS) for f in self.folios]
 
     def contents(self, memory, order_of: Callable[[int], int] = lambda phys: 0) -> bytes:
         """The file's ``size`` bytes rebuilt from its folios (``order_of(phys)`` gives a

@@ -72,8 +72,8 @@ def _memfd_compatible(size: int) -> str:
 
 
 kexec_metadata_target = _target(lambda m, p, s, strict: read_kexec_metadata(m, p, s, strict=strict),
-                                lambda r: r.referenced_ranges())
-memblock_target = _target(lambda m, p, s, strict: read_memblock(m, p, s, strict=strict), lambda r: r.referenced_ranges())
+                                lambda r: r.referenced_ranges(PS))
+memblock_target = _target(lambda m, p, s, strict: read_memblock(m, p, s, strict=strict), lambda r: r.referenced_ranges(PS))
 kho_test_target = _target(lambda m, p, s, strict: read_kho_test(m, p, s, strict=strict), lambda r: r.referenced_ranges(PS))
 luo_target = _target(lambda m, p, s, strict: read_luo(m, p, s, strict=strict), lambda r: r.referenced_ranges(PS))
 memfd_target = _target(lambda m, p, s, strict: read_memfd(m, p, _memfd_compatible(s), strict=strict),
