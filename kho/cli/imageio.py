@@ -92,7 +92,7 @@ def open_live(*, base: int | None = None, ram=None, page_size: int = 4096) -> Du
     """The running kernel's memory through ``/proc/kcore`` (or the file ``$KHO_KCORE``
     names): an ELF core whose ``PT_LOAD`` segments of the linear map carry their physical
     addresses (``p_paddr``; the vmalloc, vmemmap and module segments have none and are
-    skipped), read as any ELF core.  KHOError(EACCES) with one line saying what is missing
+    skipped), read as any ELF core.  KHOError (ENOENT, EINVAL) with one line saying what is missing
     when it cannot be read (not root, no ``/proc/kcore``)."""
     path = os.environ.get(KCORE_ENV, KCORE)
     if base is not None:
@@ -101,7 +101,7 @@ def open_live(*, base: int | None = None, ram=None, page_size: int = 4096) -> Du
         with open(path, "rb") as probe:
             probe.read(4)
     except OSError as err:
-        raise KHOError("EACCES", f"--live: cannot read {path} ({err.strerror}): run as root on a kernel with "
+        raise KHOError("ENOENT" if isinstance(err, FileNotFoundError) else "EINVAL", f"--live: cannot read {path} ({err.strerror}): run as root on a kernel with "
                                  "/proc/kcore, or give a dump of the machine") from None
     dump = open_dump(path, ram=ram, page_size=page_size)
     if not isinstance(dump, Dump) or dump.format != "elf":

@@ -112,6 +112,15 @@ def _handoff_scratch(memory: OverlayMemory, handover: DumpHandover, scratch: Seq
                              "kho_scratch areas with --scratch ADDR+SIZE,...")
 
 
+def _recomputed(memory, test: KhoTest, csum_impl: str) -> int | None:
+    """The self-test's checksum over its folios as they are in ``memory`` (None when they
+    cannot be read), for the report of a restore that failed."""
+    try:
+        return test.checksum(memory, csum_impl)
+    except KHOError:
+        return None
+
+
 def restore_subnode(kernel: NextKernel, memory, node: SubNode, csum_impl: str) -> SubnodeRestore:
     """Let the owner of ``node`` take back what it handed over (see the module docstring).
     KHOError from the kernel's restore or a checksum mismatch becomes the entry's error."""
@@ -128,7 +137,11 @@ def restore_subnode(kernel: NextKernel, memory, node: SubNode, csum_impl: str) -
         elif isinstance(decoded, KhoTest):
             detail.update(folios=decoded.nr_folios, csum=decoded.csum, implementation=csum_impl,
                           folio_bytes=sum(memory.page_size << o for _, o in decoded.folios))
-            detail["computed"] = restore_kho_test(kernel, memory, decoded, csum_impl)
+            try:
+                detail["computed"] = restore_kho_test(kernel, memory, decoded, csum_impl)
+            except KHOError:
+                detail["computed"] = _recomputed(memory, decoded, csum_impl)
+                raise
             kernel.restore_folio(node.phys)
         elif isinstance(decoded, Luo):
             files = restore_luo_files(kernel, memory, decoded)
