@@ -184,12 +184,22 @@ class _FileSource(Source):
                     while phys < end:
                         n = min(SCAN_CHUNK_BYTES, end - phys)
                         at = offset + phys - start
-                        base = at - at % mmap.ALLOCATIONGRANULARITY
-                        with mmap.mmap(self.file.fileno(), at - base + n, access=mmap.ACCESS_READ, offset=base) as window:
-                            scan.add(phys, window, ps, at - base)
+                        self._scan_window(scan, phys, at, n)
                         phys += n
             self._scan = scan
         return self._scan
+
+    def _scan_window(self, scan: PageScan, phys: int, at: int, n: int) -> None:
+        """Add the ``n`` bytes at file offset ``at`` (phys ``phys``) to ``scan``: mapped, or
+        read into a buffer when the file cannot be mapped (``/proc/kcore``).  O(n)."""
+        base = at - at % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = mmap.mmap(self.file.fileno(), at - base + n, access=mmap.ACCESS_READ, offset=base)
+        except OSError:
+            scan.add(phys, os.pread(self.file.fileno(), n, at).ljust(n, b"\0"), self.page_size)
+            return
+        with window:
+            scan.add(phys, window, self.page_size, at - base)
 
     def close(self) -> None:
         self.file.close()
