@@ -178,9 +178,35 @@ def bad_inputs(tmp_path: Path) -> dict:
             "zeros": "no KHO FDT", "debugfs": "debugfs directory", "missing": "no such file"}
 
 
+def test_dump_of_debugfs(capsys, tmp_path):
+    code, _, _ = run(capsys, "extract", FIXTURE, "--out", tmp_path / "x")
+    out_dir = tmp_path / "out"
+    (out_dir / "sub_fdts").mkdir(parents=True)
+    (out_dir / "fdt").write_bytes((tmp_path / "x" / "fdt.dtb").read_bytes())
+    for blob in (tmp_path / "x" / "sub_fdts").iterdir():
+        (out_dir / "sub_fdts" / blob.stem).write_bytes(blob.read_bytes())
+    code, out, _ = run(capsys, "dump", out_dir, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["source"]["format"] == "debugfs" and report["compatible"] == "kho-v4"
+    assert report["fdt_phys"] is None and report["units_by_order"] is None and not report["truncated"]
+    subtrees = {s["name"]: s for s in report["subtrees"]}
+    assert subtrees["memblock"]["decoded"]["regions"][0]["name"] == "realk_small"
+    assert subtrees["kho_test"]["decoded"] is None and "debugfs holds the blob only" in subtrees["kho_test"]["error"]
+    code, out, _ = run(capsys, "dump", out_dir, "--dts")
+    assert code == 0 and 'compatible = "memblock-v1";' in out
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "fdt").write_bytes((FIXTURES / "debugfs" / "out__fdt").read_bytes())
+    code, out, _ = run(capsys, "dump", tmp_path / "in")
+    assert code == 0 and "233 of 405 bytes (truncated)" in out
+    code, out, err = run(capsys, "dump", tmp_path / "in", "--dts")
+    assert code == 3 and not out and "truncated" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", [["units"], ["dump"], ["dump", "--json"], ["boot", "--scratch", SCRATCH]])
 def test_bad_input_is_one_line_exit_3(capsys, tmp_path, command):
     for name, message in bad_inputs(tmp_path).items():
+        if name == "debugfs" and command[0] == "dump":
+            continue  # kho dump reads a debugfs directory: test_dump_of_debugfs
         code, out, err = run(capsys, command[0], tmp_path / name, *command[1:])
         assert code == 3 and not out, (name, err)
         assert err.startswith("kho: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)

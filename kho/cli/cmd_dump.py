@@ -28,10 +28,10 @@ from kho.abi.memfd import (
     F_SEAL_SHRINK,
     F_SEAL_WRITE,
 )
-from kho.cli.imageio import add_path_options, emit, open_memory_dump
+from kho.cli.imageio import add_path_options, emit, open_path
 from kho.devicetree.flat import parse_fdt, prop_bytes, string_list
 from kho.devicetree.layout import FDT_HEADER, U64_PROP, fdt_totalsize
-from kho.dumps import Dump, ImageDump
+from kho.dumps import DebugfsHandover, Dump, ImageDump
 from kho.dumps.find import SubNode, read_subnodes
 from kho.nextkernel.dumpboot import dump_arch
 from kho.errors import KHOError
@@ -123,6 +123,17 @@ def dump_summary(dump: Dump, *, fdt: int | None = None) -> tuple[dict, str]:
         "per_order": per_order,
         "metadata_pages": int(decoded.metadata_pages.size), "metadata_bytes": int(decoded.metadata_pages.size) * ps,
     }
+    return report, nested_dts(handover.fdt.to_dts(), handover.subnodes)
+
+
+def debugfs_summary(handover: DebugfsHandover) -> tuple[dict, str]:
+    """A debugfs ``kho/out`` or ``kho/in`` directory as a JSON-friendly dict (its
+    :meth:`~kho.dumps.debugfs.DebugfsHandover.to_json`, with ``fdt_phys`` and
+    ``units_by_order`` null: debugfs holds no address and no map), and its FDT as DTS with the
+    sub-FDTs nested (KHOError when the ``fdt`` file is truncated or invalid).  O(files)."""
+    report = {**handover.to_json(), "fdt_phys": None, "units_by_order": None}
+    if handover.fdt is None:
+        return report, ""
     return report, nested_dts(handover.fdt.to_dts(), handover.subnodes)
 
 
@@ -289,13 +300,23 @@ def subnode_tree(subtrees: list[dict]) -> Tree:
 
 
 def run(args) -> int:
-    with open_memory_dump(args, "summarize") as dump:
-        report, dts = summary(dump, fdt=args.fdt, strict=not args.lenient)
+    source = open_path(args)
+    if isinstance(source, DebugfsHandover):
+        report, dts = debugfs_summary(source)
+    else:
+        with source as dump:
+            report, dts = summary(dump, fdt=args.fdt, strict=not args.lenient)
     if args.dts:
+        if not dts:
+            raise KHOError("EINVAL", f"{args.path}: the debugfs fdt is truncated or invalid: no DTS (--json lists "
+                                     "what was recovered)")
         emit([dts])
         return 0
     if args.json:
         emit([json.dumps(report, indent=2), "\n"])
+        return 0
+    if report["source"]["format"] == "debugfs":
+        _print_debugfs(report)
         return 0
     if report["source"]["format"] != "kho":
         _print_dump(report)
@@ -353,6 +374,22 @@ def _print_dump(report: dict) -> None:
         verdict = "decodes" if c["decodes"] else ("" if c["error"] is None else f"does not decode: {c['error']}")
         table.add_row("  FDT found", escape(f"{c['phys']:#x} {c['kind']}" + (f" \"{', '.join(c['compatible'])}\"" if c["compatible"] else "")
                                             + (f", {verdict}" if verdict else "")))
+    for note in report["notes"]:
+        table.add_row("note", escape(note))
+    console.print(table)
+    console.print(subnode_tree(report["subtrees"]))
+
+
+def _print_debugfs(report: dict) -> None:
+    """The text summary of a debugfs directory (:func:`debugfs_summary`)."""
+    console = Console()
+    table = Table(title=escape(f"{report['source']['path']}: debugfs kho directory (no memory map)"), show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("KHO FDT", escape(f"\"{report['compatible']}\", {report['fdt_bytes']:,} of {report['totalsize']:,} bytes"
+                                    + (" (truncated)" if report["truncated"] else "")))
+    for area in report["scratch"]:
+        table.add_row(f"  scratch {area['kind']}", f"{area['addr']:#x} + {_size(area['size'])}")
     for note in report["notes"]:
         table.add_row("note", escape(note))
     console.print(table)
