@@ -132,6 +132,18 @@ def test_boot_without_scratch_areas_says_what_is_missing(capsys, dumps):
     assert err.startswith("kho: ") and "no handoff" in err and "--scratch" in err
 
 
+@pytest.mark.parametrize("scratch, message", [
+    ("0x343000+64M", "overlaps preserved memory"),  # over the map: the scratch array would overwrite it
+    ("0x10000000+4K", "ENOMEM"),  # no room for the next kernel's image
+    ("0x1fffff000+8K", "outside RAM"),
+    ("0x10000001+1M", "not page-aligned"),
+    ("0x10000000+1M,0x10000000+1M", "overlap"),
+])
+def test_boot_refuses_bad_scratch_areas(capsys, dumps, scratch, message):
+    code, out, err = run(capsys, "boot", dumps["raw"], "--scratch", scratch)
+    assert code == 3 and not out and err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
 def test_live_reads_a_kcore_like_file(capsys, tmp_path, monkeypatch, dumps):
     with open_dump(dumps["raw"]) as dump:
         memory = cut(dump.memory, referenced_pages(dump.handover(), dump.page_size))

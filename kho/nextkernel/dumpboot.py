@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE
 from kho.devicetree.chosen import build_boot_dtb
 from kho.dumps.find import DumpHandover, SubNode
@@ -34,6 +36,7 @@ from kho.dumps.overlay import OverlayMemory
 from kho.errors import KHOError
 from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64
 from kho.handover.scratch_array import pack_scratch_array, scratch_kind
+from kho.memory import intervals
 from kho.memory.physical import ScratchArea
 from kho.nextkernel.boot import NextKernel, boot
 from kho.subsystems.checksum import CSUM_OF_ARCH
@@ -93,10 +96,31 @@ def scratch_areas(ranges: Sequence[tuple[int, int]]) -> list[ScratchArea]:
     return [ScratchArea(start, size, scratch_kind(i)) for i, (start, size) in enumerate(ranges)]
 
 
+def _check_clear(handover: DumpHandover, scratch: Sequence[ScratchArea], page_size: int) -> None:
+    """KHOError(EINVAL) when a given scratch area overlaps a preserved unit, a page of the map
+    or the KHO FDT: scratch areas hold none of them (the next kernel allocates there before
+    it knows what is preserved), and the scratch array written there would overwrite them.
+    O((areas + units) log units)."""
+    decoded = handover.decoded
+    starts = np.concatenate([decoded.phys.astype(np.uint64), decoded.metadata_pages.astype(np.uint64),
+                             np.array([handover.fdt_phys], np.uint64)])
+    ends = np.concatenate([decoded.phys.astype(np.uint64) + np.left_shift(np.uint64(page_size), decoded.order.astype(np.uint64)),
+                           decoded.metadata_pages.astype(np.uint64) + np.uint64(page_size),
+                           np.array([handover.fdt_phys + handover.fdt_size], np.uint64)])
+    held = intervals.normalize(starts, ends)
+    lo = np.array([a.addr for a in scratch], np.uint64)
+    hit = intervals.overlaps(*held, lo, lo + np.array([a.size for a in scratch], np.uint64))
+    for area, bad in zip(scratch, hit.tolist()):
+        if bad:
+            raise KHOError("EINVAL", f"scratch area {area.addr:#x}+{area.size:#x} ({area.kind}) overlaps preserved "
+                                     "memory, the map or the KHO FDT: scratch areas hold none of them")
+
+
 def _handoff_scratch(memory: OverlayMemory, handover: DumpHandover, scratch: Sequence[ScratchArea] | None,
                      what: str) -> tuple[int, int, str]:
     """``(scratch array phys, bytes, where from)`` for the next kernel (see the module docstring)."""
     if scratch:
+        _check_clear(handover, scratch, memory.page_size)
         data = pack_scratch_array(scratch)
         first = min(scratch, key=lambda a: a.addr)
         if first.size < len(data):
