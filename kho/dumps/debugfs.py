@@ -22,27 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_COMPATIBLES
-from kho.handover.scratch_array import scratch_kind
+from kho.devicetree import layout
 from kho.devicetree.flat import kernel_string_list, parse_fdt, prop_bytes
 from kho.devicetree.khofdt import DEFAULT_PAGE_SIZE, KHOFdt
-from kho.devicetree.layout import (
-    COMPATIBLE_PROP,
-    FDT_BEGIN_NODE,
-    FDT_END,
-    FDT_END_NODE,
-    FDT_HEADER,
-    FDT_HEADER_FIELDS,
-    FDT_MAGIC,
-    FDT_NOP,
-    FDT_PROP,
-    FDT_PROP_HEADER,
-    FDT_TAG_ALIGN,
-    FDT_TOKEN,
-)
 from kho.dumps.find import SubNode, blob_format
 from kho.dumps.subnodes import decode_subnode
 from kho.errors import KHOError, KHOFormatError
 from kho.files import read_bounded
+from kho.handover.scratch_array import scratch_kind
 from kho.memory.physical import ScratchArea
 
 #: Largest debugfs file read (a KHO blob is at most a MAX_PAGE_ORDER block).
@@ -120,43 +107,43 @@ def partial_fdt(data: bytes) -> list[PartialNode]:
     header is valid): the structure block is walked until the bytes run out.  Node paths
     are ``/``-joined; a property name outside the bytes present is ``<nameoff N>``.
     O(len(data))."""
-    head = dict(zip(FDT_HEADER_FIELDS, FDT_HEADER.unpack_from(data)))
+    head = dict(zip(layout.FDT_HEADER_FIELDS, layout.FDT_HEADER.unpack_from(data)))
     strings = head["off_dt_strings"]
     pos = head["off_dt_struct"]
     nodes: list[PartialNode] = []
     stack: list[str] = []
     current: PartialNode | None = None
-    while pos + FDT_TOKEN.size <= len(data):
-        token = FDT_TOKEN.unpack_from(data, pos)[0]
-        pos += FDT_TOKEN.size
-        if token == FDT_BEGIN_NODE:
+    while pos + layout.FDT_TOKEN.size <= len(data):
+        token = layout.FDT_TOKEN.unpack_from(data, pos)[0]
+        pos += layout.FDT_TOKEN.size
+        if token == layout.FDT_BEGIN_NODE:
             stop = data.find(b"\0", pos)
             if stop < 0:
                 break
             stack.append(data[pos:stop].decode("latin-1"))
             current = PartialNode("/" + "/".join(s for s in stack if s))
             nodes.append(current)
-            pos = (stop + 1 + FDT_TAG_ALIGN - 1) & ~(FDT_TAG_ALIGN - 1)
-        elif token == FDT_END_NODE:
+            pos = (stop + 1 + layout.FDT_TAG_ALIGN - 1) & ~(layout.FDT_TAG_ALIGN - 1)
+        elif token == layout.FDT_END_NODE:
             if not stack:
                 break
             stack.pop()
             current = None
-        elif token == FDT_PROP and current is not None:
-            if pos + FDT_PROP_HEADER.size > len(data):
+        elif token == layout.FDT_PROP and current is not None:
+            if pos + layout.FDT_PROP_HEADER.size > len(data):
                 break
-            length, nameoff = FDT_PROP_HEADER.unpack_from(data, pos)
-            pos += FDT_PROP_HEADER.size
+            length, nameoff = layout.FDT_PROP_HEADER.unpack_from(data, pos)
+            pos += layout.FDT_PROP_HEADER.size
             if pos + length > len(data):
                 break
             at = strings + nameoff
             stop = data.find(b"\0", at) if at < len(data) else -1
             name = data[at:stop].decode("latin-1") if stop >= 0 else f"<nameoff {nameoff}>"
             current.props[name] = data[pos:pos + length]
-            pos = (pos + length + FDT_TAG_ALIGN - 1) & ~(FDT_TAG_ALIGN - 1)
-        elif token == FDT_NOP:
+            pos = (pos + length + layout.FDT_TAG_ALIGN - 1) & ~(layout.FDT_TAG_ALIGN - 1)
+        elif token == layout.FDT_NOP:
             continue
-        else:  # FDT_END, a property outside a node, or garbage: nothing more to recover
+        else:  # layout.FDT_END, a property outside a node, or garbage: nothing more to recover
             break
     return nodes
 
@@ -194,10 +181,10 @@ def read_debugfs(path: str | os.PathLike) -> DebugfsHandover:
         raise KHOFormatError("debugfs", f"{path}: a directory without an '{FDT_FILE}' file is not debugfs kho/out "
                                         "or kho/in", None)
     data = _read(fdt_path)
-    if len(data) < FDT_HEADER.size or int.from_bytes(data[:4], "big") != FDT_MAGIC:
+    if len(data) < layout.FDT_HEADER.size or int.from_bytes(data[:4], "big") != layout.FDT_MAGIC:
         raise KHOFormatError("debugfs.fdt", f"{fdt_path}: {len(data)} bytes, not an FDT (no header or magic)", 0,
                              where="offset")
-    total = FDT_HEADER.unpack_from(data)[FDT_HEADER_FIELDS.index("totalsize")]
+    total = layout.FDT_HEADER.unpack_from(data)[layout.FDT_HEADER_FIELDS.index("totalsize")]
     notes = []
     truncated = total > len(data)
     fdt = None
@@ -210,7 +197,7 @@ def read_debugfs(path: str | os.PathLike) -> DebugfsHandover:
                      f"later sub-nodes were added; {len(partial)} nodes recovered from what is there")
     else:
         tree = parse_fdt(data, "debugfs.fdt", strict=False)
-        names = kernel_string_list(prop_bytes(tree.root.get_property(COMPATIBLE_PROP)) or b"")
+        names = kernel_string_list(prop_bytes(tree.root.get_property(layout.COMPATIBLE_PROP)) or b"")
         kho = [name for name in names if name in KHO_FDT_COMPATIBLES]
         if not kho:
             raise KHOFormatError("debugfs.fdt.compatible", f"{fdt_path}: root compatible {names} is none of "

@@ -8,7 +8,6 @@ its stored pages.  The dump file is never written.  Host memory: one page per pa
 
 from __future__ import annotations
 
-from kho.memory.contents import pattern_bytes
 from kho.memory.physical import PhysicalMemory
 
 
@@ -40,13 +39,8 @@ class OverlayMemory(PhysicalMemory):
         first, last = self._page_range(phys, size)
         if not self._touched(first, last):
             return self.base.read(phys, size)
-        ps, shift = self.page_size, self.page_shift
-        buf = bytearray(self.base.read(first << shift, (last - first) * ps))
-        for start, end, seed in self._generated_overlapping(first, last):
-            lo, hi = max(start, first), min(end, last)
-            buf[(lo - first) * ps:(hi - first) * ps] = pattern_bytes(seed, lo, hi - lo, ps)
-        for pfn in self._pages.irange(first, last - 1):
-            buf[(pfn - first) * ps:(pfn - first + 1) * ps] = self._pages[pfn]
+        shift = self.page_shift
+        buf = self._overlay_pages(bytearray(self.base.read(first << shift, (last - first) << shift)), first, last)
         offset = phys - (first << shift)
         return bytes(buf[offset:offset + size])
 

@@ -198,16 +198,21 @@ class PhysicalMemory:
         self.check_range(phys, size, "read")
         if size == 0:
             return b""
-        ps, shift = self.page_size, self.page_shift
         first, last = self._page_range(phys, size)
-        buf = bytearray((last - first) * ps)
+        buf = self._overlay_pages(bytearray((last - first) * self.page_size), first, last)
+        offset = phys - (first << self.page_shift)
+        return bytes(buf[offset:offset + size])
+
+    def _overlay_pages(self, buf: bytearray, first: int, last: int) -> bytearray:
+        """``buf`` (the bytes of pfns ``[first, last)``) with this memory's generated runs and
+        stored pages laid over it, in that order.  O(pages in the range)."""
+        ps = self.page_size
         for start, end, seed in self._generated_overlapping(first, last):
             lo, hi = max(start, first), min(end, last)
             buf[(lo - first) * ps:(hi - first) * ps] = pattern_bytes(seed, lo, hi - lo, ps)
         for pfn in self._pages.irange(first, last - 1):
             buf[(pfn - first) * ps:(pfn - first + 1) * ps] = self._pages[pfn]
-        offset = phys - (first << shift)
-        return bytes(buf[offset:offset + size])
+        return buf
 
     def read_page(self, pfn: int) -> bytes:
         """The whole page ``pfn``."""
