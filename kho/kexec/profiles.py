@@ -57,6 +57,7 @@ import tomllib
 
 from kho.currentkernel.scratch import STRUCT_PAGE_BYTES
 from kho.errors import KHOError
+from kho.files import read_bounded
 from kho.kexec.timing import (
     MEMBLOCK_REGION_BYTES,
     NEXT_KERNEL_PARAMETERS,
@@ -70,6 +71,8 @@ from kho.kexec.timing import (
 from kho.sizes import parse_size
 
 MIB = 1 << 20
+#: Largest profile file read (a profile is a few hundred bytes of TOML or JSON).
+MAX_PROFILE_BYTES = 1 << 20
 
 #: The published Stingray reboots (see the module docstring for sources).
 STINGRAY_MEASUREMENTS = (
@@ -314,8 +317,7 @@ def load_profile(spec: str, overrides: dict[str, str] | None = None) -> FitRepor
         return _with_next_kernel(report, next_kernel)
     if not os.path.isfile(spec):
         raise KHOError("EINVAL", f"no built-in profile or file named {spec!r} (built-in: {', '.join(BUILTIN)})")
-    with open(spec, "rb") as f:
-        raw = f.read()
+    raw = read_bounded(spec, MAX_PROFILE_BYTES, "profile")
     name = os.path.splitext(os.path.basename(spec))[0]
     try:
         text = raw.decode("utf-8")
