@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kho.benchmark.progress import progress
 from kho.cli.imageio import add_path_options, emit, open_memory_dump, ranges_arg
-from kho.cli.options import size_arg
+from kho.cli.options import add_quiet_option, show_progress, size_arg
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE
 from kho.encodings import get_encoding
 from kho.errors import KHOError
@@ -23,6 +24,7 @@ from kho.kexec.profiles import BUILTIN, load_profile
 from kho.nextkernel import PATHS, boot
 from kho.nextkernel.boot import INSTRUCTIONS_ENCODING
 from kho.nextkernel.memblock_cost import boot_restore_cost
+from kho.sizes import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"timing profile of the modelled KHO restore: {', '.join(BUILTIN)} or a TOML/JSON file "
                         "(default stingray)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_quiet_option(p)
     p.set_defaults(func=run)
 
 
@@ -76,12 +79,19 @@ def _restore(nk, image, profile, strict: bool) -> dict:
     return {"profile": profile.name, **cost.to_dict()}
 
 
+#: The stages the progress display names, in order.
+STAGES = ("open the image or dump", "boot the next kernel, model its KHO restore")
+
+
 def run(args) -> int:
-    with open_memory_dump(args, "boot") as dump:
-        if isinstance(dump, ImageDump) and args.scratch is None:
-            report = image_report(dump, args)
-        else:
-            report = dump_report(dump, args)
+    with progress(len(STAGES), show_progress(args)) as step:
+        step(STAGES[0])
+        with open_memory_dump(args, "boot") as dump:
+            step(STAGES[1])
+            if isinstance(dump, ImageDump) and args.scratch is None:
+                report = image_report(dump, args)
+            else:
+                report = dump_report(dump, args)
     if args.json:
         emit([json.dumps(report, indent=2), "\n"])
         return 0
@@ -128,7 +138,7 @@ def print_report(report: dict) -> None:
     ps = report["page_size"]
 
     def pages(n: int) -> str:
-        return f"{n:,} pages ({n * ps / (1 << 20):,.1f} MiB)"
+        return f"{n:,} pages ({format_size(n * ps)})"
 
     summary = Table(title=f"next kernel: {report['abi']} map, {report['path']} path")
     summary.add_column("what")
@@ -145,7 +155,7 @@ def print_report(report: dict) -> None:
     summary.add_row("memblock_reserve calls", f"{report['memblock_reserve_calls']:,}")
     summary.add_row("memblock.reserved regions", f"{report['memblock_reserved_regions']:,} "
                                                   f"({report['memblock_reserved_array_bytes']:,} B of array)")
-    summary.add_row("kernel image", f"{report['kernel_image']['phys']:#x} + {report['kernel_image']['size'] >> 20} MiB")
+    summary.add_row("kernel image", f"{report['kernel_image']['phys']:#x} + {format_size(report['kernel_image']['size'])}")
     console.print(summary)
     if "subnodes" in report:
         console.print(_restores_table(report))
@@ -156,12 +166,12 @@ def print_report(report: dict) -> None:
     normal, scratch = report["free_blocks"]["normal"], report["free_blocks"]["scratch"]
     for order, (n, s) in enumerate(zip(normal, scratch)):
         size = ps << order
-        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        label = format_size(size)
         orders.add_row(str(order), label, f"{n:,}", f"{s:,}", f"{(n + s) << order:,}")
     console.print(orders)
 
     restore = report["kho_restore"]
-    model = Table(title=f"next kernel's KHO stages, modelled (profile {restore['profile']})")
+    model = Table(title=f"next kernel's KHO stages, modelled (profile {escape(restore['profile'])})")
     model.add_column("what")
     model.add_column("value", justify="right")
     if "error" in restore:
