@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, BinaryIO, Iterator
+from typing import IO, BinaryIO
 
 from kho.errors import KHOError
 from kho.sizes import format_size

@@ -16,8 +16,8 @@ import os
 import pkgutil
 import sys
 
-from kho.version import __version__
 from kho.errors import KHOError
+from kho.version import __version__
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 

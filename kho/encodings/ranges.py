@@ -17,8 +17,8 @@ This module also holds the merge / greedy-split helpers ranges-packed shares.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 

@@ -37,8 +37,8 @@ from kho.encodings import DecodedMap, Encoding, get_encoding
 from kho.errors import KHOError, KHOFormatError
 from kho.files import read_bounded, write_atomic
 from kho.handover.outgoing import ARCH_ARM64, ARCH_X86_64, ARCHES, Handover
-from kho.handover.x86_boot_params import params_segment_size, read_handoff
 from kho.handover.scratch_array import MAX_SCRATCH_AREAS
+from kho.handover.x86_boot_params import params_segment_size, read_handoff
 from kho.memory import intervals
 from kho.memory.physical import Bank, PhysicalMemory, ScratchArea
 
