@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import resource
 import signal
@@ -16,19 +17,24 @@ import struct
 import subprocess
 import sys
 
+import fdt
 import msgpack
 import numpy as np
 import pytest
 
+from kho.abi.kexec_handover import KHO_SUB_TREE_SIZE_PROP_NAME
 from kho.cli import cmd_track
 from kho.cli.main import main
 from kho.cli.options import show_progress
 from kho.currentkernel.machine import Machine
+from kho.currentkernel.tracker import Tracker
+from kho.devicetree import KHOFdt
 from kho.encodings import get_encoding
+from kho.encodings.common import read_map_pointer
 from kho.encodings.ranges import RANGE
 from kho.errors import KHOError, KHOFormatError
 from kho.files import atomic_write, read_bounded, write_atomic
-from kho.handover.imagefile import MAX_BANKS, load_image
+from kho.handover.imagefile import MAX_BANKS, image_map, load_image
 from kho.handover.outgoing import KHO
 from kho.memory.geometry import greedy_split_array, greedy_split_bound
 from kho.memory.physical import Bank, PhysicalMemory
@@ -256,3 +262,175 @@ def test_progress_silent_unless_a_terminal_and_never_with_json(capsys, tmp_path,
     assert show_progress(argparse.Namespace(quiet=False, json=False))
     assert not show_progress(argparse.Namespace(quiet=True, json=False))
     assert not show_progress(argparse.Namespace(quiet=False, json=True))
+
+
+# -- decoders bounded by what the input holds; the next kernel; lenient readers; markup --------------
+def hostile_image(encoding: str, **options) -> bytes:
+    """A real handover's image whose map points one metadata pointer (the last radix-tree
+    pointer to a leaf; kho-v1: a bitmap pointer) at a 4 MiB generated page run."""
+    m = Machine.boot(1 * GiB, seed=7)
+    out = KHO(m.memory, m.allocator, encoding, **options)
+    generated = m.allocator.alloc_pages(10) // m.memory.page_size  # 4 MiB of RAM, to be a generated run
+    out.tracker.preserve_many(m.allocator.alloc_many(3000, 0), 0)
+    handover = out.finalize()
+    top = image_map(handover)
+    ps = m.memory.page_size
+    metadata = set(handover.encoded.metadata_pages.tolist())
+    top["generated"].append([generated, 1 << 10, 99])
+    # The first stored pointer to a metadata page holding no pointer itself (a leaf or bitmap).
+    runs = {pfn: bytearray(data) for pfn, data in top["pages"]}
+    def words(pfn):
+        for first, data in runs.items():
+            if first <= pfn < first + len(data) // ps:
+                off = (pfn - first) * ps
+                return data, off
+        raise KeyError(pfn)
+    for page in sorted(metadata):
+        data, off = words(page // ps)
+        table = np.frombuffer(bytes(data[off:off + ps]), "<u8")
+        for slot, value in enumerate(table.tolist()):
+            if value in metadata and value != page:
+                leaf, leaf_off = words(value // ps)
+                inner = np.frombuffer(bytes(leaf[leaf_off:leaf_off + ps]), "<u8")
+                if not any(v in metadata for v in inner.tolist()):
+                    data[off + 8 * slot:off + 8 * slot + 8] = (generated * ps).to_bytes(8, "little")
+                    top["pages"] = [[pfn, bytes(d)] for pfn, d in runs.items()]
+                    return msgpack.packb(top, use_bin_type=True)
+    raise AssertionError("no leaf pointer found")
+
+
+@pytest.mark.parametrize("encoding, field", [("kho-v2", "radix.leaf"), ("kho-v1", "chunk.bitmap")])
+def test_map_metadata_in_a_generated_run_is_refused(encoding, field):
+    image = load_image(io.BytesIO(hostile_image(encoding)))
+    for strict in (True, False):
+        with pytest.raises(KHOFormatError) as info:
+            image.decode(strict=strict)
+        assert info.value.field == field and "generated" in info.value.message
+
+
+def test_preserve_pages_checks_the_range_against_ram_before_splitting():
+    memory = PhysicalMemory([Bank(0, 1 * GiB)])
+    for nr_pages in (2 ** 36, 2 ** 40):
+        with pytest.raises(KHOError) as info:
+            Tracker(memory).preserve_pages(0, nr_pages)
+        assert info.value.errno_name == "EINVAL" and "inside RAM" in info.value.message
+    Tracker(memory).preserve_pages(0, 1 << 18)  # all of RAM: fine
+
+
+def small_handover(encoding="kho-v2"):
+    m = Machine.boot(1 * GiB, seed=1)
+    out = KHO(m.memory, m.allocator, encoding)
+    out.tracker.preserve_many(m.allocator.alloc_many(100, 0), 0)
+    return m, out.finalize()
+
+
+def test_boot_on_ram_the_host_cannot_hold_is_refused_before_allocating(tmp_path, capsys):
+    top = image_map(small_handover()[1])
+    top["banks"] = [[0, 1 << 44, 0]]  # 2**32 pages: about 40 GiB of per-page state
+    path = tmp_path / "big.kho"
+    path.write_bytes(msgpack.packb(top, use_bin_type=True))
+    assert main(["boot", str(path)]) == 3
+    assert "ENOMEM" in one_line_error(capsys.readouterr().err)
+
+
+def test_lenient_boot_logs_and_ignores_a_misaligned_scratch_area(tmp_path, capsys):
+    m, handover = small_handover()
+    raw = bytearray(m.memory.read(handover.scratch_phys, handover.scratch_size))
+    addr, size = int.from_bytes(raw[0:8], "little"), int.from_bytes(raw[8:16], "little")
+    raw[8:16] = (size - 0x800).to_bytes(8, "little")  # the first area ends mid-page
+    m.memory.write(handover.scratch_phys, bytes(raw))
+    path = tmp_path / "misaligned.kho"
+    path.write_bytes(msgpack.packb(image_map(handover), use_bin_type=True))
+    assert main(["boot", "--json", str(path)]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert not strict["revived"] and "not page-aligned" in strict["messages"][0]
+    assert main(["boot", "--lenient", "--json", str(path)]) == 0
+    lenient = json.loads(capsys.readouterr().out)
+    assert lenient["revived"] and lenient["messages"] == [
+        f"scratch area {addr:#x}+{size - 0x800:#x} (lowmem) used as {addr:#x}+{size - 0x1000:#x}: "
+        "whole pages, none shared with another area"]
+
+
+def test_dump_and_units_lenient_agree_on_a_4_byte_blob_size(tmp_path, capsys):
+    m = Machine.boot(1 * GiB, seed=1)
+    out = KHO(m.memory, m.allocator)  # Linux 7.3: the live FDT, blob-size required
+    out.tracker.preserve_many(m.allocator.alloc_many(10, 0), 0)
+    out.add_blob("demo", b"x" * 100)
+    handover = out.finalize()
+    kho_fdt = KHOFdt.from_dtb(m.memory.read(handover.fdt_phys, handover.fdt_size), handover.encoded.compatible)
+    node = kho_fdt.tree.root.get_subnode("demo")
+    node.remove_property(KHO_SUB_TREE_SIZE_PROP_NAME)
+    node.append(fdt.PropBytes(KHO_SUB_TREE_SIZE_PROP_NAME, data=(100).to_bytes(4, "little")))
+    blob = kho_fdt.tree.to_dtb(version=17)
+    m.memory.write(handover.fdt_phys, blob + bytes(handover.fdt_size - len(blob)))
+    path = tmp_path / "blobsize.kho"
+    path.write_bytes(msgpack.packb(image_map(handover), use_bin_type=True))
+    assert main(["units", "--lenient", str(path)]) == 0
+    assert main(["dump", "--lenient", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "4-byte blob-size" in text
+
+
+@pytest.mark.parametrize("where", ["scratch kind", "path"])
+def test_markup_in_input_strings_is_printed_as_text(tmp_path, capsys, where):
+    top = image_map(small_handover()[1])
+    path = tmp_path / "plain.kho"
+    if where == "scratch kind":
+        top["scratch"][0][2] = "node[/x]"
+    else:
+        (tmp_path / "a[").mkdir()
+        path = tmp_path / "a[" / "x].kho"
+    path.write_bytes(msgpack.packb(top, use_bin_type=True))
+    for command in ("dump", "boot", "units"):
+        assert main([command, str(path)]) == 0
+        out = capsys.readouterr().out
+        assert command != "dump" or "[/x]" in out
+
+
+@pytest.mark.parametrize("encoding", ["kho-v1", "kho-v2", "kho-v3", "maple"])
+def test_every_metadata_reader_refuses_generated_pages(encoding):
+    """The map's pages turned into a generated run (contents that cost no storage): the
+    decoders that read metadata pages refuse them, in both modes."""
+    m = Machine.boot(1 * GiB, seed=2)
+    tracker = Tracker(m.memory)
+    tracker.preserve_many(m.allocator.alloc_many(2000, 0), 0)
+    encoded = get_encoding(encoding).encode(tracker, m.allocator)
+    pages = np.sort(encoded.metadata_pages)
+    if encoding == "kho-v1":  # the bitmap pages (the chunk pages hold the pointers)
+        chunks, _ = get_encoding(encoding).walk_chunks(m.memory, read_map_pointer(encoded.props))
+        pages = np.setdiff1d(pages, chunks)
+    for phys in pages.tolist():
+        m.memory.fill_pattern(phys, m.memory.page_size, seed=phys)
+    for strict in (True, False):
+        with pytest.raises(KHOFormatError) as info:
+            get_encoding(encoding).decode(m.memory, encoded.props, strict=strict)
+        assert "generated page run" in info.value.message
+
+
+PROFILE = """name = "board[/x] [bold]"
+notes = ["a note [/y]"]
+cached_copy = "2857M/s"
+[[measurement]]
+mode = "mmu-off"
+image = "47M"
+relocation = 0.44
+shutdown = 0.022
+startup = 0.29
+[[measurement]]
+mode = "mmu-on"
+image = "47M"
+relocation = 0.022
+shutdown = 0.032
+startup = 0.296
+"""
+
+
+def test_markup_in_a_profile_file_is_printed_as_text(tmp_path, capsys):
+    profile = tmp_path / "board.toml"
+    profile.write_text(PROFILE)
+    image = tmp_path / "a.kho"
+    image.write_bytes(msgpack.packb(image_map(small_handover()[1]), use_bin_type=True))
+    for argv in (["boot", str(image)], ["simulate", "--ram", "1G", "--preserve", "8M", "--image-size", "8M"],
+                 ["simulate", "--ram", "1G", "--compare"], ["simulate", "--show-profile"]):
+        assert main([*argv, "--profile", str(profile)]) == 0
+        assert "board[/x] [bold]" in capsys.readouterr().out

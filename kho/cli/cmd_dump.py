@@ -330,7 +330,7 @@ def run(args) -> int:
     for bank in report["banks"]:
         table.add_row("  bank", f"{bank['start']:#x} + {_size(bank['size'])} (node {bank['node']})")
     for area in report["scratch"]:
-        table.add_row(f"  scratch {area['kind']}", f"{area['addr']:#x} + {_size(area['size'])}")
+        table.add_row(f"  scratch {escape(area['kind'])}", f"{area['addr']:#x} + {_size(area['size'])}")
     options = ", ".join(f"{k}={v}" for k, v in report["options"].items()) or "no options"
     table.add_row("ABI", escape(f"{report['abi']} ({options}), compatible \"{report['compatible']}\""))
     table.add_row("KHO FDT", f"{report['fdt_phys']:#x}, {report['fdt_bytes']:,} of {report['fdt_size']:,} bytes")
@@ -365,7 +365,7 @@ def _print_dump(report: dict) -> None:
         table.add_row("handoff", escape(f"{handoff['source']}: scratch array {handoff['scratch_addr']:#x}, "
                                         f"{handoff['scratch_size']} bytes"))
     for area in report["scratch"]:
-        table.add_row(f"  scratch {area['kind']}", f"{area['addr']:#x} + {_size(area['size'])}")
+        table.add_row(f"  scratch {escape(area['kind'])}", f"{area['addr']:#x} + {_size(area['size'])}")
     table.add_row("preserved", f"{report['units']:,} units, {report['preserved_pages']:,} pages ({_size(report['preserved_bytes'])})")
     for row in report["per_order"]:
         table.add_row(f"  order {row['order']}", f"{row['units']:,} units, {row['pages']:,} pages")
@@ -389,7 +389,7 @@ def _print_debugfs(report: dict) -> None:
     table.add_row("KHO FDT", escape(f"\"{report['compatible']}\", {report['fdt_bytes']:,} of {report['totalsize']:,} bytes"
                                     + (" (truncated)" if report["truncated"] else "")))
     for area in report["scratch"]:
-        table.add_row(f"  scratch {area['kind']}", f"{area['addr']:#x} + {_size(area['size'])}")
+        table.add_row(f"  scratch {escape(area['kind'])}", f"{area['addr']:#x} + {_size(area['size'])}")
     for note in report["notes"]:
         table.add_row("note", escape(note))
     console.print(table)

@@ -18,8 +18,9 @@ from rich.table import Table
 from kho.abi.versions import DEFAULT_KERNEL, KERNEL_VERSIONS
 from kho.benchmark.encodings import Point
 from kho.benchmark.restore import compare_encodings
-from kho.cli.options import add_machine_options, size_arg
+from kho.cli.options import add_machine_options, add_quiet_option, show_progress, size_arg
 from kho.errors import KHOError
+from kho.files import atomic_write
 from kho.handover.outgoing import ARCHES
 from kho.kexec.profiles import load_profile
 from kho.kexec.relocate import RELOCATION_MODES
@@ -28,6 +29,7 @@ from kho.kexec.transpgd import LINEAR_MAPS
 from kho.simulation import simulate as sim
 from kho.simulation.preserved_sets import PATTERNS as SET_PATTERNS
 from kho.simulation.workload import WORKLOAD_PATTERNS
+from kho.sizes import format_size
 
 MODE_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved (kexeckernel=)"}
 SHORT_LABEL = {"mmu-off": "MMU off", "mmu-on": "MMU on", "reserved": "reserved"}
@@ -80,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set-pattern", choices=sorted(SET_PATTERNS), default="random",
                    help="with --compare-encodings: the preserved set's pattern (default random order-0 pages)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_quiet_option(p)
     p.set_defaults(func=run)
 
 
@@ -102,16 +105,9 @@ def _t(seconds: float) -> str:
     return f"{seconds:.4f}"
 
 
-def _bytes(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.2f} {unit}"
-    return f"{n} B"
-
-
 def run(args) -> int:
     report = load_profile(args.profile, _overrides(args.profile_set))
-    out = Console(width=None if sys.stdout.isatty() else 132)
+    out = Console(width=None if sys.stdout.isatty() else 80)
     if args.plot and not args.compare:
         raise KHOError("EINVAL", "--plot draws the --compare report")
     if args.show_profile:
@@ -126,7 +122,7 @@ def run(args) -> int:
                         image_size=args.image_size, generations=args.generations, seed=args.seed,
                         checks=not args.no_checks, boot_path=args.boot_path, save_image=args.save_image, profile=report)
     config.validate()
-    if args.json or not sys.stderr.isatty():
+    if not show_progress(args):
         result = sim.run(config)
     else:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -144,18 +140,21 @@ def _print_result(result: sim.Result, out: Console) -> None:
     c, g1 = result.config, result.generations[0]
     moved = sum(s["memsz"] for s in g1.segments)
     system = "" if c.kernel_entry is None else f"Linux {c.kernel_entry.version} "
-    out.print(f"[bold]kho simulate[/]: {system}{c.arch}, {_bytes(c.ram)} RAM, {c.encoding}, {c.relocation} relocation, "
-              f"{_bytes(c.image_size)} kernel + initramfs, profile {result.profile.profile.name}")
-    table = Table(title=f"Reboot timeline (modelled; {_bytes(moved)} of segments, purgatory checks "
+    out.print(f"[bold]kho simulate[/]: {system}{c.arch}, {format_size(c.ram)} RAM, {c.encoding}, {c.relocation} relocation, "
+              f"{format_size(c.image_size)} kernel + initramfs, profile {escape(result.profile.profile.name)}")
+    table = Table(title=f"Reboot timeline (modelled; {format_size(moved)} of segments, purgatory checks "
                         f"{'on' if c.checks else 'off'})")
-    for col in ("mode", "shutdown (s)", "relocation (s)", "purgatory (s)", "startup (s)", "KHO restore (s)",
-                "free lists (s)", "total (s)", "reloc. share", "speedup"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
-    for mode, t in result.timelines.items():
-        label = SHORT_LABEL[mode] + (" *" if mode == c.relocation else "")
-        table.add_row(label, _t(t.shutdown_s), _t(t.relocation_s), _t(t.purgatory_s), _t(t.startup_s),
-                      _t(t.kho_restore_s), _t(t.free_list_s), _t(t.total_s), f"{t.relocation_share:.1%}",
-                      f"{result.speedup(mode):.2f}x", style="bold" if mode == c.relocation else None)
+    table.add_column("stage")  # one column a mode: the table fits 80 columns
+    for mode in result.timelines:
+        table.add_column(SHORT_LABEL[mode] + (" *" if mode == c.relocation else ""), justify="right",
+                         style="bold" if mode == c.relocation else None)
+    stages = (("shutdown (s)", lambda m, t: _t(t.shutdown_s)), ("relocation (s)", lambda m, t: _t(t.relocation_s)),
+              ("purgatory (s)", lambda m, t: _t(t.purgatory_s)), ("startup (s)", lambda m, t: _t(t.startup_s)),
+              ("KHO restore (s)", lambda m, t: _t(t.kho_restore_s)), ("free lists (s)", lambda m, t: _t(t.free_list_s)),
+              ("total (s)", lambda m, t: _t(t.total_s)), ("relocation share", lambda m, t: f"{t.relocation_share:.1%}"),
+              ("speedup", lambda m, t: f"{result.speedup(m):.2f}x"))
+    for name, cell in stages:
+        table.add_row(name, *(cell(m, t) for m, t in result.timelines.items()))
     out.print(table)
     restore = g1.boot.get("kho_restore")
     if restore:
@@ -180,36 +179,40 @@ def _print_result(result: sim.Result, out: Console) -> None:
     mem.add_column("held")
     ps = c.page_size
     pages = g1.kexec_pages
-    mem.add_row("source pages (segment copy)", f"{pages['source']:,}", _bytes(pages["source"] * ps), "until reboot")
+    mem.add_row("source pages (segment copy)", f"{pages['source']:,}", format_size(pages["source"] * ps), "until reboot")
     mem.add_row("indirection + control pages", f"{pages['indirection'] + pages['control']:,}",
-                _bytes((pages["indirection"] + pages["control"]) * ps), "until reboot")
+                format_size((pages["indirection"] + pages["control"]) * ps), "until reboot")
     if g1.tables:
         levels = ", ".join(f"L{lvl}: {n}" for lvl, n in g1.tables["by_level"].items())
         mem.add_row(f"trans_pgd ({g1.tables['linear_map']}: {levels}; idmap {g1.tables['idmap_pages']})",
-                    f"{g1.tables['pages']:,}", _bytes(g1.tables["bytes"]), "until reboot")
+                    f"{g1.tables['pages']:,}", format_size(g1.tables["bytes"]), "until reboot")
     if g1.region:
         mem.add_row(f"kexeckernel= region at {g1.region['phys']:#x}", f"{g1.region['size'] // ps:,}",
-                    _bytes(g1.region["size"]), "forever")
-    mem.add_row("KHO memory-map metadata", f"{g1.metadata_bytes // ps:,}", _bytes(g1.metadata_bytes), "next kernel")
+                    format_size(g1.region["size"]), "forever")
+    mem.add_row("KHO memory-map metadata", f"{g1.metadata_bytes // ps:,}", format_size(g1.metadata_bytes), "next kernel")
     out.print(mem)
     system = c.system
-    ver = Table(title="Verification")
-    middle = ("kexec", "reserve_mem", "LUO #", "memfds") if system else ("vmalloc",)
-    for col in ("gen", "preserved", "units", "folios", "verified", *middle, "SHA-256", "lost", "leaked", "result"):
-        ver.add_column(col, justify="right")
+    ver = Table(title="Verification")  # one column a generation: the table fits 80 columns
+    ver.add_column("generation")
     for g in result.generations:
-        ver.add_row(str(g.index), _bytes(g.preserved_pages * ps), f"{g.preserved_units:,}", f"{g.verify.folios:,}",
-                    _bytes(g.verify.folio_bytes), *(_system_cells(g.verify) if system else (f"{g.verify.vmalloc_pages:,}",)),
-                    "skipped" if g.purgatory is None else ("ok" if g.purgatory["ok"] else "MISMATCH"),
-                    str(g.lost_units), str(g.leaked_units), "[green]ok[/]" if g.ok else "[red]FAILED[/]")
+        ver.add_column(str(g.index), justify="right")
+    middle = ("kexec_count", "reserve_mem", "LUO liveupdate_num", "memfds") if system else ("vmalloc pages",)
+    cells = [[format_size(g.preserved_pages * ps), f"{g.preserved_units:,}", f"{g.verify.folios:,}",
+              format_size(g.verify.folio_bytes), *(_system_cells(g.verify) if system else (f"{g.verify.vmalloc_pages:,}",)),
+              "skipped" if g.purgatory is None else ("ok" if g.purgatory["ok"] else "MISMATCH"),
+              str(g.lost_units), str(g.leaked_units), "[green]ok[/]" if g.ok else "[red]FAILED[/]"]
+             for g in result.generations]
+    for i, name in enumerate(("preserved", "units", "folios", "verified", *middle, "purgatory SHA-256", "lost units",
+                              "leaked units", "result")):
+        ver.add_row(name, *(column[i] for column in cells))
     out.print(ver)
     if system:
         out.print(_system_note(result))
     for g in result.generations:
         for msg in g.boot.get("messages", []):
-            out.print(f"generation {g.index} next kernel: {msg}")
+            out.print(f"generation {g.index} next kernel: {escape(msg)}")
         for failure in g.verify.failures[:10]:
-            out.print(f"[red]generation {g.index}: {failure}[/]")
+            out.print(f"[red]generation {g.index}: {escape(failure)}[/]")
     if result.ok:
         n = len(result.generations)
         out.print(f"[green]{n} generation{'s' if n > 1 else ''} verified: every checksum matched, "
@@ -222,13 +225,13 @@ def _system_cells(report) -> tuple[str, ...]:
     regions = sum(1 for r in report.regions if r["contents_ok"])
     return ("-" if report.kexec_count is None else str(report.kexec_count), f"{regions} revived",
             "-" if report.liveupdate_num is None else str(report.liveupdate_num),
-            f"{report.memfds}, {_bytes(report.memfd_bytes)}")
+            f"{report.memfds}, {format_size(report.memfd_bytes)}")
 
 
 def _system_note(result: sim.Result) -> str:
     """What the next kernels checked in a 7.x run, in one paragraph (names escaped)."""
     g = result.generations[-1].verify
-    regions = ", ".join(f"{escape(r['name'])} {r['start']:#x} + {_bytes(r['size'])}" for r in g.regions) or "none"
+    regions = ", ".join(f"{escape(r['name'])} {r['start']:#x} + {format_size(r['size'])}" for r in g.regions) or "none"
     csum = "-" if g.csum is None else f"{g.csum:#010x}"
     return (f"Each next kernel read every sub-node strictly: kexec-metadata (kexec_count counts the chained kexecs), "
             f"reserve_mem revived at the same address ({regions}; contents compared), the self-test's folios restored "
@@ -241,7 +244,7 @@ def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     p = report.profile
-    table = Table(title=f"Timing profile {p.name}")
+    table = Table(title=f"Timing profile {escape(p.name)}")
     table.add_column("parameter")
     table.add_column("value", justify="right")
     table.add_column("derived from")
@@ -251,15 +254,15 @@ def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:
             ("sha256", f"{p.sha256_bps / (1 << 20):.1f} MiB/s"),
             ("shutdown", _s(p.shutdown_s)), ("startup", _s(p.startup_s)))
     for key, value in rows:
-        table.add_row(key, value, report.derivation.get(key, ""))
+        table.add_row(key, value, escape(report.derivation.get(key, "")))
     out.print(table)
     if p.next_kernel is not None:
-        nk = Table(title=f"Next kernel's KHO restore costs ({p.name})")
+        nk = Table(title=f"Next kernel's KHO restore costs ({escape(p.name)})")
         nk.add_column("parameter")
         nk.add_column("time", justify="right")
         nk.add_column("derived from")
         for key, value in p.next_kernel.to_dict().items():
-            nk.add_row(key, f"{value * 1e9:,.2f} ns", report.derivation.get(key, ""))
+            nk.add_row(key, f"{value * 1e9:,.2f} ns", escape(report.derivation.get(key, "")))
         out.print(nk)
     if report.rows:
         fit = Table(title="Fit to the measurements")
@@ -268,10 +271,10 @@ def _show_profile(report: FitReport, as_json: bool, out: Console) -> int:
         for r in report.rows:
             fmt = (lambda v: f"{v:.2f}x") if "speedup" in r.quantity else (
                 (lambda v: f"{v:.1%}") if "share" in r.quantity else _s)
-            fit.add_row(r.label, r.quantity, fmt(r.measured), fmt(r.modelled), f"{r.error:+.2%}")
+            fit.add_row(escape(r.label), escape(r.quantity), fmt(r.measured), fmt(r.modelled), f"{r.error:+.2%}")
         out.print(fit)
     for note in p.notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {escape(note)}")
     return 0
 
 
@@ -284,15 +287,18 @@ def _compare(args, report: FitReport, out: Console) -> int:
         print(json.dumps({"ram": args.ram, "image_size": args.image_size, "profile": report.profile.name,
                           "modes": [{**r.to_dict(), "speedup_vs_mmu_off": base.total_s / r.total_s} for r in rows]}, indent=2))
         return 0
-    table = Table(title=f"Relocation trade-off: {_bytes(args.ram)} RAM, {_bytes(args.image_size)} image, "
-                        f"profile {report.profile.name}")
-    for col in ("mode", "linear map", "relocation", "reboot", "speedup", "memory cost", "held", "source copy", "what"):
-        table.add_column(col, justify="right" if col in ("relocation", "reboot", "speedup", "memory cost", "source copy") else "left")
-    for r in rows:
-        table.add_row(MODE_LABEL[r.mode], r.linear_map or "-", _s(r.relocation_s), _s(r.total_s),
-                      f"{base.total_s / r.total_s:.2f}x", _bytes(r.memory_bytes), r.lifetime,
-                      _bytes(r.transient_bytes) if r.transient_bytes else "-", r.detail)
+    table = Table(title=f"Relocation trade-off: {format_size(args.ram)} RAM, {format_size(args.image_size)} image, "
+                        f"profile {escape(report.profile.name)}")
+    for col in ("mode", "relocation", "reboot", "speedup", "memory cost", "held", "source copy"):
+        table.add_column(col, justify="left" if col in ("mode", "held") else "right")
+    labels = [MODE_LABEL[r.mode] + (f" ({r.linear_map})" if r.linear_map else "") for r in rows]
+    for label, r in zip(labels, rows):
+        table.add_row(label, _s(r.relocation_s), _s(r.total_s), f"{base.total_s / r.total_s:.2f}x",
+                      format_size(r.memory_bytes), r.lifetime,
+                      format_size(r.transient_bytes) if r.transient_bytes else "-")
     out.print(table)
+    for label, r in zip(labels, rows):  # what each costs, below the table so that it fits 80 columns
+        out.print(f"{label}: {r.detail}")
     if args.plot:
         out.print(f"plot written to {args.plot}")
     return 0
@@ -308,7 +314,7 @@ def _compare_encodings(args, report: FitReport, out: Console) -> int:
         return 0
     figures = result["set"]
     table = Table(title=f"End to end per encoding: {figures['units']:,} {args.set_pattern} units "
-                        f"({_bytes(figures['preserved_bytes'])} of {_bytes(args.ram)}), profile {result['profile']}")
+                        f"({format_size(figures['preserved_bytes'])} of {format_size(args.ram)}), profile {escape(result['profile'])}")
     for col in ("encoding", "path", "kept by current kernel", "handover", "kho_restore", "free_list", "next kernel",
                 "memblock region visits"):
         table.add_column(col, justify="left" if col in ("encoding", "path") else "right")
@@ -317,7 +323,7 @@ def _compare_encodings(args, report: FitReport, out: Console) -> int:
             table.add_row(e["encoding"], "-", "-", e["error"], "-", "-", "-", "-")
             continue
         for path, c in e["paths"].items():
-            table.add_row(e["encoding"], path, _bytes(e["keep_bytes"]), _bytes(e["handover_bytes"]), _s(c["kho_restore_s"]),
+            table.add_row(e["encoding"], path, format_size(e["keep_bytes"]), format_size(e["handover_bytes"]), _s(c["kho_restore_s"]),
                           _s(c["free_list_s"]), _s(c["kho_restore_s"] + c["free_list_s"]),
                           f"{c.get('memblock_region_visits', 0):,}")
     out.print(table)
@@ -334,18 +340,19 @@ def _plot(rows, args, report: FitReport) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:  # a legend, not labels beside the points: modes of equal cost and time would overlap
         label = MODE_LABEL[r.mode] + (f" ({r.linear_map})" if r.linear_map else "")
         marker = "s" if r.lifetime == "forever" else "o"
-        ax.scatter(r.memory_bytes / (1 << 20), r.relocation_s * 1e3, marker=marker, s=60)
-        ax.annotate(label, (r.memory_bytes / (1 << 20), r.relocation_s * 1e3), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+        ax.scatter(r.memory_bytes / (1 << 20), r.relocation_s * 1e3, marker=marker, s=60, alpha=0.8,
+                   label=f"{label}: {format_size(r.memory_bytes)}, {r.relocation_s * 1e3:.3g} ms")
+    ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("memory cost (MiB; squares: reserved forever, circles: until the reboot)")
     ax.set_ylabel("relocation time (ms)")
-    ax.set_title(f"{_bytes(args.ram)} RAM, {_bytes(args.image_size)} image, profile {report.profile.name}")
+    ax.set_title(f"{format_size(args.ram)} RAM, {format_size(args.image_size)} image, profile {report.profile.name}")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    with atomic_write(args.plot) as out:
+        fig.savefig(out, dpi=120, format="png")
     plt.close(fig)

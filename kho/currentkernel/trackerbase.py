@@ -22,6 +22,7 @@ import numpy as np
 from kho.currentkernel.batches import new_units
 from kho.currentkernel.cover import PageCover
 from kho.errors import KHOError
+from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
 
 
@@ -88,12 +89,17 @@ class TrackerBase(ABC):
     # -- ranges ---------------------------------------------------------------------------
     def _page_range(self, phys: int, nr_pages: int) -> tuple[int, int]:
         """The pfns ``[first, end)`` of ``nr_pages`` pages from byte ``phys``; EINVAL unless
-        ``phys`` is page-aligned and ``nr_pages`` positive (what :meth:`split` checks first)."""
+        ``phys`` is page-aligned, ``nr_pages`` positive and every page inside RAM (what
+        :meth:`split` checks first, before making any unit).  O(banks)."""
         if phys < 0 or phys & (self._page_size - 1):
             raise KHOError("EINVAL", f"{phys:#x} is not page-aligned")
         if nr_pages <= 0:
             raise KHOError("EINVAL", f"a range needs at least one page, not {nr_pages}")
         first = phys >> self._page_shift
+        starts, ends = intervals.banks(self.memory, np.int64)
+        inside = np.clip(np.minimum(ends, first + nr_pages) - np.maximum(starts, first), 0, None).sum()
+        if inside != nr_pages:
+            raise KHOError("EINVAL", f"pages {first:#x}+{nr_pages:#x} are not all inside RAM")
         return first, first + nr_pages
 
     def preserve_pages(self, phys: int, nr_pages: int) -> None:

@@ -129,9 +129,12 @@ def read_map_pointer(props: Mapping[str, bytes], *, name: str = KHO_FDT_MEMORY_M
     return value
 
 
-def read_pages(memory: PhysicalMemory, pages: np.ndarray) -> np.ndarray:
+def read_pages(memory: PhysicalMemory, pages: np.ndarray, field: str = "map.metadata") -> np.ndarray:
     """The contents of pages ``pages`` (phys, validated page-aligned and in RAM, any order) as a
-    ``(n, page_size)`` uint8 array; consecutive pages are read in one call.  O(n pages)."""
+    ``(n, page_size)`` uint8 array; consecutive pages are read in one call.  KHOFormatError
+    (``field``) when one lies in a generated page run (:meth:`PhysicalMemory.is_generated`):
+    metadata is stored, so what a map yields stays bounded by the bytes its input holds.
+    O(n pages + groups log runs)."""
     pages = np.asarray(pages, dtype=np.uint64)
     ps = memory.page_size
     out = np.empty((pages.size, ps), dtype=np.uint8)
@@ -141,6 +144,9 @@ def read_pages(memory: PhysicalMemory, pages: np.ndarray) -> np.ndarray:
     firsts = np.concatenate([[0], breaks]).tolist()
     lasts = np.concatenate([breaks, [pages.size]]).tolist()
     for first, last in zip(firsts, lasts):
+        if memory.is_generated(int(pages[first]), (last - first) * ps):
+            raise KHOFormatError(field, "metadata in a generated page run (pages with no stored contents)",
+                                 int(pages[first]))
         data = memory.read(int(pages[first]), (last - first) * ps)
         out[first:last] = np.frombuffer(data, dtype=np.uint8).reshape(last - first, ps)
     return out

@@ -225,7 +225,7 @@ class KhoV1(Encoding):
         for b in range(0, bitmap.size, common.DECODE_BATCH):
             part = slice(b, b + common.DECODE_BATCH)
             pages, where = np.unique(bitmap_page[part], return_inverse=True)
-            maps = common.read_pages(memory, pages).reshape(-1, self.bitmap_bytes)[where.reshape(-1) * per_page + slot[part]]
+            maps = common.read_pages(memory, pages, "chunk.bitmap").reshape(-1, self.bitmap_bytes)[where.reshape(-1) * per_page + slot[part]]
             phys, order = common.units_from_bitmaps(maps, first_unit[part], entry_order[part], self.shift, bitmap[part])
             phys_parts.append(phys)
             order_parts.append(order)

@@ -158,7 +158,7 @@ class KhoV2(Encoding):
         for level in range(g.root_level, 0, -1):
             child_phys, child_prefix = [], []
             for b in range(0, node_phys.size, common.DECODE_BATCH):
-                tables = common.read_pages(memory, node_phys[b:b + common.DECODE_BATCH]).view("<u8")
+                tables = common.read_pages(memory, node_phys[b:b + common.DECODE_BATCH], "radix.node").view("<u8")
                 rows, slots = np.nonzero(tables)
                 prefix = (node_prefix[b:b + common.DECODE_BATCH][rows] << np.uint64(g.table_log2)) | slots.astype(np.uint64)
                 limit_log2 = key_limit_log2 - g.bitmap_log2 - (level - 1) * g.table_log2
@@ -187,7 +187,7 @@ class KhoV2(Encoding):
         phys_parts, order_parts = [], []
         for b in range(0, leaf_phys.size, common.DECODE_BATCH):
             part = slice(b, b + common.DECODE_BATCH)
-            phys, unit_order = common.units_from_bitmaps(common.read_pages(memory, leaf_phys[part]), first_unit[part], order[part],
+            phys, unit_order = common.units_from_bitmaps(common.read_pages(memory, leaf_phys[part], "radix.leaf"), first_unit[part], order[part],
                                                   g.page_shift, leaf_phys[part])
             phys_parts.append(phys)
             order_parts.append(unit_order)

@@ -100,3 +100,28 @@ def read_scratch_array(memory: PhysicalMemory, phys: int, size: int, *, strict: 
         if left.end > right.addr:
             raise KHOFormatError("scratch.area", f"areas at {left.addr:#x} and {right.addr:#x} overlap", phys)
     return areas
+
+
+def usable_areas(areas: Sequence[ScratchArea], page_size: int) -> tuple[list[ScratchArea], list[str]]:
+    """What a lenient next kernel can use of the areas :func:`read_scratch_array` accepted
+    with ``strict=False``, and a log line for each one it could not take as given: each area
+    trimmed to the whole pages inside it (memblock allocates whole pages), an area left with
+    none dropped, an area overlapping one before it (by address) cut to the part after it.
+    The result is page-aligned, disjoint and in address order, as
+    :meth:`~kho.memory.physical.PhysicalMemory.set_scratch` needs.  O(areas log areas)."""
+    kept: list[ScratchArea] = []
+    notes: list[str] = []
+    for area in sorted(areas, key=lambda a: a.addr):
+        start = -(-area.addr // page_size) * page_size
+        end = area.end // page_size * page_size
+        if kept and start < kept[-1].end:
+            start = kept[-1].end
+        if end <= start:
+            notes.append(f"ignoring scratch area {area.addr:#x}+{area.size:#x} ({area.kind}): "
+                         f"no whole page of its own")
+            continue
+        if (start, end) != (area.addr, area.end):
+            notes.append(f"scratch area {area.addr:#x}+{area.size:#x} ({area.kind}) used as {start:#x}+{end - start:#x}: "
+                         f"whole pages, none shared with another area")
+        kept.append(ScratchArea(start, end - start, area.kind))
+    return kept, notes

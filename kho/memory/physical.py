@@ -214,6 +214,12 @@ class PhysicalMemory:
             buf[(pfn - first) * ps:(pfn - first + 1) * ps] = self._pages[pfn]
         return buf
 
+    def is_generated(self, phys: int, size: int) -> bool:
+        """Whether any page of ``[phys, phys+size)`` has generated content (pages that cost
+        no storage: a decoder must not take them as metadata).  O(log runs)."""
+        first, last = self._page_range(phys, size)
+        return next(self._generated_overlapping(first, last), None) is not None
+
     def read_page(self, pfn: int) -> bytes:
         """The whole page ``pfn``."""
         return self.read(pfn << self.page_shift, self.page_size)

@@ -44,7 +44,8 @@ from kho.devicetree import KHOFdt, parse_chosen
 from kho.encodings import encoding_for_compatible, get_encoding, known_compatibles
 from kho.encodings.instructions import walk
 from kho.errors import KHOError, KHOFormatError
-from kho.handover.scratch_array import read_scratch_array
+from kho.files import check_host_memory
+from kho.handover.scratch_array import read_scratch_array, usable_areas
 from kho.handover.x86_boot_params import read_handoff
 from kho.memory import intervals
 from kho.memory.physical import PhysicalMemory
@@ -59,6 +60,9 @@ PATHS = ("memblock", "instructions")
 INSTRUCTIONS_ENCODING = "instructions"
 #: Alignment of the kernel image (arm64 loads it on a 2 MiB boundary).
 KERNEL_IMAGE_ALIGN = 2 << 20
+#: Host bytes the model of the next kernel holds per page of RAM (memory map, free-page
+#: masks, free lists); a RAM size the host cannot hold this for is refused with ENOMEM.
+HOST_BYTES_PER_PAGE = 10
 
 
 @dataclass
@@ -193,10 +197,16 @@ def _receive(memory: PhysicalMemory, boot_dtb: bytes | None, boot_params: int | 
         messages.append(f"no KHO handover in {where}")
         return None
     try:
-        return (chosen, *_read_handover(memory, chosen, path, strict))
+        fdt, areas = _read_handover(memory, chosen, path, strict)
     except KHOError as err:
         _disable(messages, err.message)
         return None
+    areas, notes = usable_areas(areas, memory.page_size)  # strict areas pass unchanged
+    messages.extend(notes)
+    if not areas:
+        _disable(messages, "no scratch area has a whole page")
+        return None
+    return chosen, fdt, areas
 
 
 def _early_memblock(memory: PhysicalMemory, handover, kernel_image: int, image_phys: int | None
@@ -324,11 +334,15 @@ def boot(memory: PhysicalMemory, boot_dtb: bytes | None, path: str = "memblock",
     False decodes the handover as leniently as Linux does (spec/hardening.md).
 
     Raises KHOError only when the kernel could not boot at all (an unreadable boot DTB,
-    no room for its image or memory map); a bad handover is logged and ignored.
+    no room for its image or memory map; ENOMEM, before anything is allocated, when the
+    host has not :data:`HOST_BYTES_PER_PAGE` bytes a page available); a bad handover is
+    logged and ignored (lenient: scratch areas not page-aligned are trimmed and logged).
     O(pages + units) numpy work and about 10 bytes of host memory per page.
     """
     if path not in PATHS:
         raise KHOError("EINVAL", f"unknown deserialization path {path!r} (one of {', '.join(PATHS)})")
+    check_host_memory(memory.nr_pages * HOST_BYTES_PER_PAGE,
+                      f"the next kernel's per-page state for {memory.nr_pages:,} pages")
     stages, messages = _Stages(), []
     if (boot_dtb is None) == (boot_params is None):
         raise KHOError("EINVAL", "the next kernel boots with a DTB (arm64) or boot_params (x86_64), one of them")
