@@ -120,6 +120,7 @@ def _handoff_scratch(memory: OverlayMemory, handover: DumpHandover, scratch: Seq
                      what: str) -> tuple[int, int, str]:
     """``(scratch array phys, bytes, where from)`` for the next kernel (see the module docstring)."""
     if scratch:
+        memory.set_scratch(scratch)  # areas given by hand: page-aligned, in RAM, disjoint (EINVAL), not trimmed
         _check_clear(handover, scratch, memory.page_size)
         data = pack_scratch_array(scratch)
         first = min(scratch, key=lambda a: a.addr)
