@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 from abi_helpers import MAP, PS, MiB, ScriptedAllocator, machines_and_units, memory_with, u64
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kho.abi.kho_v1 import khoser_bitmap_size as chunk_capacity
@@ -126,6 +126,8 @@ def test_round_trip(machine, bits):
     enc = KhoV1(PS, bitmap_bytes=bitmap_bytes)
     alloc = with_allocator(memory, tracker)
     free_before = alloc.nr_free_pages
+    # A machine whose every page is preserved leaves no page for the map (ENOMEM, tested apart).
+    assume(free_before >= 2 + 2 * len(tracker))
     out = enc.encode(tracker, alloc)
     assert free_before - alloc.nr_free_pages == out.metadata_pages.size
     decoded = enc.decode(memory, out.props)
