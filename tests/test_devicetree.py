@@ -356,28 +356,28 @@ def test_bindings_accept_emitted_blobs_and_reject_broken_ones(tmp_path):
 REAL_ARM64_DTB = (Path(__file__).parent / "fixtures" / "linux-7.3-arm64" / "next-kernel-dtb-0x5d600000.dtb").read_bytes()
 
 
+def chosen_property_names(tree: libfdt.Fdt) -> list[str]:
+    """``/chosen``'s property names in blob order (pylibfdt)."""
+    names, off = [], tree.first_property_offset(tree.path_offset("/chosen"))
+    while off >= 0:
+        names.append(tree.get_property_by_offset(off).name)
+        off = tree.next_property_offset(off, libfdt.QUIET_NOTFOUND)
+    return names
+
+
 def test_boot_dtb_chosen_as_a_real_7_3_arm64_kexec_writes_it():
     """Same /chosen properties in the same order, the KHO pairs in the same cells, as the DTB a
     real Linux 7.3 kexec_file_load built (QEMU's own stdout-path aside)."""
     real = libfdt.Fdt(REAL_ARM64_DTB)
     real_chosen = real.path_offset("/chosen")
-    real_props = []
-    off = real.first_property_offset(real_chosen)
-    while off >= 0:
-        real_props.append(real.get_property_by_offset(off).name)
-        off = real.next_property_offset(off, libfdt.QUIET_NOTFOUND)
+    real_props = chosen_property_names(real)
     real_kho = {name: bytes(real.getprop(real_chosen, name)) for name in ("linux,kho-fdt", "linux,kho-scratch")}
     initrd_start = int.from_bytes(bytes(real.getprop(real_chosen, "linux,initrd-start")), "big")
     initrd_end = int.from_bytes(bytes(real.getprop(real_chosen, "linux,initrd-end")), "big")
     mine = libfdt.Fdt(build_boot_dtb(0x409CE000, 0x1000, 0x5D7F0000, 0x30, initrd=(initrd_start, initrd_end - initrd_start),
                                      bootargs="console=ttyAMA0"))
     chosen = mine.path_offset("/chosen")
-    props = []
-    off = mine.first_property_offset(chosen)
-    while off >= 0:
-        props.append(mine.get_property_by_offset(off).name)
-        off = mine.next_property_offset(off, libfdt.QUIET_NOTFOUND)
-    assert props == [p for p in real_props if p != "stdout-path"]
+    assert chosen_property_names(mine) == [p for p in real_props if p != "stdout-path"]
     assert {name: bytes(mine.getprop(chosen, name)) for name in real_kho} == real_kho
     assert [mine.get_mem_rsv(i) for i in range(mine.num_mem_rsv())] == [real.get_mem_rsv(i) for i in range(real.num_mem_rsv())]
     assert len(mine.getprop(chosen, "rng-seed")) == len(real.getprop(real_chosen, "rng-seed"))
