@@ -15,6 +15,7 @@ from kho.currentkernel.radix_tracker import RadixTracker
 from kho.devicetree import KHOFdt
 from kho.devicetree.layout import pack_u64
 from kho.dumps import open_dump
+from kho.encodings import get_encoding
 from kho.dumps.cut import cut, referenced_pages
 from kho.dumps.open import parse_ranges
 from kho.dumps.writers import write_elf_core, write_raw
@@ -170,3 +171,12 @@ def test_kho_writes_the_real_kernels_radix_pages(fixture_dump):
             used = np.flatnonzero(page)
             page[used] = [to_real[int(child)] for child in page[used].tolist()]
         assert page.tobytes() == fixture_dump.memory.read(real[key], ps), key
+
+
+def test_strict_decode_of_the_real_map(fixture_dump):
+    """The real 7.3 kernel's map decodes in strict mode to exactly its listed units (an
+    order above MAX_PAGE_ORDER or any unit check kho adds would refuse it otherwise)."""
+    memory = fixture_dump.memory
+    fdt = KHOFdt.from_dtb(memory.read(FDT_PHYS, 4096), strict=True)
+    decoded = get_encoding(fdt.compatible, 4096).decode(memory, fdt.props, strict=True)
+    assert fdt.compatible == "kho-v4" and decoded.units() == kernel_units()
