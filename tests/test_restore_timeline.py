@@ -16,7 +16,7 @@ from kho.currentkernel.machine import Machine
 from kho.errors import KHOError
 from kho.handover.outgoing import KHO
 from kho.kexec import timing as TM
-from kho.kexec.profiles import fit_next_kernel, load_profile, qemu_tcg_timing
+from kho.kexec.profiles import fit_next_kernel, load_profile, qemu_tcg_timing, run_speed_note
 from kho.nextkernel import memblock_cost as MC
 from kho.nextkernel.boot import boot
 from kho.nextkernel.memblock import REGION_DTYPE
@@ -46,12 +46,27 @@ def test_fit_reproduces_the_real_kernel(qemu):
         if run["kind"] == "interleaved":  # the quadratic path: every stage within 10 %
             for quantity in ("memblock_reserve", "memblock_reserved_mark_noinit", "KHO restore total"):
                 assert abs(rows[(run["run"], quantity)].error) < 0.10, (run["run"], quantity)
-        else:
-            # The two contiguous runs cost 2.5 and 1.8 us a unit while every count of the model
-            # is proportional to the units there: no linear model gets both within 10 %.
+        else:  # each within 20 %, the pair's summed time within 10 % (see the next test)
             assert abs(total.error) < 0.20, run["run"]
+    pair = [rows[(r["run"], "KHO restore total")] for r in qemu_tcg_timing()["runs"] if r["kind"] == "contiguous"]
+    assert len(pair) == 2
+    assert abs(sum(r.modelled for r in pair) / sum(r.measured for r in pair) - 1) < 0.10
     costs = qemu.profile.next_kernel
     assert 1e-9 < costs.region_visit_s < 1e-7 and costs.reserve_call_s > 0 and costs.noinit_call_s > 0
+
+
+def test_contiguous_runs_differ_in_emulator_speed(qemu):
+    """Why the contiguous runs are not held to 10 % each: getting the page is the same work per
+    unit in both (the model's counts per unit are equal too), yet its measured time per unit
+    differs by over 20 %, so no model of the kernel's work can be within 10 % of both."""
+    runs = {r["run"]: r for r in qemu_tcg_timing()["runs"] if r["kind"] == "contiguous"}
+    per_unit = sorted(r["getpg_s"] / r["units"] for r in runs.values())
+    assert per_unit[1] / per_unit[0] > 1.2
+    work = [(r["model"]["reserve_scan_visits"] + r["model"]["reserve_regions_moved"]) / r["units"] for r in runs.values()]
+    assert max(work) / min(work) < 1.1  # the model's memblock work per unit: the same in both runs
+    note = run_speed_note(qemu_tcg_timing())
+    assert note and "contiguous_65536" in note and "contiguous_131072" in note
+    assert note in qemu.profile.notes
 
 
 def test_fit_is_least_squares_on_the_packaged_points(qemu):
