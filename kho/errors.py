@@ -22,6 +22,8 @@ ERRNO_NAMES = (
     "ENOMEM",  # no memory left to allocate from
     "EADDRNOTAVAIL",  # a kexec segment does not fit where it must go
     "E2BIG",  # something does not fit in its page or area
+    "EOPNOTSUPP",  # KHO is disabled (kho=off), as the kernel's KHO calls then answer
+    "EACCES",  # a file or the running kernel's memory cannot be read by this user
 )
 
 

@@ -11,13 +11,9 @@ from typing import Iterable
 
 from kho.cli.options import page_size_arg
 from kho.dumps import DebugfsHandover, Dump, open_dump
+from kho.dumps.live import KCORE_ENV, open_live
 from kho.dumps.open import parse_ranges
 from kho.errors import KHOError
-
-#: The running kernel's memory as an ELF core.
-KCORE = "/proc/kcore"
-#: Environment variable naming another kcore-like file for ``--live`` (tests, a copied kcore).
-KCORE_ENV = "KHO_KCORE"
 
 
 def emit(chunks: Iterable[str]) -> None:
@@ -56,14 +52,18 @@ def add_path_options(p: argparse.ArgumentParser, *, live: bool = False) -> None:
                         "(QEMU dump-guest-memory, kdump vmcore) or a debugfs kho/out or kho/in directory")
     if live:
         p.add_argument("--live", action="store_true",
-                       help=f"the running kernel's handover, through /proc/kcore (root, a kernel with KHO; "
-                            f"${KCORE_ENV} names another kcore-like ELF file)")
+                       help=f"the running kernel's handover: memory through /proc/kcore (root, a kernel with KHO; "
+                            f"${KCORE_ENV} names another kcore-like ELF file), the KHO FDT and scratch array from "
+                            f"the kernel's variables through drgn when it is installed")
+        p.add_argument("--no-drgn", dest="drgn", action="store_false",
+                       help="with --live: do not use drgn, scan RAM for the KHO FDT")
     p.add_argument("--fdt", type=address_arg, metavar="ADDR", help="the KHO FDT's physical address, when several decode")
     p.add_argument("--base", type=address_arg, metavar="ADDR", help="physical address of a raw dump's first byte (default 0)")
     p.add_argument("--ram", type=ranges_arg, metavar="RANGES",
                    help="RAM as START-END (inclusive, as /proc/iomem) or START+SIZE, comma-separated "
                         "(default: what the dump covers)")
-    p.add_argument("--page-size", type=page_size_arg, default=4096, help="the dumped kernel's page size (default 4K)")
+    p.add_argument("--page-size", type=page_size_arg, default=None,
+                   help="the dumped kernel's page size (default 4K; with --live and drgn, the kernel's)")
 
 
 def open_path(args) -> Dump | DebugfsHandover:
@@ -74,8 +74,10 @@ def open_path(args) -> Dump | DebugfsHandover:
     if live == (args.path is not None):
         raise KHOError("EINVAL", "give a PATH or --live, one of them")
     if live:
-        return open_live(base=args.base, ram=args.ram, page_size=args.page_size)
-    return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size)
+        if args.base is not None:
+            raise KHOError("EINVAL", "--live reads physical addresses from /proc/kcore (no --base)")
+        return open_live(ram=args.ram, page_size=args.page_size, use_drgn=getattr(args, "drgn", True))
+    return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size or 4096)
 
 
 def open_memory_dump(args, command: str) -> Dump:
@@ -86,24 +88,3 @@ def open_memory_dump(args, command: str) -> Dump:
         raise KHOError("EINVAL", f"{args.path}: a debugfs directory holds the FDT and blobs, no memory map to {command} "
                                  "(kho extract reads it)")
     return source
-
-
-def open_live(*, base: int | None = None, ram=None, page_size: int = 4096) -> Dump:
-    """The running kernel's memory through ``/proc/kcore`` (or the file ``$KHO_KCORE``
-    names): an ELF core whose ``PT_LOAD`` segments of the linear map carry their physical
-    addresses (``p_paddr``; the vmalloc, vmemmap and module segments have none and are
-    skipped), read as any ELF core.  KHOError (ENOENT, EINVAL) with one line saying what is missing
-    when it cannot be read (not root, no ``/proc/kcore``)."""
-    path = os.environ.get(KCORE_ENV, KCORE)
-    if base is not None:
-        raise KHOError("EINVAL", "--live reads physical addresses from /proc/kcore (no --base)")
-    try:
-        with open(path, "rb") as probe:
-            probe.read(4)
-    except OSError as err:
-        raise KHOError("ENOENT" if isinstance(err, FileNotFoundError) else "EINVAL", f"--live: cannot read {path} ({err.strerror}): run as root on a kernel with "
-                                 "/proc/kcore, or give a dump of the machine") from None
-    dump = open_dump(path, ram=ram, page_size=page_size)
-    if not isinstance(dump, Dump) or dump.format != "elf":
-        raise KHOError("EINVAL", f"--live: {path} is not an ELF core like /proc/kcore")
-    return dump

@@ -1,0 +1,243 @@
+"""The running kernel's handover: its memory through ``/proc/kcore``, and where KHO keeps
+the handover from the kernel's own variables, read with drgn when it is installed.
+
+Memory: ``/proc/kcore`` (or the file ``$KHO_KCORE`` names) is an ELF core whose ``PT_LOAD``
+segments of RAM and kernel text carry their physical address in ``p_paddr``
+(``fs/proc/kcore.c`` has filled it in since long before KHO, 6.16, existed) and whose
+vmalloc, vmemmap and module segments have ``p_paddr`` -1; it is read as any ELF core
+(:class:`~kho.dumps.sources.ElfSource`), page by page, never whole.
+
+drgn (optional, ``pip install kho[live]``): :func:`kernel_handover` reads, with the
+running kernel's debug info (``vmlinux`` where drgn finds it), the variables of
+``kernel/liveupdate/kexec_handover.c`` (``kernel/kexec_handover.c`` before 6.18)
+listed in :data:`KHO_VARIABLES`: the outgoing KHO FDT, the FDT this kernel was handed,
+the scratch array and whether KHO is enabled.  With them the handover is found without
+scanning RAM for FDT headers (a minute on a large machine), the scratch areas are known,
+and a kernel with KHO off is told apart from one whose FDT cannot be found.  Without
+drgn, or when its debug info is missing, RAM is scanned as in any dump and a note says why.
+
+Units: addresses in bytes (``phys`` physical, ``virt`` kernel virtual).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
+from kho.dumps.find import DumpHandover, Handoff, find_handover
+from kho.dumps.open import Dump, open_dump
+from kho.dumps.sources import PageScan
+from kho.errors import KHOError
+
+#: The running kernel's memory as an ELF core.
+KCORE = "/proc/kcore"
+#: Environment variable naming another kcore-like file (tests, a copied kcore).
+KCORE_ENV = "KHO_KCORE"
+
+#: The kernel variables read through drgn, each a list of member paths tried in order
+#: (the first that exists in the kernel's debug info is used):
+#:
+#: * ``outgoing_fdt``: the KHO FDT this kernel hands over: ``kho_out.fdt`` (6.18 on: a
+#:   ``void *`` in the linear map) or ``kho_out.ser.fdt`` (6.16, 6.17: a ``struct page *``);
+#: * ``incoming_fdt``: ``kho_in.fdt_phys``, the FDT the previous kernel handed to this one
+#:   (0 after a cold boot);
+#: * ``scratch`` / ``scratch_count``: ``kho_scratch`` (``struct kho_scratch *``, linear map)
+#:   and ``kho_scratch_cnt``, the array handed over with the FDT;
+#: * ``enabled``: ``kho_enable`` (``kho=`` on the command line).
+KHO_VARIABLES = {
+    "outgoing_fdt": ("kho_out.fdt", "kho_out.ser.fdt"),
+    "incoming_fdt": ("kho_in.fdt_phys",),
+    "scratch": ("kho_scratch",),
+    "scratch_count": ("kho_scratch_cnt",),
+    "enabled": ("kho_enable",),
+}
+
+
+@dataclass
+class KernelHandover:
+    """What the running kernel's variables say (:func:`kernel_handover`): physical addresses
+    in bytes, None where the variable is absent from the debug info or NULL; ``read_from``
+    names each variable read; ``notes`` say what could not be read."""
+
+    outgoing_fdt: int | None = None
+    incoming_fdt: int | None = None
+    scratch_phys: int | None = None
+    scratch_count: int | None = None
+    enabled: bool | None = None
+    page_size: int | None = None
+    read_from: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def fdts(self) -> list[int]:
+        """The KHO FDTs the kernel names, outgoing first."""
+        return [p for p in (self.outgoing_fdt, self.incoming_fdt) if p]
+
+    def handoff(self) -> Handoff | None:
+        """The outgoing FDT with the scratch array, as the kexec that follows would hand them
+        over (None when either is unknown).  O(1)."""
+        if not self.outgoing_fdt or self.scratch_phys is None or not self.scratch_count:
+            return None
+        names = ", ".join(self.read_from[k] for k in ("outgoing_fdt", "scratch", "scratch_count"))
+        return Handoff(self.outgoing_fdt, self.page_size or 0, self.scratch_phys,
+                       self.scratch_count * KHO_SCRATCH_DTYPE.itemsize, f"the running kernel's {names} (drgn)")
+
+
+def _member(obj, path: str):
+    """``obj`` followed along the dotted member ``path`` after its first name."""
+    for name in path.split(".")[1:]:
+        obj = obj.member_(name)
+    return obj
+
+
+def _to_phys(obj) -> int:
+    """The physical address an object holds: an integer as is, a ``struct page *`` by its
+    pfn, any other pointer as a linear-map address (drgn's helpers).  0 for NULL."""
+    import drgn
+    from drgn.helpers.linux.mm import page_to_phys, virt_to_phys
+
+    kind = obj.type_.unaliased_kind()
+    if kind != drgn.TypeKind.POINTER:
+        return int(obj.value_())
+    if not obj.value_():
+        return 0
+    target = obj.type_.unaliased().type.unaliased()
+    if target.kind == drgn.TypeKind.STRUCT and target.tag == "page":
+        return int(page_to_phys(obj))
+    return int(virt_to_phys(obj))
+
+
+def kernel_handover(prog) -> KernelHandover:
+    """Read :data:`KHO_VARIABLES` from the drgn ``prog`` (a running kernel, or any program
+    with the kernel's types and objects).  A variable missing from the debug info, or whose
+    memory cannot be read, is left None with a note; nothing raises.  O(1) reads."""
+    import drgn
+
+    found = KernelHandover()
+    values: dict[str, object] = {}
+    for key, paths in KHO_VARIABLES.items():
+        for path in paths:
+            try:
+                obj = _member(prog[path.split(".")[0]], path)
+                values[key] = _to_phys(obj) if key != "enabled" else bool(obj.value_())
+            except (LookupError, drgn.ObjectAbsentError):
+                continue  # not this kernel's name for it
+            except (drgn.FaultError, ValueError, TypeError, NotImplementedError) as err:
+                found.notes.append(f"{path}: cannot be read through drgn ({err})")
+                break
+            found.read_from[key] = path
+            break
+    found.outgoing_fdt = values.get("outgoing_fdt") or None
+    found.incoming_fdt = values.get("incoming_fdt") or None
+    found.scratch_phys = values.get("scratch") or None
+    found.scratch_count = values.get("scratch_count")
+    found.enabled = values.get("enabled")
+    try:
+        found.page_size = int(prog["PAGE_SIZE"].value_())
+    except (LookupError, drgn.FaultError, ValueError, TypeError):
+        pass
+    if not found.read_from:
+        found.notes.append("drgn found none of the KHO variables (no debug info for the running kernel, "
+                           "or a kernel without CONFIG_KEXEC_HANDOVER): RAM scanned instead")
+    return found
+
+
+def kernel_program():
+    """A drgn program for the running kernel with its default debug info, or None (with the
+    reason) when drgn is not installed or cannot attach.  Missing debug info is not an
+    error here: :func:`kernel_handover` then finds no variable."""
+    try:
+        import drgn
+    except ImportError:
+        return None, "drgn is not installed (pip install kho[live]): RAM scanned for the KHO FDT"
+    try:
+        prog = drgn.program_from_kernel()
+    except (OSError, ValueError, drgn.FaultError) as err:
+        return None, f"drgn cannot attach to the running kernel ({err}): RAM scanned for the KHO FDT"
+    try:
+        prog.load_default_debug_info()
+    except drgn.MissingDebugInfoError as err:
+        return prog, f"drgn: {str(err).splitlines()[0]}"
+    except (OSError, ValueError) as err:
+        return prog, f"drgn could not load debug info ({err})"
+    return prog, None
+
+
+class LiveDump(Dump):
+    """The running kernel opened as a dump: its memory from kcore (:class:`Dump` over an
+    :class:`~kho.dumps.sources.ElfSource`), and when ``kernel`` (from drgn) names them the
+    KHO FDTs and the scratch array, so no scan is needed; ``notes`` say how it was read."""
+
+    def __init__(self, dump: Dump, kernel: KernelHandover | None, notes: list[str]):
+        super().__init__(dump.path, dump.source, dump.memory)
+        self.kernel = kernel
+        self.notes = notes
+
+    def source_json(self) -> dict:
+        """As :meth:`Dump.source_json` (``format`` elf), with ``live``: ``kernel`` (what drgn
+        read: ``outgoing_fdt``, ``incoming_fdt``, ``scratch_phys``, ``scratch_count``,
+        ``enabled``, ``page_size``, ``read_from``; None without drgn) and ``notes``."""
+        k = self.kernel
+        kernel = None if k is None or not k.read_from else {
+            "outgoing_fdt": k.outgoing_fdt, "incoming_fdt": k.incoming_fdt, "scratch_phys": k.scratch_phys,
+            "scratch_count": k.scratch_count, "enabled": k.enabled, "page_size": k.page_size,
+            "read_from": dict(k.read_from)}
+        return {**super().source_json(), "live": {"kernel": kernel, "notes": list(self.notes)}}
+
+    def scan(self) -> PageScan:
+        """The FDTs the kernel names (no scan) when drgn read them, else the scanned RAM."""
+        if self.kernel is not None and self.kernel.fdts():
+            return PageScan(fdt=np.array(self.kernel.fdts(), np.uint64))
+        return super().scan()
+
+    def _find(self, fdt: int | None, strict: bool) -> DumpHandover:
+        handoff = self.kernel.handoff() if self.kernel is not None else None
+        scan = self.scan()
+        found = find_handover(self.memory, scan.fdt, scan.boot_params, what=f"{self.path} ({self.description})",
+                              fdt=fdt, strict=strict, handoffs=[handoff] if handoff else [])
+        found.notes[:0] = self.notes
+        return found
+
+
+def open_live(*, ram=None, page_size: int | None = None, use_drgn: bool = True, program=None) -> LiveDump:
+    """The running kernel's handover (see the module docstring): ``/proc/kcore`` (or
+    ``$KHO_KCORE``) for memory, read as :func:`~kho.dumps.open_dump` reads an ELF core with
+    ``ram`` and ``page_size`` (default: the kernel's, from drgn, else 4096); with
+    ``use_drgn`` the kernel's variables through ``program`` (a drgn program; default the
+    running kernel's, :func:`kernel_program`).
+
+    KHOError(ENOENT or EACCES) with one line saying what is missing when kcore cannot be
+    read (not root, no ``/proc/kcore``); KHOError(EOPNOTSUPP) when drgn reads that the
+    running kernel has KHO disabled; KHOError(EINVAL) when the file is not an ELF core."""
+    path = os.environ.get(KCORE_ENV, KCORE)
+    try:
+        with open(path, "rb") as probe:
+            probe.read(4)
+    except OSError as err:
+        errno_name = {FileNotFoundError: "ENOENT", PermissionError: "EACCES"}.get(type(err), "EINVAL")
+        raise KHOError(errno_name, f"--live: cannot read {path} ({err.strerror}): run as root on a kernel with "
+                                   "/proc/kcore, or give a dump of the machine") from None
+    notes: list[str] = []
+    kernel = None
+    if use_drgn:
+        reason = None
+        if program is None:
+            program, reason = kernel_program()
+        if reason:
+            notes.append(reason)
+        if program is not None:
+            kernel = kernel_handover(program)
+            notes += kernel.notes
+            if kernel.enabled is False:
+                raise KHOError("EOPNOTSUPP", f"--live: the running kernel has KHO disabled "
+                                             f"({kernel.read_from['enabled']} is false; boot with kho=on)")
+    dump = open_dump(path, ram=ram, page_size=page_size or (kernel.page_size if kernel else None) or 4096)
+    if not isinstance(dump, Dump) or dump.format != "elf":
+        dump.close()
+        raise KHOError("EINVAL", f"--live: {path} is not an ELF core like /proc/kcore")
+    if kernel is not None and kernel.read_from:
+        named = ", ".join(sorted(set(kernel.read_from.values())))
+        notes.append(f"KHO FDT and scratch array from the running kernel's variables ({named}), through drgn")
+    return LiveDump(dump, kernel, notes)
