@@ -166,15 +166,23 @@ def test_live_reads_a_kcore_like_file(capsys, tmp_path, monkeypatch, dumps):
     assert code == 0 and scans and json.loads(out)["units_by_order"] == report["units_by_order"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["dump", "--live"], "--live: cannot read"),
-    (["dump", "--live", FIXTURE], "a PATH or --live"),
-    (["dump"], "a PATH or --live"),
-])
-def test_live_without_access(capsys, tmp_path, monkeypatch, argv, message):
+def test_live_without_access(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KHO_KCORE", str(tmp_path / "no-kcore"))
-    code, out, err = run(capsys, *argv)
-    assert code == 3 and not out and err.startswith("kho: ") and err.count("\n") == 1 and message in err
+    code, out, err = run(capsys, "dump", "--live")
+    assert code == 3 and not out and err.startswith("kho: ENOENT") and err.count("\n") == 1 and "--live: cannot read" in err
+
+
+@pytest.mark.parametrize("command", ["units", "dump", "boot", "check", "extract"])
+@pytest.mark.parametrize("argv, message", [
+    (["--live", FIXTURE], "not allowed with argument"),
+    ([], "one of the arguments PATH --live is required"),
+])
+def test_path_or_live_is_a_usage_error(capsys, tmp_path, command, argv, message):
+    extra = ["--out", str(tmp_path)] if command == "extract" else []
+    with pytest.raises(SystemExit) as exc:
+        main([command, *map(str, argv), *extra])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
 
 
 def bad_inputs(tmp_path: Path) -> dict:
@@ -184,10 +192,13 @@ def bad_inputs(tmp_path: Path) -> dict:
     exe = bytearray(b"\x7fELF\x02\x01\x01" + bytes(9) + (2).to_bytes(2, "little") + bytes(ELF64_EHDR.size - 18))
     (tmp_path / "exe").write_bytes(bytes(exe))
     (tmp_path / "zeros").write_bytes(bytes(1 << 16))
+    (tmp_path / "vmcore.kdump").write_bytes(b"KDUMP   " + bytes(1 << 13))
+    (tmp_path / "vmcore.flat").write_bytes(b"makedumpfile\0\0\0\0" + bytes(1 << 13))
     (tmp_path / "debugfs").mkdir()
     (tmp_path / "debugfs" / "fdt").write_bytes((FIXTURES / "kho-fdt-0x344000.dtb").read_bytes())
     return {"empty": "empty file", "short": "less than one", "cut.zst": "zstd", "exe": "not a core dump",
-            "zeros": "no KHO FDT", "debugfs": "debugfs directory", "missing": "no such file"}
+            "zeros": "no KHO FDT", "debugfs": "debugfs directory", "missing": "no such file",
+            "vmcore.kdump": "makedumpfile -E", "vmcore.flat": "flattened makedumpfile vmcore"}
 
 
 def test_dump_of_debugfs(capsys, tmp_path):

@@ -91,6 +91,16 @@ def test_variables_are_read_by_their_kernel_names():
     assert set(k.read_from) == set(KHO_VARIABLES)
 
 
+def test_a_variable_that_faults_is_a_note():
+    prog = program(omit=("kho_scratch",))
+    scratch_t = prog.struct_type("kho_scratch", 16, [])
+    prog.register_object_finder("fault", lambda p, name, flags, filename: drgn.Object(
+        p, p.pointer_type(scratch_t), address=0xDEAD0000) if name == "kho_scratch" else None, enable_index=-1)
+    k = kernel_handover(prog)
+    assert k.scratch_phys is None and k.handoff() is None and k.outgoing_fdt == FDT
+    assert len(k.notes) == 1 and k.notes[0].startswith("kho_scratch: cannot be read through drgn (FaultError")
+
+
 def test_a_kernel_without_debug_info_names_nothing():
     k = kernel_handover(program(omit=("kho_out", "kho_in", "kho_scratch", "kho_scratch_cnt", "kho_enable", "PAGE_SIZE")))
     assert not k.fdts() and k.handoff() is None and k.read_from == {}

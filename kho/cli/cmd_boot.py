@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(one memblock_reserve per unit, or by walking an instruction stream) and "
                                    "build the buddy free lists.  Reports free pages and blocks per order, "
                                    "reserved, preserved and leaked memory, and the time of each stage.")
-    add_path_options(p, live=True)
+    add_path_options(p)
     p.add_argument("--scratch", type=ranges_arg, metavar="RANGES",
                    help="a dump's scratch areas as ADDR+SIZE (or START-END), comma-separated, in the kernel's order "
                         "(lowmem, global, node0, ...): needed when the dump holds no handoff naming them")

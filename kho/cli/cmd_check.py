@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Find the KHO handover in a memory dump and check that every physical range "
                                    "reachable from its FDT is preserved, that units are disjoint and outside "
                                    "scratch, and that every sub-node decodes.  Exit 0 clean, 1 findings, 3 unreadable.")
-    add_path_options(p, live=True)
+    add_path_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Read a handover image, or find the handover in a memory dump, an ELF core or "
                                    "the running kernel (--live), check its KHO FDT as the next kernel would, decode "
                                    "the preserved-memory map and every sub-node, and summarize them.")
-    add_path_options(p, live=True)
+    add_path_options(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--dts", action="store_true", help="print the KHO FDT as DTS")
     how.add_argument("--json", action="store_true", help="print the summary as JSON")

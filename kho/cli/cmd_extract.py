@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write the KHO FDT (fdt.dtb), every sub-node blob (sub_fdts/), the scratch array "
                                    "(scratch.bin) and the preserved units (units.txt) of a dump, kho image or "
                                    "debugfs kho/out or kho/in directory into DIR.")
-    add_path_options(p, live=True)
+    add_path_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if needed)")
     p.set_defaults(func=run)
 

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("units", help="list the preserved units of a handover image or memory dump",
                        description="Decode the preserved-memory map of a handover image or of the handover found "
                                    "in a memory dump and print one '0xPHYS ORDER' line per unit, sorted by address.")
-    add_path_options(p, live=True)
+    add_path_options(p)
     p.add_argument("--lenient", action="store_true",
                    help="decode as leniently as the Linux kernel does (for maps a real kernel wrote: overlapping units, "
                         "units in scratch, orders above MAX_PAGE_ORDER; see spec/hardening.md); a dump is "

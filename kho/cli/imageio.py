@@ -43,20 +43,20 @@ def ranges_arg(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(err.message) from None
 
 
-def add_path_options(p: argparse.ArgumentParser, *, live: bool = False) -> None:
-    """PATH (a dump, an ELF core, a kho image, a debugfs directory) and the options of opening
-    it: ``--fdt``, ``--base``, ``--ram``, ``--page-size``; ``live``: also ``--live`` (PATH
-    then omitted: the running kernel through ``/proc/kcore``)."""
-    p.add_argument("path", metavar="PATH", nargs="?" if live else None,
-                   help="a kho image (.kho), a raw or zstd-compressed raw memory dump, an ELF core "
-                        "(QEMU dump-guest-memory, kdump vmcore) or a debugfs kho/out or kho/in directory")
-    if live:
-        p.add_argument("--live", action="store_true",
+def add_path_options(p: argparse.ArgumentParser) -> None:
+    """PATH (a dump, an ELF core, a kho image, a debugfs directory) or ``--live`` (the running
+    kernel), one of them, and the options of opening it: ``--no-drgn``, ``--fdt``, ``--base``,
+    ``--ram``, ``--page-size``."""
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("path", metavar="PATH", nargs="?",
+                       help="a kho image (.kho), a raw or zstd-compressed raw memory dump, an ELF core "
+                            "(QEMU dump-guest-memory, kdump vmcore) or a debugfs kho/out or kho/in directory")
+    where.add_argument("--live", action="store_true",
                        help=f"the running kernel's handover: memory through /proc/kcore (root, a kernel with KHO; "
                             f"${KCORE_ENV} names another kcore-like ELF file), the KHO FDT and scratch array from "
                             f"the kernel's variables through drgn when it is installed")
-        p.add_argument("--no-drgn", dest="drgn", action="store_false",
-                       help="with --live: do not use drgn, scan RAM for the KHO FDT")
+    p.add_argument("--no-drgn", dest="drgn", action="store_false",
+                   help="with --live: do not use drgn, scan RAM for the KHO FDT")
     p.add_argument("--fdt", type=address_arg, metavar="ADDR", help="the KHO FDT's physical address, when several decode")
     p.add_argument("--base", type=address_arg, metavar="ADDR", help="physical address of a raw dump's first byte (default 0)")
     p.add_argument("--ram", type=ranges_arg, metavar="RANGES",
@@ -69,14 +69,11 @@ def add_path_options(p: argparse.ArgumentParser, *, live: bool = False) -> None:
 def open_path(args) -> Dump | DebugfsHandover:
     """What the user gave, opened by content (:func:`kho.dumps.open_dump`): ``args.path``
     with ``--base``, ``--ram`` and ``--page-size``, or the running kernel with ``--live``
-    (:func:`open_live`).  KHOError(EINVAL) for neither or both."""
-    live = getattr(args, "live", False)
-    if live == (args.path is not None):
-        raise KHOError("EINVAL", "give a PATH or --live, one of them")
-    if live:
+    (:func:`~kho.dumps.live.open_live`; argparse takes one of them)."""
+    if args.live:
         if args.base is not None:
             raise KHOError("EINVAL", "--live reads physical addresses from /proc/kcore (no --base)")
-        return open_live(ram=args.ram, page_size=args.page_size, use_drgn=getattr(args, "drgn", True))
+        return open_live(ram=args.ram, page_size=args.page_size, use_drgn=args.drgn)
     return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size or 4096)
 
 

@@ -124,8 +124,8 @@ def kernel_handover(prog) -> KernelHandover:
                 values[key] = _to_phys(obj) if key != "enabled" else bool(obj.value_())
             except (LookupError, drgn.ObjectAbsentError):
                 continue  # not this kernel's name for it
-            except (drgn.FaultError, ValueError, TypeError, NotImplementedError) as err:
-                found.notes.append(f"{path}: cannot be read through drgn ({err})")
+            except Exception as err:  # noqa: BLE001 - drgn reading a live kernel: a fault, missing types, ...
+                found.notes.append(f"{path}: cannot be read through drgn ({type(err).__name__}: {err})")
                 break
             found.read_from[key] = path
             break
@@ -136,8 +136,8 @@ def kernel_handover(prog) -> KernelHandover:
     found.enabled = values.get("enabled")
     try:
         found.page_size = int(prog["PAGE_SIZE"].value_())
-    except (LookupError, drgn.FaultError, ValueError, TypeError):
-        pass
+    except Exception:  # noqa: BLE001 - unknown: the caller's page size stands
+        found.page_size = None
     if not found.read_from:
         found.notes.append("drgn found none of the KHO variables (no debug info for the running kernel, "
                            "or a kernel without CONFIG_KEXEC_HANDOVER): RAM scanned instead")
@@ -154,14 +154,14 @@ def kernel_program():
         return None, "drgn is not installed (pip install kho[live]): RAM scanned for the KHO FDT"
     try:
         prog = drgn.program_from_kernel()
-    except (OSError, ValueError, drgn.FaultError) as err:
-        return None, f"drgn cannot attach to the running kernel ({err}): RAM scanned for the KHO FDT"
+    except Exception as err:  # noqa: BLE001 - no kcore, not root, a kernel drgn does not know
+        return None, f"drgn cannot attach to the running kernel ({type(err).__name__}: {err}): RAM scanned for the KHO FDT"
     try:
         prog.load_default_debug_info()
     except drgn.MissingDebugInfoError as err:
         return prog, f"drgn: {str(err).splitlines()[0]}"
-    except (OSError, ValueError) as err:
-        return prog, f"drgn could not load debug info ({err})"
+    except Exception as err:  # noqa: BLE001 - as above: the variables are then simply not found
+        return prog, f"drgn could not load debug info ({type(err).__name__}: {err})"
     return prog, None
 
 

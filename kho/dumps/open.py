@@ -25,9 +25,9 @@ import numpy as np
 from kho.dumps.debugfs import DebugfsHandover, read_debugfs
 from kho.dumps.find import DumpHandover, FdtCandidate, Handoff, classify, find_handover
 from kho.dumps.memory import DumpMemory
-from kho.dumps.sources import ELF_MAGIC, ZSTD_MAGIC, ElfSource, PageScan, RawSource, Source, ZstdSource
+from kho.dumps.sources import ELF_MAGIC, KDUMP_SIGNATURES, ZSTD_MAGIC, ElfSource, PageScan, RawSource, Source, ZstdSource
 from kho.encodings import known_compatibles
-from kho.errors import KHOError
+from kho.errors import KHOError, KHOFormatError
 from kho.handover.imagefile import IMAGE_MAGIC, LoadedImage, load_image
 from kho.memory.geometry import PageGeometry
 from kho.memory.physical import Bank, PhysicalMemory
@@ -193,6 +193,11 @@ def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence
             image = load_image(file)
             file.close()
             return ImageDump(path, image)
+        kdump = next((what for sig, what in KDUMP_SIGNATURES.items() if head.startswith(sig)), None)
+        if kdump:
+            raise KHOFormatError("signature", f"{path}: a makedumpfile {kdump}, which kho does not read: write it as "
+                                              "an ELF vmcore (makedumpfile -E, or -R to rebuild a flattened one first)",
+                                 0, where="offset")
         if head[:4] == ZSTD_MAGIC:
             source: Source = ZstdSource(path, page_size, base or 0, file)
         elif head[:4] == ELF_MAGIC:

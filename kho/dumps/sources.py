@@ -51,6 +51,11 @@ PT_LOAD = "PT_LOAD"
 #: First four bytes of a zstd frame and of an ELF file.
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ELF_MAGIC = b"\x7fELF"
+#: First bytes of makedumpfile's own formats, which kho does not read (their pages are
+#: compressed one by one, and filtered): the kdump-compressed header's signature (and the
+#: older diskdump's), and the flattened format's header.
+KDUMP_SIGNATURES = {b"KDUMP   ": "kdump-compressed vmcore", b"DISKDUMP": "diskdump vmcore",
+                    b"makedumpfile": "flattened makedumpfile vmcore"}
 
 
 @dataclass
