@@ -43,18 +43,37 @@ def dumps(tmp_path_factory):
     return {"raw": d / "mem.raw", "zstd": d / "mem.raw.zst", "elf": d / "mem.elf", "fixture": FIXTURE}
 
 
+#: Where /proc/kcore maps the kernel text on x86_64 (``__START_KERNEL_map`` + 16 MiB), and the
+#: physical address and size of the text the kcore-like file maps there.
+KERNEL_TEXT_VADDR, KERNEL_TEXT_PHYS, KERNEL_TEXT_SIZE = 0xFFFFFFFF81000000, 0x1000000, 2 << 20
+
+
+def elf_note(name: bytes, note_type: int, desc: bytes) -> bytes:
+    """One ELF note: namesz, descsz, type, then the NUL-terminated name and the descriptor,
+    each padded to 4 bytes."""
+    name += b"\0"
+    pad = lambda b: b + bytes(-len(b) % 4)  # noqa: E731
+    return len(name).to_bytes(4, "little") + len(desc).to_bytes(4, "little") + note_type.to_bytes(4, "little") + pad(name) + pad(desc)
+
+
 def kcore_like(memory, path: Path) -> None:
-    """An ELF core as /proc/kcore lays it out: the RAM segment at its linear-map virtual
-    address with its p_paddr, then a vmalloc-like segment without a physical address."""
+    """An ELF core as /proc/kcore lays it out (fs/proc/kcore.c): a PT_NOTE (CORE prstatus,
+    VMCOREINFO), then one PT_LOAD per RAM range at its linear-map address with its p_paddr,
+    the kernel text at __START_KERNEL_map with p_paddr = its physical address (the same
+    memory as RAM, mapped twice), and vmalloc and vmemmap segments whose p_paddr is -1."""
     ps = memory.page_size
-    write_elf_core(memory, path, segments=[(b.start, b.size) for b in memory.banks] + [(0, ps)])
+    note = elf_note(b"CORE", 1, bytes(336)) + elf_note(b"VMCOREINFO", 0, b"OSRELEASE=7.3.0-rc7\nPAGESIZE=4096\n")
+    ram = [(b.start, b.size) for b in memory.banks]
+    write_elf_core(memory, path, segments=ram + [(KERNEL_TEXT_PHYS, KERNEL_TEXT_SIZE), (0, ps), (0, ps)], note=note)
     data = bytearray(path.read_bytes())
-    phoff = ELF64_EHDR.size
-    for i in range(len(memory.banks) + 1):
-        at = phoff + i * ELF64_PHDR.size
+    unmapped = {len(ram) + 1: 0xFFFFC90000000000, len(ram) + 2: 0xFFFFEA0000000000}  # vmalloc, vmemmap
+    for i in range(len(ram) + 3):
+        at = ELF64_EHDR.size + (i + 1) * ELF64_PHDR.size  # header 0 is the PT_NOTE
         p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = ELF64_PHDR.unpack_from(data, at)
-        if i == len(memory.banks):
-            p_vaddr, p_paddr = 0xFFFFC90000000000, (1 << 64) - 1
+        if i in unmapped:
+            p_vaddr, p_paddr = unmapped[i], (1 << 64) - 1
+        elif i == len(ram):
+            p_vaddr = KERNEL_TEXT_VADDR
         else:
             p_vaddr = PAGE_OFFSET + p_paddr
         ELF64_PHDR.pack_into(data, at, p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align)
@@ -152,7 +171,7 @@ def test_live_reads_a_kcore_like_file(capsys, tmp_path, monkeypatch, dumps):
     code, out, err = run(capsys, "dump", "--live", "--json")
     report = json.loads(out)
     assert code == 0 and report["source"]["format"] == "elf" and report["fdt_phys"] == 0x344000
-    assert "1 without a physical address skipped" in report["source"]["description"]
+    assert "2 without a physical address skipped" in report["source"]["description"]
     assert sum(report["units_by_order"].values()) == 141
     # /proc/kcore cannot be mapped: the scan reads its windows instead, to the same result
     scans = []
