@@ -13,7 +13,7 @@ from kho.abi.elf import ELF64_EHDR, ELF64_PHDR
 from kho.cli.main import main
 from kho.dumps import open_dump
 from kho.dumps.cut import cut, referenced_pages
-from kho.dumps.writers import write_elf_core, write_raw, write_zstd
+from kho.dumps.writers import elf_note, write_elf_core, write_raw, write_zstd
 from kho.handover.imagefile import save_image
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "linux-7.3-x86_64"
@@ -46,14 +46,6 @@ def dumps(tmp_path_factory):
 #: Where /proc/kcore maps the kernel text on x86_64 (``__START_KERNEL_map`` + 16 MiB), and the
 #: physical address and size of the text the kcore-like file maps there.
 KERNEL_TEXT_VADDR, KERNEL_TEXT_PHYS, KERNEL_TEXT_SIZE = 0xFFFFFFFF81000000, 0x1000000, 2 << 20
-
-
-def elf_note(name: bytes, note_type: int, desc: bytes) -> bytes:
-    """One ELF note: namesz, descsz, type, then the NUL-terminated name and the descriptor,
-    each padded to 4 bytes."""
-    name += b"\0"
-    pad = lambda b: b + bytes(-len(b) % 4)  # noqa: E731
-    return len(name).to_bytes(4, "little") + len(desc).to_bytes(4, "little") + note_type.to_bytes(4, "little") + pad(name) + pad(desc)
 
 
 def kcore_like(memory, path: Path) -> None:
@@ -217,7 +209,7 @@ def bad_inputs(tmp_path: Path) -> dict:
     (tmp_path / "debugfs" / "fdt").write_bytes((FIXTURES / "kho-fdt-0x344000.dtb").read_bytes())
     return {"empty": "empty file", "short": "less than one", "cut.zst": "zstd", "exe": "not a core dump",
             "zeros": "no KHO FDT", "debugfs": "debugfs directory", "missing": "no such file",
-            "vmcore.kdump": "makedumpfile -E", "vmcore.flat": "flattened makedumpfile vmcore"}
+            "vmcore.kdump": "block_size", "vmcore.flat": "flattened makedumpfile vmcore"}
 
 
 def test_dump_of_debugfs(capsys, tmp_path):

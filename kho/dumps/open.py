@@ -24,6 +24,7 @@ import numpy as np
 
 from kho.dumps.debugfs import DebugfsHandover, read_debugfs
 from kho.dumps.find import DumpHandover, FdtCandidate, Handoff, classify, find_handover
+from kho.dumps.kdump import KDUMP_SIGNATURE, KdumpSource
 from kho.dumps.memory import DumpMemory
 from kho.dumps.sources import ELF_MAGIC, KDUMP_SIGNATURES, ZSTD_MAGIC, ElfSource, PageScan, RawSource, Source, ZstdSource
 from kho.encodings import known_compatibles
@@ -194,12 +195,16 @@ def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence
             file.close()
             return ImageDump(path, image)
         kdump = next((what for sig, what in KDUMP_SIGNATURES.items() if head.startswith(sig)), None)
-        if kdump:
-            raise KHOFormatError("signature", f"{path}: a makedumpfile {kdump}, which kho does not read: write it as "
-                                              "an ELF vmcore (makedumpfile -E, or -R to rebuild a flattened one first)",
+        if head.startswith(KDUMP_SIGNATURE):
+            if base is not None:
+                raise KHOError("EINVAL", f"{path}: a kdump-compressed vmcore carries its own physical addresses (no base)")
+            source: Source = KdumpSource(path, page_size, file)
+        elif kdump:
+            raise KHOFormatError("signature", f"{path}: a {kdump}, which kho does not read: rebuild it with "
+                                              "makedumpfile -R, or write an ELF vmcore (makedumpfile -E)",
                                  0, where="offset")
-        if head[:4] == ZSTD_MAGIC:
-            source: Source = ZstdSource(path, page_size, base or 0, file)
+        elif head[:4] == ZSTD_MAGIC:
+            source = ZstdSource(path, page_size, base or 0, file)
         elif head[:4] == ELF_MAGIC:
             if base is not None:
                 raise KHOError("EINVAL", f"{path}: an ELF core carries its own physical addresses (no base)")

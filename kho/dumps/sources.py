@@ -42,6 +42,9 @@ from kho.errors import KHOError, KHOFormatError
 
 #: Bytes read at once when scanning a raw or ELF file (bounds the scan's host memory).
 SCAN_CHUNK_BYTES = 16 << 20
+#: Bytes at the start of a page the scan tests: the FDT magic at 0, an x86 boot_params'
+#: ``boot_flag`` and ``header`` below this.
+SCAN_PREFIX_BYTES = BOOT_PARAMS_HEADER_OFFSET + 4
 #: Pages decompressed, tested for zeros and recompressed together by :class:`ZstdSource`.
 ZSTD_BLOCK_PAGES = 64
 #: Decompressed zstd blocks kept for reads.
@@ -51,11 +54,9 @@ PT_LOAD = "PT_LOAD"
 #: First four bytes of a zstd frame and of an ELF file.
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ELF_MAGIC = b"\x7fELF"
-#: First bytes of makedumpfile's own formats, which kho does not read (their pages are
-#: compressed one by one, and filtered): the kdump-compressed header's signature (and the
-#: older diskdump's), and the flattened format's header.
-KDUMP_SIGNATURES = {b"KDUMP   ": "kdump-compressed vmcore", b"DISKDUMP": "diskdump vmcore",
-                    b"makedumpfile": "flattened makedumpfile vmcore"}
+#: First bytes of makedumpfile's formats kho does not read: the older diskdump's header, and
+#: the flattened format's (written to a pipe; ``makedumpfile -R`` rebuilds the dump).
+KDUMP_SIGNATURES = {b"DISKDUMP": "diskdump vmcore", b"makedumpfile": "flattened makedumpfile vmcore"}
 
 
 @dataclass
@@ -74,19 +75,25 @@ class PageScan:
         if count <= 0:
             return
         words = np.frombuffer(data, dtype=np.uint8, count=count * page_size, offset=offset).reshape(count, page_size)
-        magic = words[:, :4].view(">u4")[:, 0]
         starts = np.uint64(phys) + np.arange(count, dtype=np.uint64) * np.uint64(page_size)
+        self.add_prefixes(starts, words)
+        self.scanned_bytes += count * page_size
+        del words  # no view of ``data`` outlives the call (an mmap can be closed)
+
+    def add_prefixes(self, starts: np.ndarray, prefixes: np.ndarray) -> None:
+        """Scan pages given by their phys ``starts`` (uint64) and their first bytes, one row of
+        ``prefixes`` (uint8) each, :data:`SCAN_PREFIX_BYTES` or more (a row of fewer bytes is
+        tested for the FDT magic only).  O(rows), vectorized."""
+        magic = prefixes[:, :4].copy().view(">u4")[:, 0]
         hits = np.flatnonzero(magic == FDT_MAGIC)
         if hits.size:
             self.fdt = np.concatenate([self.fdt, starts[hits]])
-        if page_size > BOOT_PARAMS_HEADER_OFFSET + 4:
-            header = words[:, BOOT_PARAMS_HEADER_OFFSET:BOOT_PARAMS_HEADER_OFFSET + 4].view("<u4")[:, 0]
-            flag = words[:, BOOT_PARAMS_BOOT_FLAG_OFFSET:BOOT_PARAMS_BOOT_FLAG_OFFSET + 2].view("<u2")[:, 0]
+        if prefixes.shape[1] >= SCAN_PREFIX_BYTES:
+            header = prefixes[:, BOOT_PARAMS_HEADER_OFFSET:BOOT_PARAMS_HEADER_OFFSET + 4].copy().view("<u4")[:, 0]
+            flag = prefixes[:, BOOT_PARAMS_BOOT_FLAG_OFFSET:BOOT_PARAMS_BOOT_FLAG_OFFSET + 2].copy().view("<u2")[:, 0]
             hits = np.flatnonzero((header == SETUP_HEADER_MAGIC) & (flag == BOOT_FLAG))
             if hits.size:
                 self.boot_params = np.concatenate([self.boot_params, starts[hits]])
-        self.scanned_bytes += count * page_size
-        del words, magic  # no view of ``data`` outlives the call (an mmap can be closed)
 
 
 class Source:

@@ -23,7 +23,7 @@ from kho.abi.setup_data import BOOT_FLAG, BOOT_PARAMS_DTYPE, KHO_DATA_DTYPE, SET
 from kho.devicetree import build_boot_dtb
 from kho.devicetree.flat import new_tree, to_dtb
 from kho.devicetree.layout import FDT_HEADER, FDT_HEADER_FIELDS
-from kho.dumps.writers import page_runs, write_elf_core, write_zstd
+from kho.dumps.writers import page_runs, write_elf_core, write_kdump, write_zstd
 from kho.handover.imagefile import save_image
 from kho.handover.outgoing import KHO, Handover
 from kho.handover.scratch_array import pack_scratch_array
@@ -74,10 +74,12 @@ def chosen_one_cell() -> bytes:
 
 def dump_seeds(h: Handover) -> list[bytes]:
     """Dumps of a handover: zstd-compressed raw, an ELF core of the pages it holds (one
-    ``PT_LOAD`` a page run), and a three-page raw dump: the KHO FDT, an x86 ``boot_params``
-    and its ``setup_data`` node naming the FDT (the map itself is not in it)."""
-    zst, elf = io.BytesIO(), io.BytesIO()
+    ``PT_LOAD`` a page run), a kdump-compressed vmcore (zlib), and a three-page raw dump: the
+    KHO FDT, an x86 ``boot_params`` and its ``setup_data`` node naming the FDT (the map
+    itself is not in it)."""
+    zst, elf, kdump = io.BytesIO(), io.BytesIO(), io.BytesIO()
     write_zstd(h.memory, zst)
+    write_kdump(h.memory, kdump)
     write_elf_core(h.memory, elf, segments=[(phys, len(data)) for phys, data in page_runs(h.memory)])
     params = np.zeros(1, BOOT_PARAMS_DTYPE)
     params["hdr"][["boot_flag", "header", "setup_data"]] = (BOOT_FLAG, SETUP_HEADER_MAGIC, 2 * PS)
@@ -86,7 +88,7 @@ def dump_seeds(h: Handover) -> list[bytes]:
     kho[0] = (0, PS, 2 * PS + 64, 32)
     scratch = np.array([(0, PS), (PS, PS)], np.uint64).tobytes()
     raw = fdt_blob(h).ljust(PS, b"\0") + params.tobytes() + (node.tobytes() + kho.tobytes()).ljust(64, b"\0") + scratch
-    return [zst.getvalue(), elf.getvalue(), raw.ljust(3 * PS, b"\0")]
+    return [zst.getvalue(), elf.getvalue(), kdump.getvalue(), raw.ljust(3 * PS, b"\0")]
 
 
 @lru_cache(maxsize=None)
