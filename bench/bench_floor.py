@@ -40,7 +40,6 @@ import argparse
 import gc
 import json
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_MEMORY_MAP_PROP_NAME, KHO_PAGE_INFO_DTYPE, KHO_PAGE_MAGIC
 from kho.benchmark.environment import machine_info
+from kho.benchmark.scale import peak_rss
 from kho.currentkernel.machine import Machine
 from kho.currentkernel.radix_tracker import RadixTracker
 from kho.currentkernel.tracker import Tracker
@@ -340,11 +340,6 @@ def run(ram: int, preserve: int, runs: int, seed: int) -> dict:
 
 # -- the 1 TiB end-to-end run ------------------------------------------------------------------
 SCALE_PATHS = {"instruction": ("instructions", "instructions"), "memblock": ("kho-v2", "memblock")}
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size so far, bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def scale_child(path: str, ram: int, preserve: int, seed: int) -> dict:

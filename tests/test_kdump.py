@@ -239,3 +239,26 @@ def test_ram_bitmap_is_the_extent(written):
     with open_dump(written["lzo"]) as dump:
         assert dump.source.extents == [(0, 512 << 20)]
         assert np.array_equal(dump.memory.read(FDT, 4), bytes.fromhex("d00dfeed"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=1, max_size=3 * 64 * 1024 + 70).map(np.array),
+       lo=st.integers(0, 1 << 18), hi=st.integers(0, 1 << 18), dense=st.booleans())
+def test_bitmap_helpers_agree_with_unpacked_bits(bits, lo, hi, dense):
+    """The chunked bitmap helpers against plain numpy on the unpacked bits, across chunk ends."""
+    from kho.dumps.kdump import _mask_outside, _runs, _set_bits
+    if dense:
+        bits = np.ones(bits.size, bool) ^ (np.arange(bits.size) % 977 == 0)
+    bits = np.concatenate([bits, np.zeros(-bits.size % 64, bool)])
+    words = np.packbits(bits, bitorder="little").view("<u8").copy()
+    lo, hi = min(lo, hi), max(lo, hi)
+    masked = bits.copy()
+    masked[:lo] = masked[hi:] = False
+    assert np.array_equal(np.unpackbits(_mask_outside(words, lo, hi).view(np.uint8), bitorder="little").astype(bool),
+                          masked)
+    rank = np.concatenate([[0], np.cumsum([bin(int(w)).count("1") for w in words])])
+    chunks = list(_set_bits(words, rank))
+    assert np.array_equal(np.concatenate([c for c, _ in chunks] or [np.empty(0, np.int64)]), np.flatnonzero(bits))
+    assert all(r == int(np.count_nonzero(bits[:c[0]])) for c, r in chunks)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], bits.astype(np.int8), [0]])))
+    assert _runs(words, 4096) == [(int(s) * 4096, int(e) * 4096) for s, e in zip(edges[0::2], edges[1::2])]

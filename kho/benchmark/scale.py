@@ -39,7 +39,17 @@ TARGET_RSS = 8 << 30
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes (Linux reports KiB)."""
+    """This process's peak resident set size so far, in bytes: ``VmHWM`` of
+    ``/proc/self/status`` where there is one, else ``ru_maxrss``.  (Linux carries
+    ``ru_maxrss`` over a fork and exec, so a child started by a large parent would report
+    the parent's peak; ``VmHWM`` belongs to the child's own address space.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -253,20 +253,28 @@ class KdumpSource(Source):
         bs = self.page_size
         scan = PageScan()
         seen: dict[tuple[int, int], bytes] = {}
-        pfns = _set_bits(self._dumped)
-        for lo in range(0, self.dumped_pages, SCAN_DESCRIPTORS):
-            chunk = pfns[lo:lo + SCAN_DESCRIPTORS]
-            raw = self._pread(self._desc_at + lo * PAGE_DESC.itemsize, chunk.size * PAGE_DESC.itemsize, "page_desc")
+        for chunk, rank in _set_bits(self._dumped, self._rank):
+            raw = self._pread(self._desc_at + rank * PAGE_DESC.itemsize, chunk.size * PAGE_DESC.itemsize, "page_desc")
             descs = np.frombuffer(raw, PAGE_DESC, count=chunk.size)
-            prefixes = np.zeros((chunk.size, SCAN_PREFIX_BYTES), np.uint8)
-            for i, (pfn, desc) in enumerate(zip(chunk.tolist(), descs)):
-                key = (int(desc["offset"]), int(desc["size"]))
+            # one decompression per distinct stored page (all the zero pages share one)
+            keys, first, inverse = np.unique(descs["offset"], return_index=True, return_inverse=True)
+            rows = np.zeros((keys.size, SCAN_PREFIX_BYTES), np.uint8)
+            for k, i in enumerate(first.tolist()):
+                key = (int(descs["offset"][i]), int(descs["size"][i]))
                 prefix = seen.get(key)
                 if prefix is None:
-                    prefix = self._page(pfn, desc, limit=SCAN_PREFIX_BYTES)[:SCAN_PREFIX_BYTES]
+                    prefix = self._page(int(chunk[i]), descs[i], limit=SCAN_PREFIX_BYTES)[:SCAN_PREFIX_BYTES]
                     if len(seen) < 4096:  # shared data is the zero page, in practice: few keys
                         seen[key] = prefix
-                prefixes[i] = np.frombuffer(prefix, np.uint8)
+                rows[k] = np.frombuffer(prefix, np.uint8)
+            prefixes = rows[inverse.reshape(-1)]
+            if keys.size < chunk.size:  # shared data: every sharer must describe it the same way
+                same = (descs["size"] == descs["size"][first][inverse.reshape(-1)]) & \
+                       (descs["flags"] == descs["flags"][first][inverse.reshape(-1)])
+                if not same.all():
+                    bad = int(chunk[np.flatnonzero(~same)[0]]) * bs
+                    raise KHOFormatError("page_desc", f"{self.path}: page {bad:#x} shares its data's offset with "
+                                         "another page but not its size or compression", bad)
             scan.add_prefixes(chunk.astype(np.uint64) * np.uint64(bs), prefixes)
             scan.scanned_bytes += chunk.size * bs
         self._scan = scan
@@ -278,19 +286,41 @@ class KdumpSource(Source):
 
 def _mask_outside(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """``words`` (a bitmap of 64-bit words) with the bits outside ``[lo, hi)`` cleared.  O(words)."""
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-    bits[:max(lo, 0)] = 0
-    bits[max(hi, 0):] = 0
-    return np.packbits(bits, bitorder="little").view("<u8").copy()
+    out = words.copy()
+    lo, hi = max(lo, 0), max(hi, lo, 0)
+    out[:lo // 64] = 0
+    out[-(-hi // 64):] = 0
+    if lo % 64 and lo // 64 < out.size:
+        out[lo // 64] &= np.uint64(~((1 << (lo % 64)) - 1) & (2**64 - 1))
+    if hi % 64 and hi // 64 < out.size:
+        out[hi // 64] &= np.uint64((1 << (hi % 64)) - 1)
+    return out
 
 
-def _set_bits(words: np.ndarray) -> np.ndarray:
-    """The indices (pfns) of the set bits, ascending (int64).  O(bits)."""
-    return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")).astype(np.int64)
+#: Words of a bitmap unpacked at once (65,536 pfns): bounds the host memory of the helpers below.
+BITMAP_CHUNK_WORDS = SCAN_DESCRIPTORS // 64
+
+
+def _set_bits(words: np.ndarray, rank: np.ndarray):
+    """``(pfns, rank)`` for every :data:`BITMAP_CHUNK_WORDS` words holding set bits: their
+    indices (int64, ascending) and how many set bits come before them (``rank``: set bits
+    before each word).  O(bits / 8) in chunks."""
+    for w in range(0, words.size, BITMAP_CHUNK_WORDS):
+        part = words[w:w + BITMAP_CHUNK_WORDS]
+        if part.any():
+            pfns = np.flatnonzero(np.unpackbits(part.view(np.uint8), bitorder="little")).astype(np.int64) + w * 64
+            yield pfns, int(rank[w])
 
 
 def _runs(words: np.ndarray, page_size: int) -> list[tuple[int, int]]:
-    """The runs of set bits as ``[start, end)`` physical ranges in bytes.  O(bits)."""
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], bits, [0]])))
-    return [(int(s) * page_size, int(e) * page_size) for s, e in zip(edges[0::2], edges[1::2])]
+    """The runs of set bits as ``[start, end)`` physical ranges in bytes.  O(bits / 8) in chunks."""
+    runs: list[list[int]] = []
+    for w in range(0, words.size, BITMAP_CHUNK_WORDS):
+        bits = np.unpackbits(words[w:w + BITMAP_CHUNK_WORDS].view(np.uint8), bitorder="little").astype(np.int8)
+        edges = (np.flatnonzero(np.diff(np.concatenate([[0], bits, [0]]))) + w * 64).tolist()
+        for start, end in zip(edges[0::2], edges[1::2]):
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = end  # a run across the chunk boundary
+            else:
+                runs.append([start, end])
+    return [(start * page_size, end * page_size) for start, end in runs]

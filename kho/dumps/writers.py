@@ -200,13 +200,13 @@ def write_kdump(memory: PhysicalMemory, out: PathOrFile, *, compression: str = "
     data_at = desc_at + pfns.size * PAGE_DESC.itemsize
     descs["offset"], descs["size"] = data_at, ps  # the zero page, stored first
     stored = [bytes(ps)]
-    position = {int(p): i for i, p in enumerate(pfns.tolist())}
     at = data_at + ps
     for phys, run in page_runs(memory):
         for k in range(0, len(run), ps):
-            index = position.get((phys + k) // ps)
+            pfn = (phys + k) // ps
+            index = int(np.searchsorted(pfns, pfn))
             page = run[k:k + ps]
-            if index is None or not any(page):
+            if index == pfns.size or pfns[index] != pfn or not any(page):
                 continue
             packed = compress(page) if compress else page
             page_flag = flag if len(packed) < ps else 0
