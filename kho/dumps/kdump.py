@@ -21,9 +21,9 @@ Only 64-bit little-endian dumps are read (KHO runs on x86_64 and arm64).  Librar
 the ``python-lzo`` binding has no wheel), snappy through ``cramjam``, zstd through
 ``zstandard``.
 
-Host memory: the second bitmap and a count of its set bits per 64-bit word (about 2.25
-bits per page of RAM: 4.5 MiB for 64 GiB), plus a few decompressed pages; descriptors
-and data are read with ``pread`` when needed.  A read of a page the dump level excluded is
+Host memory: the second bitmap and a count of its set bits per 64-bit word (2 bits per
+page of RAM: 4 MiB for 64 GiB), plus a few decompressed pages; descriptors and data are
+read with ``pread`` when needed, the scan's in chunks of :data:`SCAN_DESCRIPTORS`.  A read of a page the dump level excluded is
 a KHOFormatError naming the page and the level, never zeros taken for its contents.
 Units: ``phys`` and sizes in bytes, ``pfn`` in pages.
 """
