@@ -245,6 +245,7 @@ def run(profiles: dict[str, FitReport], units: tuple[int, ...] = CURVE_UNITS, sc
             "crossings": {"1 s": crossing(costs, 1.0), "1 min": crossing(costs, 60.0)},
             "held_out": held_out(costs),
             "fit": [r.to_dict() for r in report.rows if r.label in {p["run"] for p in out["measured"]}],
+            "notes": list(report.profile.notes),
         }
     if scale is not None and "stingray" in profiles:
         step("stingray: 16 GiB random in 64 GiB, end to end")
@@ -289,6 +290,7 @@ def markdown(res: dict, machine_line: str) -> str:
                 lines.append(f"| {r['label']} | {r['quantity']} | {r['measured']:.4g} s | {r['modelled']:.4g} s | "
                              f"{r['error']:+.1%} |")
             lines.append("")
+            lines += [f"Note: {n}.\n" for n in p.get("notes", [])]
         lines.append("| constant | seconds | derivation |")
         lines.append("|---|---:|---|")
         for key, value in p["next_kernel"].items():

@@ -206,8 +206,8 @@ def run_speed_note(timing: dict) -> str | None:
         return None
     spread, slow, fast, a, b = worst
     return (f"{slow} and {fast} do the same work per unit, yet getting the page (no memblock call) took "
-            f"{a * 1e9:.0f} and {b * 1e9:.0f} ns a unit: the emulator ran {spread:.0%} faster in one, which "
-            f"no count of the kernel's work can follow: the fit cannot hold both within 10 %")
+            f"{a * 1e9:.0f} and {b * 1e9:.0f} ns a unit: the emulator ran {spread:.0%} faster in one; no count "
+            f"of the kernel's work can follow that, so the fit cannot hold both within 10 %")
 
 
 def _with_next_kernel(report: FitReport, given: dict[str, float], fitted: tuple | None = None) -> FitReport:
