@@ -264,3 +264,19 @@ def test_the_full_shared_dump_through_dump_check_extract_and_boot(capsys, tmp_pa
     restores = {s["name"]: s for s in json.loads(out)["subnodes"]}
     assert code == 0 and all(s["restored"] for s in restores.values()), restores
     assert restores["kho_test"]["computed"] == restores["kho_test"]["csum"]
+
+
+def test_elf_page_size_comes_from_vmcoreinfo(capsys, tmp_path, dumps):
+    """An ELF core with a VMCOREINFO note (a vmcore, /proc/kcore) says its page size: used when
+    none is given, refused when another is."""
+    with open_dump(dumps["raw"]) as dump:
+        memory = cut(dump.memory, referenced_pages(dump.handover(), dump.page_size))
+    kcore_like(memory, tmp_path / "kcore")
+    with open_dump(tmp_path / "kcore") as core:
+        assert core.page_size == 4096 and core.source.vmcoreinfo["OSRELEASE"] == "7.3.0-rc7"
+    code, out, err = run(capsys, "units", tmp_path / "kcore", "--page-size", "16K")
+    assert code == 3 and not out and "VMCOREINFO says PAGESIZE=4096, not 16384" in err and err.count("\n") == 1
+    raw = (tmp_path / "kcore").read_bytes().replace(b"PAGESIZE=4096", b"PAGESIZE=8192")
+    (tmp_path / "odd").write_bytes(raw)
+    code, out, err = run(capsys, "units", tmp_path / "odd")
+    assert code == 3 and "PAGESIZE=8192: kho reads 4K, 16K and 64K pages" in err and err.count("\n") == 1

@@ -140,8 +140,10 @@ def test_split_file_holds_its_range(tmp_path, memory):
             dump.memory.read(FDT, 4096)
 
 
-def test_page_size_must_match(tmp_path, written):
-    with pytest.raises(KHOError, match="--page-size 4096"):
+def test_page_size_is_the_block_size(tmp_path, written):
+    with open_dump(written["zlib"]) as dump:
+        assert dump.page_size == 4096
+    with pytest.raises(KHOError, match="4096-byte pages, not 16384"):
         open_dump(written["zlib"], page_size=16384)
 
 

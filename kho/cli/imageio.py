@@ -63,7 +63,8 @@ def add_path_options(p: argparse.ArgumentParser) -> None:
                    help="RAM as START-END (inclusive, as /proc/iomem) or START+SIZE, comma-separated "
                         "(default: what the dump covers)")
     p.add_argument("--page-size", type=page_size_arg, default=None,
-                   help="the dumped kernel's page size (default 4K; with --live and drgn, the kernel's)")
+                   help="the dumped kernel's page size (default: what the dump says — a kdump-compressed "
+                        "vmcore's block size, an ELF core's VMCOREINFO — else 4K)")
 
 
 def open_path(args) -> Dump | DebugfsHandover:
@@ -74,7 +75,7 @@ def open_path(args) -> Dump | DebugfsHandover:
         if args.base is not None:
             raise KHOError("EINVAL", "--live reads physical addresses from /proc/kcore (no --base)")
         return open_live(ram=args.ram, page_size=args.page_size, use_drgn=args.drgn)
-    return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size or 4096)
+    return open_dump(args.path, base=args.base, ram=args.ram, page_size=args.page_size)
 
 
 def open_memory_dump(args, command: str) -> Dump:

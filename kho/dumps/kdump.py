@@ -92,7 +92,8 @@ def _text(raw: bytes) -> str:
 
 
 class KdumpSource(Source):
-    """A kdump-compressed vmcore (see the module docstring).  Opening reads the headers and
+    """A kdump-compressed vmcore (see the module docstring); its page size is its block size
+    (``page_size``, when given, must be that).  Opening reads the headers and
     the bitmaps (O(RAM pages / 8) bytes) and checks them; :meth:`read` decompresses the
     pages it touches (O(1) each); :meth:`scan` every dumped page's first bytes, once
     (O(dumped pages), zero pages once).  Malformed input is a KHOFormatError naming the
@@ -100,8 +101,8 @@ class KdumpSource(Source):
 
     format = "kdump"
 
-    def __init__(self, path, page_size: int, file: BinaryIO):
-        super().__init__(path, page_size)
+    def __init__(self, path, page_size: int | None, file: BinaryIO):
+        super().__init__(path, page_size or 0)
         self.file = file
         self.file_size = os.fstat(file.fileno()).st_size
         head = self._pread(0, DISK_DUMP_HEADER.itemsize, "disk_dump_header")
@@ -112,8 +113,9 @@ class KdumpSource(Source):
         if bs not in (4096, 16384, 65536):
             raise KHOFormatError("disk_dump_header.block_size", f"{self.path}: {bs}-byte pages: kho reads 4K, 16K and "
                                  "64K pages", 428, where="offset")
-        if bs != page_size:
-            raise KHOError("EINVAL", f"{self.path}: a kdump-compressed vmcore of {bs}-byte pages: give --page-size {bs}")
+        if page_size not in (None, bs):
+            raise KHOError("EINVAL", f"{self.path}: a kdump-compressed vmcore of {bs}-byte pages, not {page_size}")
+        self.page_size = bs
         if not 1 <= self.header_version <= 64:
             raise KHOFormatError("disk_dump_header.header_version", f"{self.path}: version {self.header_version}",
                                  8, where="offset")

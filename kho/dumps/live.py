@@ -204,7 +204,7 @@ class LiveDump(Dump):
 def open_live(*, ram=None, page_size: int | None = None, use_drgn: bool = True, program=None) -> LiveDump:
     """The running kernel's handover (see the module docstring): ``/proc/kcore`` (or
     ``$KHO_KCORE``) for memory, read as :func:`~kho.dumps.open_dump` reads an ELF core with
-    ``ram`` and ``page_size`` (default: the kernel's, from drgn, else 4096); with
+    ``ram`` and ``page_size`` (default: the kernel's, from drgn, else kcore's VMCOREINFO); with
     ``use_drgn`` the kernel's variables through ``program`` (a drgn program; default the
     running kernel's, :func:`kernel_program`).
 
@@ -233,7 +233,7 @@ def open_live(*, ram=None, page_size: int | None = None, use_drgn: bool = True, 
             if kernel.enabled is False:
                 raise KHOError("EOPNOTSUPP", f"--live: the running kernel has KHO disabled "
                                              f"({kernel.read_from['enabled']} is false; boot with kho=on)")
-    dump = open_dump(path, ram=ram, page_size=page_size or (kernel.page_size if kernel else None) or 4096)
+    dump = open_dump(path, ram=ram, page_size=page_size or (kernel.page_size if kernel else None))
     if not isinstance(dump, Dump) or dump.format != "elf":
         dump.close()
         raise KHOError("EINVAL", f"--live: {path} is not an ELF core like /proc/kcore")

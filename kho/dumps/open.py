@@ -22,6 +22,7 @@ from typing import Sequence
 import msgpack
 import numpy as np
 
+from kho.devicetree.khofdt import DEFAULT_PAGE_SIZE
 from kho.dumps.debugfs import DebugfsHandover, read_debugfs
 from kho.dumps.find import DumpHandover, FdtCandidate, Handoff, classify, find_handover
 from kho.dumps.kdump import KDUMP_SIGNATURE, KdumpSource
@@ -164,13 +165,16 @@ def _banks(source: Source, ram: Sequence | None, page_size: int) -> list[Bank]:
 
 
 def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence | None = None,
-              page_size: int = 4096) -> Dump | DebugfsHandover:
+              page_size: int | None = None) -> Dump | DebugfsHandover:
     """Open a dump or a debugfs directory (see the module docstring).  ``base``: the phys of a
     raw (or zstd raw) dump's first byte (default 0); ``ram``: the RAM ranges, ``(start,
-    size)`` in bytes; ``page_size``: the dumped kernel's page size.  KHOError(ENOENT) for a
+    size)`` in bytes; ``page_size``: the dumped kernel's page size (default: what the dump
+    says — a kdump-compressed vmcore's block size, an ELF core's VMCOREINFO ``PAGESIZE`` —
+    else 4096; given, it must agree with what the dump says).  KHOError(ENOENT) for a
     missing path, KHOFormatError naming what was recognised for a damaged file."""
     path = os.fspath(path)
-    PageGeometry(page_size)
+    if page_size is not None:
+        PageGeometry(page_size)
     if os.path.isdir(path):
         if base is not None or ram is not None:
             raise KHOError("EINVAL", f"{path}: a debugfs directory has no physical addresses (no base or RAM)")
@@ -204,14 +208,14 @@ def open_dump(path: str | os.PathLike, *, base: int | None = None, ram: Sequence
                                               "makedumpfile -R, or write an ELF vmcore (makedumpfile -E)",
                                  0, where="offset")
         elif head[:4] == ZSTD_MAGIC:
-            source = ZstdSource(path, page_size, base or 0, file)
+            source = ZstdSource(path, page_size or DEFAULT_PAGE_SIZE, base or 0, file)
         elif head[:4] == ELF_MAGIC:
             if base is not None:
                 raise KHOError("EINVAL", f"{path}: an ELF core carries its own physical addresses (no base)")
             source = ElfSource(path, page_size, file)
         else:
-            source = RawSource(path, page_size, base or 0, file)
-        memory = DumpMemory(source, _banks(source, ram, page_size), page_size)
+            source = RawSource(path, page_size or DEFAULT_PAGE_SIZE, base or 0, file)
+        memory = DumpMemory(source, _banks(source, ram, source.page_size), source.page_size)
     except BaseException:
         file.close()
         raise

@@ -240,19 +240,23 @@ class RawSource(_FileSource):
 
 
 class ElfSource(_FileSource):
-    """An ELF core's ``PT_LOAD`` segments, by physical address (``p_paddr``)."""
+    """An ELF core's ``PT_LOAD`` segments, by physical address (``p_paddr``).  Its page size
+    is its VMCOREINFO note's ``PAGESIZE`` when it has one (a vmcore, ``/proc/kcore``;
+    ``page_size``, when given, must agree), else ``page_size`` or 4096."""
 
     format = "elf"
 
-    def __init__(self, path, page_size: int, file: BinaryIO):
-        super().__init__(path, page_size, file)
+    def __init__(self, path, page_size: int | None, file: BinaryIO):
+        super().__init__(path, page_size or 0, file)
         try:
             elf = ELFFile(file)
             kind = elf.header["e_type"]
             little_endian = elf.little_endian
             loads = [seg.header for seg in elf.iter_segments() if seg.header["p_type"] == PT_LOAD]
-        except (ELFError, ValueError, KeyError, OSError, AssertionError) as err:
+            self.vmcoreinfo = _vmcoreinfo(elf)
+        except (ELFError, ValueError, KeyError, OSError, AssertionError, UnicodeDecodeError) as err:
             raise KHOFormatError("elf", f"{self.path}: an ELF header, but unreadable: {err}", 0, where="offset") from None
+        self.page_size = _elf_page_size(self.path, self.vmcoreinfo, page_size)
         if kind != "ET_CORE":
             raise KHOFormatError("elf.e_type", f"{self.path}: an ELF file of type {kind}, not a core dump", 16, where="offset")
         if not little_endian:
@@ -282,12 +286,43 @@ class ElfSource(_FileSource):
                 pieces.append((lo, stop, offset + lo - start, max(0, filesz - (lo - start))))
                 covered = stop
         self._set_pieces(pieces)
-        self.extents = _merge_page_ranges([(p[0], p[1]) for p in pieces], page_size)
+        self.extents = _merge_page_ranges([(p[0], p[1]) for p in pieces], self.page_size)
         if not self.extents:
             raise KHOFormatError("elf.phdr", f"{self.path}: no PT_LOAD segment holds a whole page", 0, where="offset")
         skipped = f" ({unmapped} without a physical address skipped)" if unmapped else ""
         self.description = (f"ELF core, {len(segments)} PT_LOAD segments{skipped}, "
                             f"{sum(e - s for s, e in self.extents)} bytes of RAM")
+
+
+#: Bytes of notes read from an ELF core (a kernel's are a few KiB: prstatus per CPU, VMCOREINFO).
+MAX_NOTES_BYTES = 1 << 20
+
+
+def _vmcoreinfo(elf: ELFFile) -> dict[str, str]:
+    """The ``KEY=value`` lines of the core's VMCOREINFO note (empty without one).  Notes
+    past :data:`MAX_NOTES_BYTES` are not read.  O(notes)."""
+    for segment in elf.iter_segments():
+        if segment.header["p_type"] != "PT_NOTE" or segment.header["p_filesz"] > MAX_NOTES_BYTES:
+            continue
+        for note in segment.iter_notes():
+            if note["n_name"] == "VMCOREINFO" and isinstance(note["n_desc"], bytes):
+                lines = note["n_desc"].decode("ascii", "replace").splitlines()
+                return dict(line.split("=", 1) for line in lines if "=" in line)
+    return {}
+
+
+def _elf_page_size(path: str, vmcoreinfo: dict[str, str], given: int | None) -> int:
+    """The page size of an ELF core: VMCOREINFO's ``PAGESIZE`` (``given`` must agree), else
+    ``given`` or 4096.  KHOError(EINVAL) for a disagreement or a size kho does not read."""
+    said = vmcoreinfo.get("PAGESIZE", "").strip()
+    if not said:
+        return given or 4096
+    if not said.isdigit() or int(said) not in (4096, 16384, 65536):
+        raise KHOFormatError("VMCOREINFO.PAGESIZE", f"{path}: PAGESIZE={said[:20]}: kho reads 4K, 16K and 64K pages",
+                             None)
+    if given not in (None, int(said)):
+        raise KHOError("EINVAL", f"{path}: its VMCOREINFO says PAGESIZE={said}, not {given}")
+    return int(said)
 
 
 def _merge_page_ranges(ranges: list[tuple[int, int]], page_size: int) -> list[tuple[int, int]]:
