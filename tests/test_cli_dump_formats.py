@@ -21,8 +21,10 @@ FIXTURE = FIXTURES / "mem-stage1-handover.raw.zst"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "realkernel" / "linux-7.3-x86_64"
 #: x86_64's linear map (page_offset_base without KASLR), for the kcore-like file.
 PAGE_OFFSET = 0xFFFF888000000000
-#: Scratch areas for the first-kernel dump, clear of its preserved units.
+#: Scratch areas for the reduced fixture, clear of its preserved units.
 SCRATCH = "0x10000000+128M"
+#: The real kernel's scratch areas (lowmem, global, node0), as the shared README gives them.
+REAL_SCRATCH = "0x1b400000+32M,0x19400000+32M,0x17400000+32M"
 
 
 def run(capsys, *argv):
@@ -256,11 +258,12 @@ def test_the_full_shared_dump_through_dump_check_extract_and_boot(capsys, tmp_pa
     assert sum(report["units_by_order"].values()) == 141
     test = next(s for s in report["subtrees"] if s["name"] == "kho_test")
     assert test["checksum"]["ok"] and test["checksum"]["computed"] == test["decoded"]["csum"]
-    code, out, _ = run(capsys, "check", dump, "--json")
-    assert code == 0 and json.loads(out)["ok"]
+    code, out, _ = run(capsys, "check", dump, "--scratch", REAL_SCRATCH, "--json")
+    report = json.loads(out)  # the real scratch areas: no preserved unit in them
+    assert code == 0 and report["ok"] and any("scratch areas as given: lowmem 0x1b400000" in n for n in report["notes"])
     code, out, _ = run(capsys, "extract", dump, "--out", tmp_path / "x")
     assert code == 0 and (tmp_path / "x" / "fdt.dtb").read_bytes() == (SHARED / "kho-fdt-0x344000.dtb").read_bytes()
-    code, out, _ = run(capsys, "boot", dump, "--scratch", SCRATCH, "--json")
+    code, out, _ = run(capsys, "boot", dump, "--scratch", REAL_SCRATCH, "--json")
     restores = {s["name"]: s for s in json.loads(out)["subnodes"]}
     assert code == 0 and all(s["restored"] for s in restores.values()), restores
     assert restores["kho_test"]["computed"] == restores["kho_test"]["csum"]
@@ -280,3 +283,14 @@ def test_elf_page_size_comes_from_vmcoreinfo(capsys, tmp_path, dumps):
     (tmp_path / "odd").write_bytes(raw)
     code, out, err = run(capsys, "units", tmp_path / "odd")
     assert code == 3 and "PAGESIZE=8192: kho reads 4K, 16K and 64K pages" in err and err.count("\n") == 1
+
+
+def test_check_against_given_scratch_areas(capsys, dumps):
+    """A dump without a handoff: --scratch names the areas, and a unit inside one is a finding."""
+    code, out, _ = run(capsys, "check", dumps["raw"], "--scratch", SCRATCH, "--json")
+    assert code == 0 and json.loads(out)["ok"]
+    code, out, _ = run(capsys, "check", dumps["raw"], "--scratch", "0x1d6f9000+4M,0x10000000+1M", "--json")
+    report = json.loads(out)
+    hits = [f for f in report["findings"] if f["kind"] == "in-scratch"]
+    assert code == 1 and hits and all("lowmem scratch area 0x1d6f9000" in f["message"] for f in hits)
+    assert not any("scratch areas unknown" in n for n in report["notes"])

@@ -10,7 +10,8 @@
   kernel may overwrite.  The map's own pages and the scratch array are exempt (the next
   kernel reads them before it allocates anything);
 * ``overlap``: preserved units that share pages (the kernel accepts it, a map should not);
-* ``in-scratch``: a unit inside a scratch area (only when the dump holds the handoff);
+* ``in-scratch``: a unit inside a scratch area (the handoff's, or the areas the caller gives
+  when the dump holds no handoff);
 * ``subnode``: a sub-node whose pointer, size or blob cannot be read or decoded;
 * ``strict``: the map decodes only as leniently as the kernel reads it (kho's strict checks
   name what is off).
@@ -27,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kho.abi.kexec_handover import KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLE_V2
-from kho.dumps.find import DumpHandover
+from kho.dumps.find import NO_HANDOFF_NOTE, DumpHandover
 from kho.dumps.subnodes import referenced_ranges
 from kho.errors import KHOError
 from kho.memory import intervals
+from kho.memory.physical import ScratchArea
 from kho.subsystems.common import RangeKind
 
 #: Range kinds exempt from the preservation check (read before any allocation).
@@ -73,14 +75,20 @@ class CheckReport:
                 "unreferenced": [{"phys": p, "order": o} for p, o in self.unreferenced], "notes": self.notes}
 
 
-def check_handover(handover: DumpHandover, page_size: int, strict_error: str | None = None) -> CheckReport:
+def check_handover(handover: DumpHandover, page_size: int, strict_error: str | None = None,
+                   scratch: list[ScratchArea] | None = None) -> CheckReport:
     """The findings of one handover (see the module docstring); ``strict_error``: why strict
-    decoding failed, if it did."""
+    decoding failed, if it did; ``scratch``: the scratch areas to check the units against
+    instead of the handoff's (a dump without a handoff)."""
     decoded = handover.decoded
     phys = decoded.phys.astype(np.int64)
     end = phys + np.left_shift(page_size, decoded.order.astype(np.int64))
     refs = referenced_ranges(handover, page_size)
-    report = CheckReport(handover.fdt_phys, handover.compatible, len(decoded), len(refs), notes=list(handover.notes))
+    notes = list(handover.notes)
+    if scratch is not None:
+        notes = [n for n in notes if n != NO_HANDOFF_NOTE]
+        notes.append("scratch areas as given: " + ", ".join(f"{a.kind} {a.addr:#x}+{a.size:#x}" for a in scratch))
+    report = CheckReport(handover.fdt_phys, handover.compatible, len(decoded), len(refs), notes=notes)
     preserved = intervals.normalize(phys, end)
     if handover.compatible in (KHO_FDT_COMPATIBLE_V1, KHO_FDT_COMPATIBLE_V2):
         refs = [r for r in refs if r.kind != RangeKind.FDT]  # before kho-v3 the FDT was a kexec segment
@@ -95,7 +103,7 @@ def check_handover(handover: DumpHandover, page_size: int, strict_error: str | N
     for i in (np.flatnonzero(phys[1:] < np.maximum.accumulate(end)[:-1]) + 1).tolist():
         report.findings.append(Finding("overlap", int(phys[i]), int(end[i] - phys[i]),
                                        f"unit {int(phys[i]):#x} order {int(decoded.order[i])} overlaps an earlier unit"))
-    for area in handover.scratch:
+    for area in handover.scratch if scratch is None else scratch:
         for i in np.flatnonzero((phys < area.end) & (end > area.addr)).tolist():
             report.findings.append(Finding("in-scratch", int(phys[i]), int(end[i] - phys[i]),
                                            f"unit {int(phys[i]):#x} order {int(decoded.order[i])} is in the {area.kind} "
@@ -114,13 +122,14 @@ def check_handover(handover: DumpHandover, page_size: int, strict_error: str | N
     return report
 
 
-def check_dump(dump, *, fdt: int | None = None) -> CheckReport:
+def check_dump(dump, *, fdt: int | None = None, scratch: list[ScratchArea] | None = None) -> CheckReport:
     """Find the handover in ``dump`` (kernel-compatible decoding), try kho's strict decoding
-    too, and check it.  KHOError when no handover can be read (the caller's "unreadable")."""
+    too, and check it (against ``scratch`` when given, see :func:`check_handover`).
+    KHOError when no handover can be read (the caller's "unreadable")."""
     handover = dump.handover(fdt=fdt)
     try:
         dump.handover(fdt=handover.fdt_phys, strict=True)
         strict_error = None
     except KHOError as err:
         strict_error = str(err)
-    return check_handover(handover, dump.page_size, strict_error)
+    return check_handover(handover, dump.page_size, strict_error, scratch)

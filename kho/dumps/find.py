@@ -52,6 +52,9 @@ MAX_BLOB_BYTES = 64 << 20
 KHO_V1_ENCODINGS = (("kho-v1", {"bitmap_bytes": "page"}), ("kho-v1", {"bitmap_bytes": 512}))
 
 
+#: The note of a handover no handoff names (its scratch areas are unknown).
+NO_HANDOFF_NOTE = "no handoff (setup_data SETUP_KEXEC_KHO or /chosen) names this FDT: scratch areas unknown"
+
 @dataclass
 class FdtCandidate:
     """An FDT found at a page start.  ``kind``: ``kho`` (root compatible kho-v1..v4),
@@ -395,7 +398,7 @@ def find_handover(memory: PhysicalMemory, fdt_pages: np.ndarray, boot_params_pag
     handoff = next((h for h in handoffs if h.fdt_addr == chosen.phys), None)
     scratch: list[ScratchArea] = []
     if handoff is None:
-        notes.append("no handoff (setup_data SETUP_KEXEC_KHO or /chosen) names this FDT: scratch areas unknown")
+        notes.append(NO_HANDOFF_NOTE)
     else:
         try:
             scratch = read_scratch_array(memory, handoff.scratch_addr, handoff.scratch_size, strict=strict)
