@@ -279,10 +279,16 @@ def test_elf_page_size_comes_from_vmcoreinfo(capsys, tmp_path, dumps):
         assert core.page_size == 4096 and core.source.vmcoreinfo["OSRELEASE"] == "7.3.0-rc7"
     code, out, err = run(capsys, "units", tmp_path / "kcore", "--page-size", "16K")
     assert code == 3 and not out and "VMCOREINFO says PAGESIZE=4096, not 16384" in err and err.count("\n") == 1
-    raw = (tmp_path / "kcore").read_bytes().replace(b"PAGESIZE=4096", b"PAGESIZE=8192")
-    (tmp_path / "odd").write_bytes(raw)
-    code, out, err = run(capsys, "units", tmp_path / "odd")
-    assert code == 3 and "PAGESIZE=8192: kho reads 4K, 16K and 64K pages" in err and err.count("\n") == 1
+    for said in (b"8192", b"9" * 5000):
+        raw = (tmp_path / "kcore").read_bytes().replace(b"PAGESIZE=4096", b"PAGESIZE=" + said)
+        (tmp_path / "odd").write_bytes(raw)
+        code, out, err = run(capsys, "units", tmp_path / "odd")
+        assert code == 3 and "kho reads 4K, 16K and 64K pages" in err and err.count("\n") == 1, err[-300:]
+    # damaged notes (a note name without its NUL) keep nothing from being read: no page size said
+    raw = (tmp_path / "kcore").read_bytes().replace(b"VMCOREINFO\0\0", b"VMCOREINFOXX", 1)
+    (tmp_path / "damaged").write_bytes(raw)
+    code, out, err = run(capsys, "units", tmp_path / "damaged")
+    assert code == 0 and len(out.splitlines()) == 141, err
 
 
 def test_check_against_given_scratch_areas(capsys, dumps):

@@ -264,3 +264,78 @@ def test_bitmap_helpers_agree_with_unpacked_bits(bits, lo, hi, dense):
     assert all(r == int(np.count_nonzero(bits[:c[0]])) for c, r in chunks)
     edges = np.flatnonzero(np.diff(np.concatenate([[0], bits.astype(np.int8), [0]])))
     assert _runs(words, 4096) == [(int(s) * 4096, int(e) * 4096) for s, e in zip(edges[0::2], edges[1::2])]
+
+
+# -- what a hostile file cannot do (found in review) ----------------------------------------------
+
+def _small(tmp_path, compression, pages=(0x100, 0x101, 0x200), size=16 << 20):
+    """A vmcore of a ``size``-byte machine whose ``pages`` (pfns) hold their pfn's low byte."""
+    from kho.memory.physical import Bank, PhysicalMemory
+    m = PhysicalMemory([Bank(0, size)], 4096)
+    for pfn in pages:
+        m.write(pfn * 4096, bytes([pfn & 0xFF or 1]) * 4096)
+    path = tmp_path / f"small.{compression}"
+    write_kdump(m, path, compression=compression)
+    return path
+
+
+def _layout(path: Path) -> dict:
+    h = np.frombuffer(path.read_bytes()[:DISK_DUMP_HEADER.itemsize], DISK_DUMP_HEADER)[0]
+    bs, sub, blocks = int(h["block_size"]), int(h["sub_hdr_size"]), int(h["bitmap_blocks"])
+    return {"bitmap_at": (1 + sub) * bs, "half": blocks // 2 * bs, "desc_at": (1 + sub + blocks) * bs}
+
+
+def _point_page_at(path: Path, pfn: int, data: bytes, flags: int) -> None:
+    """Append ``data`` to the file and point ``pfn``'s descriptor at it (every RAM page dumped)."""
+    raw = bytearray(path.read_bytes())
+    at = _layout(path)["desc_at"] + pfn * PAGE_DESC.itemsize
+    raw[at:at + 16] = np.array([(len(raw), len(data), flags, 0)], PAGE_DESC).tobytes()[:16]
+    path.write_bytes(bytes(raw) + data)
+
+
+def test_a_zstd_frame_claiming_a_huge_size_is_refused_unread(tmp_path):
+    import struct
+    path = _small(tmp_path, "zstd")
+    rle = (1 | (1 << 1) | ((128 << 10) << 3)).to_bytes(3, "little") + b"\x01"  # one 128 KiB RLE block
+    frame = b"\x28\xb5\x2f\xfd" + bytes([(3 << 6) | (1 << 5)]) + struct.pack("<Q", 1 << 40) + rle
+    _point_page_at(path, 0x100, frame, 0x20)
+    with open_dump(path) as dump, pytest.raises(KHOFormatError, match="says it decompresses to more than"):
+        dump.memory.read(0x100000, 4096)
+
+
+def test_zlib_and_snappy_data_longer_than_a_page_are_refused(tmp_path):
+    import zlib
+
+    import cramjam
+    for compression, data, flags in (("zlib", zlib.compress(b"\xab" * 8192), 1),
+                                     ("snappy", bytes(cramjam.snappy.compress_raw(b"\xab" * 8192)), 4)):
+        path = _small(tmp_path, compression)
+        _point_page_at(path, 0x100, data, flags)
+        with open_dump(path) as dump, pytest.raises(KHOFormatError, match="more than a 4096-byte page"):
+            dump.memory.read(0x100000, 4096)
+
+
+def test_a_dumped_page_outside_ram_keeps_the_ranks(tmp_path):
+    """A bit set in the second bitmap but not the first still has its descriptor (libkdumpfile
+    and crash count it): later pages keep theirs."""
+    path = _small(tmp_path, "zlib")
+    raw = bytearray(path.read_bytes())
+    raw[_layout(path)["bitmap_at"] + 0x50 // 8] &= ~(1 << (0x50 % 8)) & 0xFF  # pfn 0x50: no RAM, still dumped
+    path.write_bytes(bytes(raw))
+    with open_dump(path) as dump:
+        assert dump.memory.read(0x100000, 4) == b"\x01" * 4 and dump.memory.read(0x200000, 4) == b"\x01" * 4
+        assert 0x50 * 4096 not in dump.scan().fdt.tolist()
+        with pytest.raises(KHOError):
+            dump.memory.read(0x50 * 4096, 8)  # not RAM
+
+
+def test_a_ram_bitmap_of_a_million_ranges_is_refused(capsys, tmp_path):
+    from kho.dumps.kdump import MAX_RAM_RANGES
+    path = _small(tmp_path, "zlib", pages=(), size=8 << 30)
+    lay = _layout(path)
+    raw = bytearray(path.read_bytes())
+    raw[lay["bitmap_at"]:lay["bitmap_at"] + lay["half"]] = b"\x55" * lay["half"]  # every other page RAM
+    raw[lay["bitmap_at"] + lay["half"]:lay["desc_at"]] = bytes(lay["half"])  # none dumped
+    path.write_bytes(bytes(raw[:lay["desc_at"]]))
+    code, out, err = run(capsys, "units", path)
+    assert code == 3 and f"more than {MAX_RAM_RANGES} ranges" in err and err.count("\n") == 1

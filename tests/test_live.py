@@ -16,7 +16,7 @@ from test_cli_dump_formats import FIXTURE, PAGE_OFFSET, kcore_like, run
 from kho.abi.kexec_handover import KHO_SCRATCH_DTYPE
 from kho.dumps import open_dump
 from kho.dumps.cut import cut, referenced_pages
-from kho.dumps.live import KHO_VARIABLES, LiveDump, kernel_handover, open_live
+from kho.dumps.live import KHO_VARIABLES, LiveDump, kernel_handover, kernel_program, open_live
 from kho.errors import KHOError
 
 drgn = pytest.importorskip("drgn")
@@ -40,7 +40,7 @@ def kcore(tmp_path_factory):
 
 
 def program(*, kernel="7.3", outgoing=FDT, incoming=0, enabled=True, scratch=SCRATCH_ARRAY,
-            scratch_count=len(SCRATCH_AREAS), omit=()):
+            scratch_count=len(SCRATCH_AREAS), finalized=False, omit=()):
     """A drgn program answering for the KHO variables of a ``kernel`` ("6.16" or "7.3"):
     value objects (no memory behind them), addresses in the x86_64 linear map."""
     platform = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
@@ -57,10 +57,10 @@ def program(*, kernel="7.3", outgoing=FDT, incoming=0, enabled=True, scratch=SCR
     if kernel == "6.16":  # kho_out.ser.fdt: the FDT's struct page
         ser = prog.struct_type("kho_serialization", 8, [drgn.TypeMember(prog.pointer_type(page), "fdt", 0)])
         out_t = prog.struct_type("kho_out", 16, [drgn.TypeMember(ser, "ser", 0), drgn.TypeMember(boolean, "finalized", 64)])
-        out_value = {"ser": {"fdt": outgoing}, "finalized": True}
+        out_value = {"ser": {"fdt": outgoing}, "finalized": finalized}
     else:  # kho_out.fdt: a pointer into the linear map
         out_t = prog.struct_type("kho_out", 16, [drgn.TypeMember(void_p, "fdt", 0), drgn.TypeMember(boolean, "finalized", 64)])
-        out_value = {"fdt": PAGE_OFFSET + outgoing if outgoing else 0, "finalized": False}
+        out_value = {"fdt": PAGE_OFFSET + outgoing if outgoing else 0, "finalized": finalized}
     in_t = prog.struct_type("kho_in", 24, [drgn.TypeMember(phys_addr_t, "fdt_phys", 0),
                                           drgn.TypeMember(phys_addr_t, "scratch_phys", 64)])
     objects = {
@@ -85,7 +85,8 @@ def test_variables_are_read_by_their_kernel_names():
     assert (k.outgoing_fdt, k.incoming_fdt, k.scratch_phys, k.scratch_count) == (FDT, None, SCRATCH_ARRAY, 3)
     assert k.enabled is True and k.page_size == 4096 and not k.notes
     assert k.read_from == {"outgoing_fdt": "kho_out.fdt", "incoming_fdt": "kho_in.fdt_phys", "scratch": "kho_scratch",
-                           "scratch_count": "kho_scratch_cnt", "enabled": "kho_enable"}
+                           "scratch_count": "kho_scratch_cnt", "enabled": "kho_enable",
+                           "finalized": "kho_out.finalized"}
     h = k.handoff()
     assert (h.fdt_addr, h.scratch_addr, h.scratch_size) == (FDT, SCRATCH_ARRAY, 3 * KHO_SCRATCH_DTYPE.itemsize)
     assert set(k.read_from) == set(KHO_VARIABLES)
@@ -157,7 +158,7 @@ def test_6_16_names_the_fdt_by_its_struct_page(kcore, monkeypatch):
 @pytest.mark.parametrize("command", ["dump", "check", "units"])
 def test_cli_live_through_drgn(capsys, kcore, monkeypatch, command):
     monkeypatch.setenv("KHO_KCORE", str(kcore))
-    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda: (program(), None))
+    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda kcore: (program(), None))
     code, out, err = run(capsys, command, "--live", *(["--json"] if command != "units" else []))
     assert code == 0 and not err
     if command == "dump":
@@ -173,7 +174,7 @@ def test_cli_live_through_drgn(capsys, kcore, monkeypatch, command):
 
 def test_cli_boot_live_takes_the_scratch_areas_from_the_kernel(capsys, kcore, monkeypatch):
     monkeypatch.setenv("KHO_KCORE", str(kcore))
-    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda: (program(), None))
+    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda kcore: (program(), None))
     code, out, err = run(capsys, "boot", "--live", "--json")
     assert code == 0 and not err, err
     report = json.loads(out)
@@ -185,8 +186,32 @@ def test_cli_boot_live_takes_the_scratch_areas_from_the_kernel(capsys, kcore, mo
 
 def test_cli_without_drgn_installed_scans_and_says_so(capsys, kcore, monkeypatch):
     monkeypatch.setenv("KHO_KCORE", str(kcore))
-    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda: (None, "drgn is not installed (pip install kho[live]): "
+    monkeypatch.setattr("kho.dumps.live.kernel_program", lambda kcore: (None, "drgn is not installed (pip install kho[live]): "
                                                                          "RAM scanned for the KHO FDT"))
     code, out, err = run(capsys, "dump", "--live", "--json")
     report = json.loads(out)
     assert code == 0 and report["fdt_phys"] == FDT and "drgn is not installed" in report["source"]["live"]["notes"][0]
+
+
+def test_a_copied_kcore_is_not_paired_with_the_running_kernel(kcore):
+    """$KHO_KCORE names another file: the running kernel's variables would not describe it."""
+    prog, reason = kernel_program(str(kcore))
+    assert prog is None and "is not /proc/kcore" in reason
+
+
+def test_a_fifo_for_kcore_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    import os
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setenv("KHO_KCORE", str(tmp_path / "fifo"))
+    with pytest.raises(KHOError, match="not a regular file"):
+        open_live(use_drgn=False)
+
+
+def test_a_named_fdt_that_does_not_decode_says_why(kcore, monkeypatch):
+    """6.16 .. 7.0 before finalize: kho_out names an FDT page the map is not serialized in yet."""
+    monkeypatch.setenv("KHO_KCORE", str(kcore))
+    with open_live(program=program(outgoing=SCRATCH_ARRAY, finalized=False)) as dump:
+        with pytest.raises(KHOError) as err:
+            dump.handover()
+    assert "the FDT the running kernel's variables name (0xf000000, kho_out.fdt)" in err.value.message
+    assert "KHO is not finalized" in err.value.message

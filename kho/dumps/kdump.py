@@ -83,6 +83,9 @@ COMPRESSIONS = {0: "raw", DUMP_DH_COMPRESSED_ZLIB: "zlib", DUMP_DH_COMPRESSED_LZ
 SCAN_DESCRIPTORS = 1 << 16
 #: Decompressed pages kept for reads.
 CACHE_PAGES = 64
+#: Most RAM ranges the first bitmap may describe (a machine has a few dozen; each becomes a
+#: bank of the dump's memory, so this bounds what a small file can make kho hold).
+MAX_RAM_RANGES = 1 << 16
 #: Set bits in each byte value.
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -144,17 +147,22 @@ class KdumpSource(Source):
                       else (int(sub["start_pfn"]), int(sub["end_pfn"])))
             self.split = (lo, min(hi, max_mapnr))
             dumped = _mask_outside(dumped, *self.split)
-        dumped &= ram  # a dumped page that is no RAM would be unreachable
+        # The descriptors follow the second bitmap as stored (a bit set there but not in the first
+        # still has its descriptor, as libkdumpfile and crash count them); such a page is no RAM,
+        # so it is never read, and the scan skips it.
         counts = _POPCOUNT8[dumped.view(np.uint8)].reshape(-1, 8).sum(axis=1, dtype=np.int64)
         self._rank = np.concatenate([[0], np.cumsum(counts)])  # dumped pages before each word
-        self._dumped = dumped
+        self._dumped, self._ram = dumped, ram
         self.dumped_pages = int(self._rank[-1])
         self._desc_at = bitmap_at + bitmap_blocks * bs
         if self._desc_at + self.dumped_pages * PAGE_DESC.itemsize > self.file_size:
             raise KHOFormatError("page_desc", f"{self.path}: {self.dumped_pages} page descriptors from "
                                  f"{self._desc_at:#x} run past the {self.file_size}-byte file (truncated?)",
                                  self._desc_at, where="offset")
-        self.extents = _runs(ram, bs)
+        self.extents = _runs(ram, bs, MAX_RAM_RANGES)
+        if self.extents is None:
+            raise KHOFormatError("kdump.bitmap", f"{self.path}: the first bitmap splits RAM into more than "
+                                 f"{MAX_RAM_RANGES} ranges", bitmap_at, where="offset")
         if not self.extents:
             raise KHOFormatError("kdump.bitmap", f"{self.path}: the first bitmap marks no page as RAM", bitmap_at,
                                  where="offset")
@@ -204,22 +212,40 @@ class KdumpSource(Source):
         if data is None:
             data = self._pread(offset, size, "page_desc.offset")
         try:
-            if kind == "raw":
-                page = data
-            elif kind == "zlib":
-                page = zlib.decompressobj().decompress(data, limit or bs)
-            elif kind == "lzo":
-                page = lzallright.LZOCompressor.decompress(data, output_size_hint=bs)
-            elif kind == "snappy":
-                page = bytes(cramjam.snappy.decompress_raw(data))
-            else:
-                page = self._dctx.decompress(data, max_output_size=bs)
+            page = self._decompress(kind, data, limit)
         except (zlib.error, lzallright.LZOError, cramjam.DecompressionError, zstandard.ZstdError) as err:
             raise KHOFormatError("page_desc", f"{self.path}: page {phys:#x}: damaged {kind} data: {err}", phys) from None
+        if page is None:
+            raise KHOFormatError("page_desc", f"{self.path}: page {phys:#x}: {kind} data that says it decompresses to "
+                                 f"more than a {bs}-byte page", phys)
         if len(page) != bs and not (limit and kind == "zlib" and len(page) >= limit):
             raise KHOFormatError("page_desc", f"{self.path}: page {phys:#x}: {kind} data decompresses to {len(page)} "
                                  f"bytes, not a {bs}-byte page", phys)
         return page
+
+    def _decompress(self, kind: str, data: bytes, limit: int | None) -> bytes | None:
+        """One page from its stored bytes (``limit``: its first bytes suffice, zlib only);
+        None when the data says it holds more than a page (checked before decompressing where
+        the format states its size, so no claimed size is ever allocated).  O(page)."""
+        bs = self.page_size
+        if kind == "raw":
+            return data
+        if kind == "zlib":
+            stream = zlib.decompressobj()
+            page = stream.decompress(data, limit or bs)
+            if limit:
+                return page
+            return None if stream.unconsumed_tail or stream.decompress(b"", 1) else page
+        if kind == "zstd":
+            if zstandard.frame_content_size(data) > bs:
+                return None
+            return self._dctx.decompress(data, max_output_size=bs)
+        if kind == "snappy":
+            if _uvarint(data) > bs:  # the raw format opens with the decompressed length
+                return None
+            return bytes(cramjam.snappy.decompress_raw(data))
+        page = lzallright.LZOCompressor.decompress(data, output_size_hint=bs)  # LZO states no size
+        return None if len(page) > bs else page
 
     def read(self, phys: int, size: int) -> bytes:
         """Bytes of dumped pages; a page the dump excluded is a KHOFormatError."""
@@ -277,13 +303,25 @@ class KdumpSource(Source):
                     bad = int(chunk[np.flatnonzero(~same)[0]]) * bs
                     raise KHOFormatError("page_desc", f"{self.path}: page {bad:#x} shares its data's offset with "
                                          "another page but not its size or compression", bad)
-            scan.add_prefixes(chunk.astype(np.uint64) * np.uint64(bs), prefixes)
-            scan.scanned_bytes += chunk.size * bs
+            in_ram = ((self._ram[chunk >> 6] >> (chunk & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+            scan.add_prefixes(chunk[in_ram].astype(np.uint64) * np.uint64(bs), prefixes[in_ram])
+            scan.scanned_bytes += int(in_ram.sum()) * bs
         self._scan = scan
         return scan
 
     def close(self) -> None:
         self.file.close()
+
+
+def _uvarint(data: bytes) -> int:
+    """The unsigned LEB128 number ``data`` opens with (snappy's length prefix); -1 when it is
+    cut short.  At most 10 bytes read."""
+    value = 0
+    for i, byte in enumerate(data[:10]):
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value
+    return -1
 
 
 def _mask_outside(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -314,8 +352,9 @@ def _set_bits(words: np.ndarray, rank: np.ndarray):
             yield pfns, int(rank[w])
 
 
-def _runs(words: np.ndarray, page_size: int) -> list[tuple[int, int]]:
-    """The runs of set bits as ``[start, end)`` physical ranges in bytes.  O(bits / 8) in chunks."""
+def _runs(words: np.ndarray, page_size: int, limit: int | None = None) -> list[tuple[int, int]] | None:
+    """The runs of set bits as ``[start, end)`` physical ranges in bytes; None once there are
+    more than ``limit``.  O(bits / 8) in chunks."""
     runs: list[list[int]] = []
     for w in range(0, words.size, BITMAP_CHUNK_WORDS):
         bits = np.unpackbits(words[w:w + BITMAP_CHUNK_WORDS].view(np.uint8), bitorder="little").astype(np.int8)
@@ -325,4 +364,6 @@ def _runs(words: np.ndarray, page_size: int) -> list[tuple[int, int]]:
                 runs[-1][1] = end  # a run across the chunk boundary
             else:
                 runs.append([start, end])
+        if limit is not None and len(runs) > limit:
+            return None
     return [(start * page_size, end * page_size) for start, end in runs]

@@ -22,6 +22,7 @@ Units: addresses in bytes (``phys`` physical, ``virt`` kernel virtual).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,13 +47,15 @@ KCORE_ENV = "KHO_KCORE"
 #:   (0 after a cold boot);
 #: * ``scratch`` / ``scratch_count``: ``kho_scratch`` (``struct kho_scratch *``, linear map)
 #:   and ``kho_scratch_cnt``, the array handed over with the FDT;
-#: * ``enabled``: ``kho_enable`` (``kho=`` on the command line).
+#: * ``enabled``: ``kho_enable`` (``kho=`` on the command line);
+#: * ``finalized``: ``kho_out.finalized`` (6.16 .. 7.0, whose map is serialized at finalize).
 KHO_VARIABLES = {
     "outgoing_fdt": ("kho_out.fdt", "kho_out.ser.fdt"),
     "incoming_fdt": ("kho_in.fdt_phys",),
     "scratch": ("kho_scratch",),
     "scratch_count": ("kho_scratch_cnt",),
     "enabled": ("kho_enable",),
+    "finalized": ("kho_out.finalized",),
 }
 
 
@@ -67,6 +70,7 @@ class KernelHandover:
     scratch_phys: int | None = None
     scratch_count: int | None = None
     enabled: bool | None = None
+    finalized: bool | None = None
     page_size: int | None = None
     read_from: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -121,7 +125,7 @@ def kernel_handover(prog) -> KernelHandover:
         for path in paths:
             try:
                 obj = _member(prog[path.split(".")[0]], path)
-                values[key] = _to_phys(obj) if key != "enabled" else bool(obj.value_())
+                values[key] = bool(obj.value_()) if key in ("enabled", "finalized") else _to_phys(obj)
             except (LookupError, drgn.ObjectAbsentError):
                 continue  # not this kernel's name for it
             except Exception as err:  # noqa: BLE001 - drgn reading a live kernel: a fault, missing types, ...
@@ -134,6 +138,7 @@ def kernel_handover(prog) -> KernelHandover:
     found.scratch_phys = values.get("scratch") or None
     found.scratch_count = values.get("scratch_count")
     found.enabled = values.get("enabled")
+    found.finalized = values.get("finalized")
     try:
         found.page_size = int(prog["PAGE_SIZE"].value_())
     except Exception:  # noqa: BLE001 - unknown: the caller's page size stands
@@ -144,10 +149,13 @@ def kernel_handover(prog) -> KernelHandover:
     return found
 
 
-def kernel_program():
+def kernel_program(kcore: str):
     """A drgn program for the running kernel with its default debug info, or None (with the
-    reason) when drgn is not installed or cannot attach.  Missing debug info is not an
-    error here: :func:`kernel_handover` then finds no variable."""
+    reason) when drgn is not installed or cannot attach, or when ``kcore`` is not the running
+    kernel's (a copied kcore: the running kernel's variables would not describe it).  Missing
+    debug info is not an error here: :func:`kernel_handover` then finds no variable."""
+    if kcore != KCORE:
+        return None, f"{kcore} is not {KCORE}: the running kernel's variables are not read, RAM is scanned"
     try:
         import drgn
     except ImportError:
@@ -193,10 +201,21 @@ class LiveDump(Dump):
         return super().scan()
 
     def _find(self, fdt: int | None, strict: bool) -> DumpHandover:
-        handoff = self.kernel.handoff() if self.kernel is not None else None
+        kernel = self.kernel
+        handoff = kernel.handoff() if kernel is not None else None
         scan = self.scan()
-        found = find_handover(self.memory, scan.fdt, scan.boot_params, what=f"{self.path} ({self.description})",
-                              fdt=fdt, strict=strict, handoffs=[handoff] if handoff else [])
+        try:
+            found = find_handover(self.memory, scan.fdt, scan.boot_params, what=f"{self.path} ({self.description})",
+                                  fdt=fdt, strict=strict, handoffs=[handoff] if handoff else [])
+        except KHOError as err:
+            if kernel is None or not kernel.fdts():
+                raise
+            named = ", ".join(f"{p:#x}" for p in kernel.fdts())
+            why = ("; KHO is not finalized (this kernel serializes its map at finalize: "
+                   "echo 1 > /sys/kernel/debug/kho/out/finalize)" if kernel.finalized is False else "")
+            raise KHOError(err.errno_name, f"--live: the FDT the running kernel's variables name ({named}, "
+                                           f"{kernel.read_from.get('outgoing_fdt', 'kho_in.fdt_phys')}) is not a KHO "
+                                           f"handover that decodes{why}: {err.message}") from None
         found.notes[:0] = self.notes
         return found
 
@@ -213,6 +232,8 @@ def open_live(*, ram=None, page_size: int | None = None, use_drgn: bool = True, 
     running kernel has KHO disabled; KHOError(EINVAL) when the file is not an ELF core."""
     path = os.environ.get(KCORE_ENV, KCORE)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: a FIFO would block
+            raise KHOError("EINVAL", f"--live: {path} is not a regular file like /proc/kcore")
         with open(path, "rb") as probe:
             probe.read(4)
     except OSError as err:
@@ -224,7 +245,7 @@ def open_live(*, ram=None, page_size: int | None = None, use_drgn: bool = True, 
     if use_drgn:
         reason = None
         if program is None:
-            program, reason = kernel_program()
+            program, reason = kernel_program(path)
         if reason:
             notes.append(reason)
         if program is not None:

@@ -33,6 +33,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import zstandard
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from kho.abi.setup_data import BOOT_FLAG, BOOT_PARAMS_BOOT_FLAG_OFFSET, BOOT_PARAMS_HEADER_OFFSET, SETUP_HEADER_MAGIC
@@ -254,7 +255,7 @@ class ElfSource(_FileSource):
             little_endian = elf.little_endian
             loads = [seg.header for seg in elf.iter_segments() if seg.header["p_type"] == PT_LOAD]
             self.vmcoreinfo = _vmcoreinfo(elf)
-        except (ELFError, ValueError, KeyError, OSError, AssertionError, UnicodeDecodeError) as err:
+        except (ELFError, ConstructError, ValueError, KeyError, OSError, AssertionError) as err:
             raise KHOFormatError("elf", f"{self.path}: an ELF header, but unreadable: {err}", 0, where="offset") from None
         self.page_size = _elf_page_size(self.path, self.vmcoreinfo, page_size)
         if kind != "ET_CORE":
@@ -299,15 +300,19 @@ MAX_NOTES_BYTES = 1 << 20
 
 
 def _vmcoreinfo(elf: ELFFile) -> dict[str, str]:
-    """The ``KEY=value`` lines of the core's VMCOREINFO note (empty without one).  Notes
+    """The ``KEY=value`` lines of the core's VMCOREINFO note (empty without one, or when the
+    notes cannot be parsed: damaged notes do not keep the memory from being read).  Notes
     past :data:`MAX_NOTES_BYTES` are not read.  O(notes)."""
-    for segment in elf.iter_segments():
-        if segment.header["p_type"] != "PT_NOTE" or segment.header["p_filesz"] > MAX_NOTES_BYTES:
-            continue
-        for note in segment.iter_notes():
-            if note["n_name"] == "VMCOREINFO" and isinstance(note["n_desc"], bytes):
-                lines = note["n_desc"].decode("ascii", "replace").splitlines()
-                return dict(line.split("=", 1) for line in lines if "=" in line)
+    try:
+        for segment in elf.iter_segments():
+            if segment.header["p_type"] != "PT_NOTE" or segment.header["p_filesz"] > MAX_NOTES_BYTES:
+                continue
+            for note in segment.iter_notes():
+                if note["n_name"] == "VMCOREINFO" and isinstance(note["n_desc"], bytes):
+                    lines = note["n_desc"].decode("ascii", "replace").splitlines()
+                    return dict(line.split("=", 1) for line in lines if "=" in line)
+    except (ELFError, ConstructError, ValueError, KeyError, AssertionError, OSError):
+        pass
     return {}
 
 
@@ -317,7 +322,7 @@ def _elf_page_size(path: str, vmcoreinfo: dict[str, str], given: int | None) -> 
     said = vmcoreinfo.get("PAGESIZE", "").strip()
     if not said:
         return given or 4096
-    if not said.isdigit() or int(said) not in (4096, 16384, 65536):
+    if said not in ("4096", "16384", "65536"):
         raise KHOFormatError("VMCOREINFO.PAGESIZE", f"{path}: PAGESIZE={said[:20]}: kho reads 4K, 16K and 64K pages",
                              None)
     if given not in (None, int(said)):
