@@ -13,13 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from kho.benchmark.progress import progress
-from kho.cli.imageio import add_path_options, emit, open_memory_dump, ranges_arg
+from kho.cli.imageio import add_path_options, add_scratch_option, emit, open_memory_dump
 from kho.cli.options import add_quiet_option, show_progress, size_arg
 from kho.currentkernel.scratch import DEFAULT_KERNEL_IMAGE
 from kho.encodings import get_encoding
 from kho.errors import KHOError
 from kho.dumps import ImageDump
-from kho.nextkernel.dumpboot import boot_dump, dump_arch, scratch_areas
+from kho.nextkernel.dumpboot import boot_dump, dump_arch
 from kho.kexec.profiles import BUILTIN, load_profile
 from kho.nextkernel import PATHS, boot
 from kho.nextkernel.boot import INSTRUCTIONS_ENCODING
@@ -37,9 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "build the buddy free lists.  Reports free pages and blocks per order, "
                                    "reserved, preserved and leaked memory, and the time of each stage.")
     add_path_options(p)
-    p.add_argument("--scratch", type=ranges_arg, metavar="RANGES",
-                   help="a dump's scratch areas as ADDR+SIZE (or START-END), comma-separated, in the kernel's order "
-                        "(lowmem, global, node0, ...): needed when the dump holds no handoff naming them")
+    add_scratch_option(p, "needed when the dump holds no handoff naming them")
     p.add_argument("--path", dest="boot_path", choices=PATHS, default="memblock",
                    help="deserialization path: memblock (any ABI; default) or instructions "
                         f"(images written with --abi {INSTRUCTIONS_ENCODING})")
@@ -108,7 +106,7 @@ def dump_report(dump, args) -> dict:
                                  f"{handover.encoding} map")
     profile = load_profile(args.profile).profile
     arch = dump_arch(handover)
-    booted = boot_dump(dump, handover, scratch=None if args.scratch is None else scratch_areas(args.scratch),
+    booted = boot_dump(dump, handover, scratch=args.scratch,
                        path=args.boot_path, kernel_image=args.kernel_image, arch=arch)
     restore = _restore_cost(booted.kernel, profile, int(handover.decoded.metadata_pages.size))
     return {"source": dump.source_json(), "fdt_phys": handover.fdt_phys, "compatible": handover.compatible,

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kho.cli.imageio import add_path_options, emit, open_memory_dump, ranges_arg
+from kho.cli.imageio import add_path_options, add_scratch_option, emit, open_memory_dump
 from kho.dumps.check import check_dump
-from kho.nextkernel.dumpboot import scratch_areas
 
 #: Exit status when the check found problems.
 EXIT_FINDINGS = 1
@@ -32,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "reachable from its FDT is preserved, that units are disjoint and outside "
                                    "scratch, and that every sub-node decodes.  Exit 0 clean, 1 findings, 3 unreadable.")
     add_path_options(p)
-    p.add_argument("--scratch", type=ranges_arg, metavar="RANGES",
-                   help="the scratch areas as ADDR+SIZE (or START-END), comma-separated, in the kernel's order "
-                        "(lowmem, global, node0, ...), to check the units against when the dump holds no handoff")
+    add_scratch_option(p, "the units are checked against them when the dump holds no handoff")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -58,7 +55,7 @@ def text_report(dump, report) -> str:
 
 def run(args) -> int:
     with open_args(args) as dump:
-        report = check_dump(dump, fdt=args.fdt, scratch=None if args.scratch is None else scratch_areas(args.scratch))
+        report = check_dump(dump, fdt=args.fdt, scratch=args.scratch)
         if args.json:
             emit([json.dumps({"source": {"path": dump.path, "format": dump.format, "description": dump.description},
                               **report.to_json()}, indent=1) + "\n"])

@@ -14,6 +14,7 @@ from kho.dumps import DebugfsHandover, Dump, open_dump
 from kho.dumps.live import KCORE_ENV, open_live
 from kho.dumps.open import parse_ranges
 from kho.errors import KHOError
+from kho.nextkernel.dumpboot import scratch_areas
 
 
 def emit(chunks: Iterable[str]) -> None:
@@ -41,6 +42,14 @@ def ranges_arg(text: str) -> list[tuple[int, int]]:
         return parse_ranges(text)
     except KHOError as err:
         raise argparse.ArgumentTypeError(err.message) from None
+
+
+def add_scratch_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--scratch RANGES``: a dump's scratch areas in the kernel's order, as
+    :class:`~kho.memory.physical.ScratchArea` s; ``what``: what the command does with them."""
+    p.add_argument("--scratch", type=lambda text: scratch_areas(ranges_arg(text)), metavar="RANGES",
+                   help="the scratch areas as ADDR+SIZE (or START-END), comma-separated, in the kernel's order "
+                        f"(lowmem, global, node0, ...): {what}")
 
 
 def add_path_options(p: argparse.ArgumentParser) -> None:
