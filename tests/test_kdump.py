@@ -77,6 +77,7 @@ def test_makedumpfile_vmcores_hold_the_fixtures_handover(makedumpfile_vmcores, r
         found = dump.handover()
         assert found.fdt_phys == FDT and found.compatible == "kho-v4" and found.units() == reference_units
         assert [n.name for n in found.subnodes] == ["memblock", "LUO", "kho_test", "kexec-metadata"]
+        assert dump.handover(strict=True).units() == reference_units  # kho's strict decoding too
 
 
 @pytest.mark.parametrize("kind", list(MAKEDUMPFILE))

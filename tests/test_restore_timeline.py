@@ -199,3 +199,19 @@ def test_simulate_timelines_carry_the_kho_stages(capsys):
     assert main(["simulate", "--ram", "1G", "--preserve", "8M"]) == 0  # a Linux 7.3 system, its radix map
     out = capsys.readouterr().out
     assert "KHO restore" in out and "memblock region visits" in out
+
+
+def test_cli_compare_encodings_and_the_qemu_fit(capsys):
+    """``kho simulate --compare-encodings`` (item 4) and ``--show-profile`` of the fitted
+    profile with its residuals and the note on the contiguous runs (item 2), through the CLI."""
+    assert main(["simulate", "--compare-encodings", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {e["encoding"]: e for e in result["encodings"]}
+    assert {"kho-v1", "kho-v2", "kho-v4", "instructions"} <= set(rows)
+    for row in rows.values():
+        assert row["handover_bytes"] > 0 and row["keep_bytes"] >= row["handover_bytes"]
+        assert all(p["kho_restore_s"] > 0 for p in row["paths"].values())
+    assert main(["simulate", "--profile", "qemu-tcg-x86", "--show-profile"]) == 0
+    out = capsys.readouterr().out
+    assert "contiguous_131072" in out and "interleaved_32768" in out and "least squares" in out
+    assert "emulator ran 25% faster" in " ".join(out.split())
